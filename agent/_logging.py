@@ -1,0 +1,90 @@
+"""structlog set-up and the per-attempt capture behind deployment logs.
+
+Every log line that carries ``flow_id`` (bound with structlog's contextvars inside
+a flow's reconcile task, or explicitly for guest output) is also appended to that
+flow's capture buffer while a deployment attempt is running. On ``failure`` the
+buffer is published as the deployment log (like Mender's).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections import deque
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from .protocol import LogMessage, utc_now_iso
+
+_SKIP = frozenset({"event", "timestamp", "level", "flow_id", "device_id", "logger"})
+
+
+class LogCapture:
+    """Bounded per-(device, flow) buffers of log lines, filled by a structlog processor."""
+
+    def __init__(self, max_lines: int = 500) -> None:
+        self.max_lines = max_lines
+        self._buffers: dict[tuple[str | None, str], deque[LogMessage]] = {}
+        self._lock = threading.Lock()
+
+    def start(self, device_id: str, flow_id: str) -> None:
+        with self._lock:
+            self._buffers[(device_id, flow_id)] = deque(maxlen=self.max_lines)
+
+    def take(self, device_id: str, flow_id: str) -> list[LogMessage]:
+        with self._lock:
+            buf = self._buffers.pop((device_id, flow_id), None)
+        return list(buf) if buf else []
+
+    def __call__(
+        self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        flow_id = event_dict.get("flow_id")
+        if flow_id is None or not self._buffers:
+            return event_dict
+        key = (event_dict.get("device_id"), str(flow_id))
+        with self._lock:
+            buf = self._buffers.get(key)
+            if buf is not None:
+                extra = " ".join(f"{k}={v}" for k, v in event_dict.items() if k not in _SKIP)
+                text = str(event_dict.get("event", ""))
+                buf.append(
+                    LogMessage(
+                        time=str(event_dict.get("timestamp") or utc_now_iso()),
+                        level=method,
+                        message=f"{text} {extra}".strip(),
+                    )
+                )
+        return event_dict
+
+
+#: The process-wide capture (several simulated agents share it, keyed by device id).
+capture = LogCapture()
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def configure_logging(level: str = "info", fmt: str = "console", stream: Any = None) -> None:
+    """Configure structlog for the process (safe to call again, e.g. on reload)."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            capture,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,148 @@
+"""The ``edge-agent`` command.
+
+Exit codes: 0 success or clean shutdown; 1 runtime failure; 2 configuration or
+usage error (systemd's ``RestartPreventExitStatus=2`` keeps a misconfigured
+agent from restarting in a loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import AgentError, ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (default: $EDGE_AGENT_CONFIG "
+                   "or /etc/edge-agent/agent.toml if it exists)")
+    p.add_argument("--device-id", help="this device's id")
+    p.add_argument("--broker", help="mqtt://host:port or mqtts://host:port")
+    p.add_argument("--state-dir", type=Path, help="state directory")
+    p.add_argument("--log-format", choices=["console", "json"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.device_id:
+        out["device_id"] = args.device_id
+    if args.state_dir:
+        out["state_dir"] = str(args.state_dir)
+    if args.broker:
+        out.setdefault("mqtt", {})["broker"] = args.broker
+    if args.log_format:
+        out.setdefault("log", {})["format"] = args.log_format
+    if args.log_level:
+        out.setdefault("log", {})["level"] = args.log_level
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Device agent: runs WASM flows deployed over MQTT in a wasmtime sandbox.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent in the foreground")
+    _add_config_flags(run)
+    check = sub.add_parser("check-config", help="validate and print the effective config")
+    _add_config_flags(check)
+    sub.add_parser("schema", help="print the JSON Schemas of the wire messages")
+    demo = sub.add_parser("demo", help="run a local demonstration (broker, agent, deployment)")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    return load_config(args.config, overrides=_overrides(args))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    json.dump(cfg.masked(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return EXIT_OK
+
+
+def cmd_schema(_args: argparse.Namespace) -> int:
+    from .protocol import json_schemas
+
+    json.dump(json_schemas(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return EXIT_OK
+
+
+async def _run_agent(cfg: Any) -> None:
+    from .daemon import Agent
+
+    loop = asyncio.get_running_loop()
+    agent = Agent(cfg)
+    signals = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            sys.stderr.write(f"edge-agent: second {signame}, exiting at once\n")
+            os._exit(EXIT_FAILURE)
+        agent.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    async with agent:
+        await agent.stopped()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ._logging import configure_logging
+
+    cfg = _load(args)
+    configure_logging(cfg.log.level, cfg.log.format)
+    try:
+        asyncio.run(_run_agent(cfg))
+    except AgentError as exc:
+        sys.stderr.write(f"edge-agent: {exc}\n")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(keep=args.keep)
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "check-config": cmd_check_config,
+    "schema": cmd_schema,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        sys.stderr.write(f"edge-agent: config error: {exc}\n")
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The agent daemon: wires state, sandbox, MQTT, reconciler and reporter together.
+
+Start-up order matters for an operator whose device boots without a network:
+
+1. load the persisted state and map interrupted steps to resume points;
+2. start every installed flow from the local artifact store (no network needed);
+3. start the MQTT session (it connects in the background, with backoff) and the
+   reconciler, which resumes interrupted attempts from the persisted desired state.
+
+Shutdown is staged: stop the reconciler at a safe point (an activation in progress
+completes), stop flows, persist state, publish ``{"online": false}``, disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import structlog
+
+from .artifacts import ArtifactStore, Fetcher, FetchLimits
+from .config import AgentConfig
+from .errors import AgentError
+from .flows import FlowHost
+from .mqtt import MqttSession, Will
+from .protocol import Status, utc_now_iso
+from .reconciler import Reconciler
+from .reporter import Reporter, offline_status
+from .sandbox import Limits, Runtime
+from .state import StateStore, recover
+from .topics import Topics
+
+log = structlog.get_logger("agent.daemon")
+
+#: Seconds each shutdown stage may take; they sum well below systemd's TimeoutStopSec.
+STOP_RECONCILE_S = 10.0
+STOP_OFFLINE_ACK_S = 2.0
+STOP_MQTT_S = 3.0
+
+
+def sandbox_limits(cfg: AgentConfig) -> Limits:
+    return Limits(
+        memory_limit=cfg.sandbox.memory_limit,
+        call_deadline_ms=cfg.sandbox.call_deadline_ms,
+        epoch_tick_ms=cfg.sandbox.epoch_tick_ms,
+    )
+
+
+def fetch_limits(cfg: AgentConfig) -> FetchLimits:
+    a = cfg.artifacts
+    return FetchLimits(
+        max_size=a.max_size,
+        connect_timeout=a.connect_timeout,
+        read_timeout=a.read_timeout,
+        stall_timeout=a.stall_timeout,
+        retries=a.retries,
+        backoff_initial=a.backoff_initial,
+        backoff_max=a.backoff_max,
+        min_free_bytes=a.min_free_space,
+    )
+
+
+class Agent:
+    """One device agent. ``async with Agent(cfg) as agent:`` runs it until the block ends.
+
+    Several agents may share one :class:`Runtime` (fleet simulation); by default
+    each agent creates its own.
+    """
+
+    def __init__(self, cfg: AgentConfig, *, runtime: Runtime | None = None) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+        self.runtime = runtime or Runtime(sandbox_limits(cfg), workers=cfg.sandbox.workers)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self.reconciler: Reconciler
+        self.session: MqttSession
+        self.host: FlowHost
+
+    # ------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Agent:
+        self._task = asyncio.create_task(self.run(), name=f"agent-{self.cfg.device_id}")
+        ready = asyncio.ensure_future(self._ready.wait())
+        done, _ = await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task in done:
+            ready.cancel()
+            self._task.result()  # raises the start-up error
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+        if self._task is not None:
+            await self._task
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once flows from the local store run and the broker connection is being tried."""
+        return self._ready
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def stopped(self) -> None:
+        """Return when a stop was requested or the agent ended by itself."""
+        assert self._task is not None
+        waiter = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`; raises :class:`AgentError` if start-up fails."""
+        structlog.contextvars.bind_contextvars(device_id=self.cfg.device_id)
+        cfg = self.cfg
+        state_store = StateStore(cfg.state_dir)
+        state = state_store.load()
+        for note in recover(state):
+            log.info("recovered after restart", note=note)
+        artifacts = ArtifactStore(cfg.state_dir / "artifacts")
+        self.session = MqttSession(
+            cfg.mqtt,
+            cfg.client_id,
+            will=Will(self.topics.status, offline_status()),
+        )
+        fetcher = Fetcher(artifacts, fetch_limits(cfg), mqtt_fetch=self.session.fetch_retained)
+        reporter = Reporter(
+            self.session, self.topics, state, device_type=cfg.device_type,
+            runtime=self.runtime.description, coalesce_ms=cfg.reconcile.state_coalesce_ms,
+        )
+        self.host = FlowHost(self.runtime, sandbox_limits(cfg), cfg.device_id)
+        self.reconciler = Reconciler(cfg, state, state_store, self.host, artifacts, fetcher,
+                                     reporter)
+        self.reporter = reporter
+        self.runtime.acquire()
+        try:
+            await self._start_installed()
+            await self.reconciler.persist()
+            self.session.add_on_connect(self._on_connect)
+            self.session.subscribe(self.topics.desired, qos=1)
+            self.session.start()
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.reconciler.run_forever(), name="reconciler"),
+                    tg.create_task(reporter.run(), name="reporter"),
+                    tg.create_task(self._dispatch(), name="dispatcher"),
+                ]
+                self._ready.set()
+                log.info("agent started", state_dir=str(cfg.state_dir), broker=cfg.mqtt.broker,
+                         flows=len(self.host.running), runtime=self.runtime.description)
+                await self._stop.wait()
+                log.info("agent stopping")
+                for task in tasks[1:]:
+                    task.cancel()
+                # Stage 1: the reconciler stops at a safe point.
+                await self._stage("stop reconciler", self.reconciler.close(), STOP_RECONCILE_S)
+                tasks[0].cancel()
+        finally:
+            # Stage 2: stop flows; stage 3: persist; stage 4: offline status; stage 5: MQTT.
+            self.host.close_all()
+            with contextlib.suppress(Exception):
+                await self.reconciler.persist()
+            if self.session.connected.is_set():
+                with contextlib.suppress(Exception):
+                    fut = self.session.publish(
+                        self.topics.status, offline_status(utc_now_iso()), retain=True
+                    )
+                    await self._stage("offline status", fut, STOP_OFFLINE_ACK_S)
+            await self._stage("disconnect", self.session.stop(), STOP_MQTT_S)
+            await fetcher.aclose()
+            await self.runtime.release()
+            log.info("agent stopped")
+
+    async def _stage(self, name: str, aw: Any, timeout: float) -> None:
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(aw, timeout)
+        except TimeoutError:
+            log.warning("shutdown stage timed out", stage=name, timeout_s=timeout)
+        except AgentError as exc:
+            log.warning("shutdown stage failed", stage=name, error=str(exc))
+        else:
+            log.debug("shutdown stage done", stage=name,
+                      ms=round((time.monotonic() - started) * 1000, 1))
+
+    def _on_connect(self) -> None:
+        self.reporter.on_connect()
+
+    async def _start_installed(self) -> None:
+        """Start every installed flow from the local store, without the network."""
+        state = self.reconciler.state
+        for flow_id, rec in sorted(state.flows.items()):
+            inst = rec.installed
+            if inst is None:
+                continue
+            try:
+                if not await asyncio.to_thread(self.reconciler.artifacts.verify, inst.sha256):
+                    raise AgentError(f"installed artifact {inst.sha256[:12]}… missing or corrupt")
+                data = await asyncio.to_thread(self.reconciler.artifacts.read, inst.sha256)
+                instance = await self.host.prepare(flow_id, inst.version, data, inst.sha256)
+            except AgentError as exc:
+                log.error("installed flow could not start; it will be installed again",
+                          flow_id=flow_id, version=inst.version, error=str(exc))
+                rec.installed = None
+                rec.status = Status.FAILURE
+                rec.error = f"could not start from local store: {exc}"
+                rec.target = None
+                rec.last_updated = utc_now_iso()
+                continue
+            self.host.activate(flow_id, instance)
+            log.info("flow started from local store", flow_id=flow_id, version=inst.version)
+
+    async def _dispatch(self) -> None:
+        while True:
+            msg = await self.session.messages.get()
+            try:
+                if msg.topic == self.topics.desired:
+                    await self.reconciler.offer_desired(msg.payload)
+                else:
+                    log.debug("message on unhandled topic", topic=msg.topic)
+            except AgentError as exc:
+                log.error("message handling failed", topic=msg.topic, error=str(exc))

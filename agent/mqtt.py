@@ -1,0 +1,364 @@
+"""The MQTT session: one paho-mqtt 2.x client, its network thread, and the asyncio bridge.
+
+Design (measured pitfalls are in the comments where they bite):
+
+- paho runs on one thread owned by this class (``mqtt-<client id>``). That thread
+  connects (connect and TLS set-up block, so they never run on the event loop),
+  drives ``client.loop()``, and reconnects with jittered, capped exponential backoff.
+- paho callbacks only copy data and hand it to the event loop with
+  ``call_soon_threadsafe``; long work in a paho callback has deadlocked paho.
+- ``publish()`` is called on the event loop thread. Its completion future is
+  registered in the same synchronous step, before any ``on_publish`` the network
+  thread might already have queued for that mid can run on the loop.
+- QoS 1 messages published while offline stay in paho's queue and go out after the
+  reconnect (paho answers "not connected" but keeps them), so that is not an error.
+- max in-flight is kept at or below the broker's receive maximum (Mosquitto: 20),
+  because paho ignores the value the broker advertises.
+- Subscriptions are made again on every connect: a broker without persistence
+  forgets them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .config import MqttConfig
+
+log = structlog.get_logger("agent.mqtt")
+
+
+@dataclass(frozen=True)
+class Message:
+    """An incoming message, copied out of paho on its network thread."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass
+class _Sub:
+    qos: int
+    waiters: list[asyncio.Future[bytes]] = field(default_factory=list)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Delay before reconnect ``attempt`` (0-based): min(cap, base*2^n), jittered in [50%, 100%]."""
+    ceiling = min(cap, base * (2 ** min(attempt, 30)))
+    return ceiling * (0.5 + 0.5 * rng.random())
+
+
+class MqttSession:
+    """One MQTT connection with automatic reconnect, usable from asyncio.
+
+    Use as ``async with MqttSession(...) as session:``. Incoming messages on topics
+    subscribed with :meth:`subscribe` are put on :attr:`messages`. ``on_connect``
+    callbacks run on the event loop after every successful connect.
+    """
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        client_id: str,
+        *,
+        will: Will | None = None,
+        on_connect: Iterable[Callable[[], None]] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._client_id = client_id
+        self._will = will
+        self._on_connect_cbs = list(on_connect)
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._subs: dict[str, _Sub] = {}
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self.messages: asyncio.Queue[Message] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self.connects = 0
+        self.last_error: str | None = None
+        self._client = self._make_client()
+
+    # ----------------------------------------------------------------- set-up
+    @property
+    def protocol5(self) -> bool:
+        return self._cfg.protocol == "5"
+
+    def _make_client(self) -> paho.Client:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            protocol=paho.MQTTv5 if self.protocol5 else paho.MQTTv311,
+            clean_session=None if self.protocol5 else False,
+            reconnect_on_failure=False,
+        )
+        client.max_inflight_messages_set(self._cfg.max_inflight)
+        client.max_queued_messages_set(self._cfg.max_queued)
+        client.connect_timeout = self._cfg.connect_timeout
+        if self._cfg.username is not None:
+            client.username_pw_set(self._cfg.username, self._cfg.resolved_password())
+        if self._will is not None:
+            client.will_set(
+                self._will.topic, self._will.payload, qos=self._will.qos, retain=self._will.retain
+            )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    def _setup_tls(self) -> None:
+        """Blocking (reads files): runs on the network thread."""
+        cfg = self._cfg
+        self._client.tls_set(
+            ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+            certfile=str(cfg.cert_file) if cfg.cert_file else None,
+            keyfile=str(cfg.key_file) if cfg.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+
+    async def __aenter__(self) -> MqttSession:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(
+            target=self._run, name=f"mqtt-{self._client_id}", daemon=True
+        )
+        self._thread.start()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (no last will) and join the network thread."""
+        self._stop.set()
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout)
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+        for sub in self._subs.values():
+            for waiter in sub.waiters:
+                waiter.cancel()
+        self.connected.clear()
+
+    # --------------------------------------------------------- network thread
+    def _run(self) -> None:
+        attempt = 0
+        tls_ready = False
+        while not self._stop.is_set():
+            try:
+                if self._cfg.tls and not tls_ready:
+                    self._setup_tls()
+                    tls_ready = True
+                props = None
+                if self.protocol5:
+                    props = Properties(PacketTypes.CONNECT)
+                    props.SessionExpiryInterval = self._cfg.session_expiry
+                self._client.connect(
+                    self._cfg.host,
+                    self._cfg.port,
+                    keepalive=self._cfg.keepalive,
+                    clean_start=False if self.protocol5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                    properties=props,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self._note_error(f"cannot connect to {self._cfg.broker}: {exc}")
+            else:
+                self._loop_until_disconnected()
+                if self._connected_once_in_this_round:
+                    attempt = 0
+            if self._stop.is_set():
+                break
+            delay = backoff_delay(attempt, self._cfg.reconnect_min, self._cfg.reconnect_max, self._rng)
+            attempt += 1
+            self._wake.wait(delay)
+            self._wake.clear()
+
+    _connected_once_in_this_round = False
+
+    def _loop_until_disconnected(self) -> None:
+        self._connected_once_in_this_round = False
+        while not self._stop.is_set():
+            rc = self._client.loop(timeout=0.5)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+        if self._stop.is_set():
+            # Flush the DISCONNECT that stop() queued.
+            with contextlib.suppress(Exception):
+                self._client.loop(timeout=0.2)
+
+    def _note_error(self, text: str) -> None:
+        self.last_error = text
+        log.warning("mqtt connection problem", error=text)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closing during shutdown
+                loop.call_soon_threadsafe(fn, *args)
+
+    # paho callbacks: network thread, keep them tiny.
+    def _on_connect(
+        self, client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            self._note_error(f"broker {self._cfg.broker} refused the connection: {reason}")
+            return
+        self._connected_once_in_this_round = True
+        for topic, sub in list(self._subs.items()):
+            client.subscribe(topic, qos=sub.qos)
+        self._call(self._connected_on_loop)
+
+    def _on_disconnect(
+        self, _client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        if not self._stop.is_set():
+            self._note_error(f"disconnected from {self._cfg.broker}: {reason}")
+        self._call(self.connected.clear)
+
+    def _on_message(self, _client: paho.Client, _ud: Any, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        self._call(
+            self._deliver,
+            Message(
+                topic=msg.topic,
+                payload=bytes(msg.payload),
+                qos=msg.qos,
+                retain=bool(msg.retain),
+                response_topic=response_topic,
+                correlation_data=correlation,
+            ),
+        )
+
+    def _on_publish(
+        self, _client: paho.Client, _ud: Any, mid: int, _reason: Any, _props: Any
+    ) -> None:
+        self._call(self._published, mid)
+
+    # ------------------------------------------------------------ event loop
+    def _connected_on_loop(self) -> None:
+        self.connects += 1
+        self.last_error = None
+        self.connected.set()
+        log.info("mqtt connected", broker=self._cfg.broker, connects=self.connects)
+        for cb in self._on_connect_cbs:
+            try:
+                cb()
+            except Exception:
+                log.exception("on-connect callback failed")
+
+    def _deliver(self, msg: Message) -> None:
+        sub = self._subs.get(msg.topic)
+        if sub is not None and sub.waiters:
+            waiters, sub.waiters = sub.waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(msg.payload)
+            return
+        self.messages.put_nowait(msg)
+
+    def _published(self, mid: int) -> None:
+        fut = self._pending.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def add_on_connect(self, cb: Callable[[], None]) -> None:
+        self._on_connect_cbs.append(cb)
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now (if connected) and again after every reconnect."""
+        if topic not in self._subs:
+            self._subs[topic] = _Sub(qos)
+        if self.connected.is_set():
+            self._client.subscribe(topic, qos=qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        sub = self._subs.pop(topic, None)
+        if sub is not None:
+            for waiter in sub.waiters:
+                waiter.cancel()
+            if self.connected.is_set():
+                self._client.unsubscribe(topic)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> asyncio.Future[None]:
+        """Queue a message; the future resolves when the broker acknowledged it (QoS 1).
+
+        Offline QoS 1 messages stay queued and go out after the reconnect. Raises
+        :class:`RuntimeError` only when paho's queue is full or the payload is refused.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise RuntimeError(f"publish to {topic} refused: {paho.error_string(info.rc)}")
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
+            fut.cancel()  # QoS 0 while offline is dropped by design
+            return fut
+        # Registered before control returns to the loop, so an on_publish already
+        # queued by the network thread for this mid finds it.
+        old = self._pending.pop(info.mid, None)
+        if old is not None and not old.done():
+            old.cancel()
+        self._pending[info.mid] = fut
+        return fut
+
+    async def fetch_retained(self, topic: str, timeout: float) -> bytes:
+        """Subscribe to ``topic``, return the first (retained) payload, unsubscribe."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bytes] = loop.create_future()
+        owned = topic not in self._subs
+        self.subscribe(topic, qos=1)
+        self._subs[topic].waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        finally:
+            if owned:
+                self.unsubscribe(topic)
+
+    def wake(self) -> None:
+        """Cut a reconnect backoff short (used after configuration changes)."""
+        self._wake.set()

@@ -1,0 +1,318 @@
+"""Wire protocol v1: the messages on the MQTT topics, as pydantic models.
+
+Topics (``{prefix}`` defaults to ``edge``; see :mod:`agent.topics`):
+
+- ``{prefix}/{deviceId}/desired`` (retained, operator → agent): :class:`DesiredState`
+- ``{prefix}/{deviceId}/state``   (retained, agent → operator): :class:`StateReport`
+- ``{prefix}/{deviceId}/events``  (QoS 1, agent → operator):    :class:`Event`
+- ``{prefix}/{deviceId}/status``  (retained, agent; also the last will): :class:`DeviceStatus`
+- ``{prefix}/{deviceId}/deployments/{id}/log`` (retained, agent): :class:`DeploymentLog`
+
+Parsing a desired document is two-level on purpose: structural problems (not JSON,
+no integer ``generation``, a flow id that is not an id) reject the whole document,
+while a problem inside one flow's entry (bad sha256, unknown kind, missing artifact)
+only fails that flow. See :func:`parse_desired`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+Sha256Hex = Annotated[
+    str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$", to_lower=True, strip_whitespace=True)
+]
+
+
+def is_valid_id(value: str) -> bool:
+    """Whether ``value`` is a valid device or flow id (``[A-Za-z0-9._-]{1,64}``)."""
+    return bool(_ID_RE.fullmatch(value))
+
+
+def utc_now_iso() -> str:
+    """The current time as ISO-8601 UTC with millisecond precision and a ``Z``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Status(StrEnum):
+    """Per-flow deployment status, in the vocabulary of Mender deployments."""
+
+    PENDING = "pending"
+    DOWNLOADING = "downloading"
+    INSTALLING = "installing"
+    SUCCESS = "success"
+    FAILURE = "failure"
+    ALREADY_INSTALLED = "already-installed"
+    NOARTIFACT = "noartifact"
+    ABORTED = "aborted"
+    REMOVED = "removed"
+
+
+#: Statuses after which nothing more happens until the desired state changes.
+TERMINAL_STATUSES = frozenset(
+    {Status.SUCCESS, Status.ALREADY_INSTALLED, Status.NOARTIFACT, Status.REMOVED}
+)
+
+
+class ArtifactKind(StrEnum):
+    """What the artifact's bytes are. ``wasm``: a WASI preview 1 core module."""
+
+    WASM = "wasm"
+
+
+_STRICT = ConfigDict(extra="forbid", populate_by_name=True)
+_LENIENT = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class ArtifactRef(BaseModel):
+    """Where a flow version's bytes are and how to check them."""
+
+    model_config = _STRICT
+
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    sha256: Sha256Hex
+    size: Annotated[int, Field(gt=0)] | None = None
+    kind: ArtifactKind = ArtifactKind.WASM
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://", "file://", "mqtt:")):
+            raise ValueError(
+                "unsupported URL scheme (expected http://, https://, file:// or mqtt:<topic>)"
+            )
+        if url.startswith("mqtt:") and len(url) == len("mqtt:"):
+            raise ValueError("mqtt: URL needs a topic, e.g. mqtt:edge/artifacts/<sha256>")
+        return url
+
+
+class FlowSpec(BaseModel):
+    """One flow's entry in a desired document."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    version: Annotated[str, StringConstraints(max_length=128)] | None = None
+    artifact: ArtifactRef | None = None
+    device_types: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] | None = (
+        Field(default=None, alias="deviceTypes")
+    )
+    config: dict[str, Any] = Field(default_factory=dict)
+    retries: Annotated[int, Field(ge=0, le=100)] = 2
+    deployment_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = Field(
+        default=None, alias="deploymentId"
+    )
+
+    @property
+    def is_removal(self) -> bool:
+        """A null or empty version means: remove the flow (like a blank Losant release)."""
+        return not self.version
+
+    @model_validator(mode="after")
+    def _artifact_when_versioned(self) -> FlowSpec:
+        if not self.is_removal and self.artifact is None:
+            raise ValueError("a flow with a version needs an artifact")
+        return self
+
+
+class DesiredState(BaseModel):
+    """The whole desired state of a device, as accepted by :func:`parse_desired`.
+
+    ``flows`` holds the valid entries; ``invalid`` maps the id of each entry that
+    failed validation to the reason (those flows get status ``failure``).
+    """
+
+    model_config = _STRICT
+
+    generation: Annotated[int, Field(ge=0)]
+    flows: dict[Identifier, FlowSpec] = Field(default_factory=dict)
+    invalid: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+
+class DesiredEnvelope(BaseModel):
+    """The top level of a desired document (used to parse structure first)."""
+
+    model_config = _LENIENT
+
+    generation: Annotated[int, Field(ge=0, strict=True)]
+    flows: dict[str, Any] = Field(default_factory=dict)
+
+
+def _first_error(exc: ValidationError) -> str:
+    """One line naming the field and the problem of the first validation error."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more)" if more else ""
+    return f"{loc}: {msg}{suffix}" if loc else f"{msg}{suffix}"
+
+
+def parse_desired(payload: bytes, max_bytes: int = 256 * 1024) -> DesiredState:
+    """Parse a desired document.
+
+    Raises :class:`ProtocolError` for a document that must be rejected as a whole.
+    A single flow whose entry is invalid is kept out of ``flows`` and listed in
+    ``invalid`` with the reason instead.
+    """
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"desired document is {len(payload)} bytes, over the {max_bytes} limit")
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"desired document is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("desired document must be a JSON object")
+    try:
+        env = DesiredEnvelope.model_validate(raw)
+    except ValidationError as exc:
+        raise ProtocolError(f"desired document invalid: {_first_error(exc)}") from None
+    flows: dict[str, FlowSpec] = {}
+    invalid: dict[str, str] = {}
+    for flow_id, entry in env.flows.items():
+        if not is_valid_id(flow_id):
+            raise ProtocolError(
+                f"desired document invalid: flow id {flow_id[:80]!r} does not match {ID_PATTERN}"
+            )
+        if entry is None:  # {"flowId": null} is a removal too
+            flows[flow_id] = FlowSpec()
+            continue
+        try:
+            flows[flow_id] = FlowSpec.model_validate(entry)
+        except ValidationError as exc:
+            invalid[flow_id] = f"invalid flow entry: {_first_error(exc)}"
+    return DesiredState(generation=env.generation, flows=flows, invalid=invalid)
+
+
+class FlowState(BaseModel):
+    """One flow in the state report."""
+
+    model_config = _LENIENT
+
+    desired_version: str | None = Field(default=None, alias="desiredVersion")
+    current_version: str | None = Field(default=None, alias="currentVersion")
+    status: Status
+    error: str | None = None
+    attempts: int = 0
+    deployment_id: str | None = Field(default=None, alias="deploymentId")
+    last_updated: str = Field(alias="lastUpdated")
+
+
+class RejectedDesired(BaseModel):
+    """Why the last desired document that was not applied was refused."""
+
+    model_config = _LENIENT
+
+    generation: int | None = None
+    reason: str
+    time: str
+
+
+class StateReport(BaseModel):
+    """The agent's current state, published retained on ``{prefix}/{deviceId}/state``."""
+
+    model_config = _LENIENT
+
+    device_id: str = Field(alias="deviceId")
+    generation: int | None = None
+    flows: dict[str, FlowState] = Field(default_factory=dict)
+    rejected: RejectedDesired | None = None
+    time: str
+    protocol: int = PROTOCOL_VERSION
+
+
+class Progress(BaseModel):
+    """Download progress carried by a ``downloading`` event."""
+
+    bytes: int
+    total: int | None = None
+
+
+class Event(BaseModel):
+    """One status transition of one flow, on ``{prefix}/{deviceId}/events``."""
+
+    model_config = _LENIENT
+
+    flow_id: str = Field(alias="flowId")
+    deployment_id: str | None = Field(default=None, alias="deploymentId")
+    version: str | None = None
+    status: Status
+    error: str | None = None
+    progress: Progress | None = None
+    time: str
+
+
+class DeviceStatus(BaseModel):
+    """Online status, retained on ``{prefix}/{deviceId}/status`` (and the last will)."""
+
+    model_config = _LENIENT
+
+    online: bool
+    agent_version: str | None = Field(default=None, alias="agentVersion")
+    device_type: str | None = Field(default=None, alias="deviceType")
+    runtime: str | None = None
+    time: str | None = None
+
+
+class LogMessage(BaseModel):
+    time: str
+    level: str
+    message: str
+
+
+class DeploymentLog(BaseModel):
+    """The agent's log lines for a failed attempt (Mender's deployment log)."""
+
+    model_config = _LENIENT
+
+    device_id: str = Field(alias="deviceId")
+    flow_id: str = Field(alias="flowId")
+    deployment_id: str | None = Field(default=None, alias="deploymentId")
+    version: str | None = None
+    attempts: int
+    messages: list[LogMessage]
+    time: str
+
+
+def dump(model: BaseModel, *, exclude_none: bool = False) -> bytes:
+    """Serialise a wire model with its wire (camelCase) names, compact."""
+    return model.model_dump_json(by_alias=True, exclude_none=exclude_none).encode()
+
+
+WIRE_MODELS: dict[str, type[BaseModel]] = {
+    "desired": DesiredState,
+    "state": StateReport,
+    "event": Event,
+    "status": DeviceStatus,
+    "deployment-log": DeploymentLog,
+}
+
+
+def json_schemas() -> dict[str, Any]:
+    """JSON Schema of every wire message, keyed by message name."""
+    return {
+        name: model.model_json_schema(
+            by_alias=True, mode="validation" if name == "desired" else "serialization"
+        )
+        for name, model in WIRE_MODELS.items()
+    }
+

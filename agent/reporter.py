@@ -1,0 +1,160 @@
+"""Everything the agent tells the operator side: state, events, status, deployment logs.
+
+The retained state report is coalesced: status changes mark it dirty and one
+publisher task sends the latest snapshot once per ``coalesce`` window, and only
+while connected (every connect marks it dirty again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from . import __version__
+from .mqtt import MqttSession
+from .protocol import (
+    DeploymentLog,
+    DeviceStatus,
+    Event,
+    FlowState,
+    LogMessage,
+    Progress,
+    StateReport,
+    Status,
+    dump,
+    utc_now_iso,
+)
+from .state import FlowRecord, PersistedState
+from .topics import Topics
+
+log = structlog.get_logger("agent.reporter")
+
+
+def offline_status(time: str | None = None) -> bytes:
+    """``{"online": false}``: the last will, and what a clean shutdown publishes."""
+    return dump(DeviceStatus(online=False, time=time), exclude_none=True)
+
+
+class Reporter:
+    def __init__(
+        self,
+        session: MqttSession,
+        topics: Topics,
+        state: PersistedState,
+        *,
+        device_type: str,
+        runtime: str,
+        coalesce_ms: int = 50,
+    ) -> None:
+        self.session = session
+        self.topics = topics
+        self.state = state
+        self.device_type = device_type
+        self.runtime = runtime
+        self.coalesce = coalesce_ms / 1000
+        self._dirty = asyncio.Event()
+        self._last_progress: dict[str, float] = {}
+        self.published = 0
+
+    def snapshot(self) -> StateReport:
+        flows = {
+            flow_id: FlowState(
+                desiredVersion=rec.desired_version,
+                currentVersion=rec.installed.version if rec.installed else None,
+                status=rec.status,
+                error=rec.error,
+                attempts=rec.attempts,
+                deploymentId=rec.deployment_id,
+                lastUpdated=rec.last_updated,
+            )
+            for flow_id, rec in sorted(self.state.flows.items())
+        }
+        return StateReport(
+            deviceId=self.topics.device_id,
+            generation=self.state.generation,
+            flows=flows,
+            rejected=self.state.rejected,
+            time=utc_now_iso(),
+        )
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def on_connect(self) -> None:
+        """Birth message and a fresh state report after every (re)connect."""
+        self._publish(
+            self.topics.status,
+            dump(
+                DeviceStatus(
+                    online=True,
+                    agentVersion=__version__,
+                    deviceType=self.device_type,
+                    runtime=self.runtime,
+                    time=utc_now_iso(),
+                ),
+                exclude_none=True,
+            ),
+            retain=True,
+        )
+        self.mark_dirty()
+
+    async def run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await self.session.connected.wait()
+            if self.coalesce:
+                await asyncio.sleep(self.coalesce)
+            self._dirty.clear()
+            self.publish_state_now()
+
+    def publish_state_now(self) -> None:
+        self._publish(self.topics.state, dump(self.snapshot()), retain=True)
+        self.published += 1
+
+    def event(self, flow_id: str, rec: FlowRecord, progress: Progress | None = None) -> None:
+        self._publish(
+            self.topics.events,
+            dump(
+                Event(
+                    flowId=flow_id,
+                    deploymentId=rec.deployment_id,
+                    version=rec.desired_version,
+                    status=rec.status,
+                    error=rec.error,
+                    progress=progress,
+                    time=utc_now_iso(),
+                )
+            ),
+        )
+
+    def progress(self, flow_id: str, rec: FlowRecord, done: int, total: int | None) -> None:
+        """A ``downloading`` event with progress, at most one per second per flow."""
+        now = time.monotonic()
+        final = total is not None and done >= total
+        if not final and now - self._last_progress.get(flow_id, 0.0) < 1.0:
+            return
+        self._last_progress[flow_id] = now
+        if rec.status == Status.DOWNLOADING:
+            self.event(flow_id, rec, Progress(bytes=done, total=total))
+
+    def deployment_log(self, flow_id: str, rec: FlowRecord, lines: list[LogMessage]) -> None:
+        doc = DeploymentLog(
+            deviceId=self.topics.device_id,
+            flowId=flow_id,
+            deploymentId=rec.deployment_id,
+            version=rec.desired_version,
+            attempts=rec.attempts,
+            messages=lines,
+            time=utc_now_iso(),
+        )
+        self._publish(
+            self.topics.deployment_log(rec.deployment_id or flow_id), dump(doc), retain=True
+        )
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        try:
+            self.session.publish(topic, payload, qos=1, retain=retain)
+        except RuntimeError as exc:
+            log.warning("publish dropped", topic=topic, error=str(exc))

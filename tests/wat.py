@@ -1,0 +1,77 @@
+"""WASI test modules written in WAT (compiled with ``wasmtime.wat2wasm``)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import wasmtime
+
+_FD_WRITE = (
+    '(import "wasi_snapshot_preview1" "fd_write" '
+    "(func $fd_write (param i32 i32 i32 i32) (result i32)))"
+)
+
+
+def _escape(text: str) -> str:
+    return "".join(c if c.isalnum() or c in " .:-_" else f"\\{ord(c):02x}" for c in text)
+
+
+def reactor(tag: str, *, pad: int = 0, body: str = "") -> bytes:
+    """A reactor module whose ``_initialize`` prints ``hello <tag>`` and runs ``body``.
+
+    ``pad`` adds a data segment of that many bytes (to make larger artifacts).
+    """
+    msg = f"hello {tag}\n"
+    padding = f'(data (i32.const 4096) "{"x" * pad}")' if pad else ""
+    pages = 1 + (4096 + pad) // 65536
+    return wasmtime.wat2wasm(f"""
+(module
+  {_FD_WRITE}
+  (memory (export "memory") {pages})
+  (data (i32.const 64) "{_escape(msg)}")
+  {padding}
+  (func (export "_initialize")
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const {len(msg.encode())}))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    {body})
+)""")
+
+
+def command(exit_code: int = 0) -> bytes:
+    """A command module whose ``_start`` calls ``proc_exit(exit_code)``."""
+    return wasmtime.wat2wasm(f"""
+(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (call $exit (i32.const {exit_code}))))""")
+
+
+def spin_on_start() -> bytes:
+    return reactor("spinner", body="(loop $l (br $l))")
+
+
+def trap_on_start() -> bytes:
+    return reactor("trapper", body="unreachable")
+
+
+def memory_bomb() -> bytes:
+    """Grows memory one page at a time until growth fails, then traps."""
+    return reactor(
+        "bomb",
+        body="(loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) unreachable",
+    )
+
+
+def big_memory(pages: int) -> bytes:
+    return wasmtime.wat2wasm(f'(module (memory (export "memory") {pages}))')
+
+
+def forbidden_import() -> bytes:
+    return wasmtime.wat2wasm(
+        '(module (import "env" "socket_connect" (func (param i32) (result i32))))'
+    )
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
