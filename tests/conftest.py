@@ -101,3 +101,18 @@ async def running_agent(make_config: MakeConfig) -> AsyncIterator[Callable[..., 
 
 def eea_samples() -> Path:
     return SHARED / "eea-samples"
+
+
+async def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll ``check`` on the event loop until it is truthy; fail after ``timeout`` seconds."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or check}")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,249 @@
+"""End to end, in process: real Mosquitto, real HTTP artifact server, real wasmtime.
+
+The operator side is a separate paho client that publishes retained desired
+documents and watches the agent's retained state, events and status.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import wat
+from artifact_server import ArtifactServer, Fault
+from broker import Broker, Operator
+from conftest import wait_until
+
+from agent.daemon import Agent
+
+DESIRED = "edge/dev1/desired"
+STATE = "edge/dev1/state"
+EVENTS = "edge/dev1/events"
+STATUS = "edge/dev1/status"
+
+
+def flow(server: ArtifactServer, version: str, data: bytes, **extra: Any) -> dict[str, Any]:
+    path = f"/{version}-{wat.sha256(data)[:8]}.wasm"
+    server.add(path, data)
+    return {"version": version,
+            "artifact": {"url": server.url(path), "sha256": wat.sha256(data), "size": len(data)},
+            **extra}
+
+
+def flow_state(flow_id: str, **want: Any) -> Callable[[dict[str, Any]], bool]:
+    def check(doc: dict[str, Any]) -> bool:
+        f = doc.get("flows", {}).get(flow_id)
+        return f is not None and all(f.get(k) == v for k, v in want.items())
+    return check
+
+
+def statuses(op: Operator, flow_id: str) -> list[str]:
+    return [e["status"] for e in map(json.loads, op.messages(EVENTS)) if e["flowId"] == flow_id]
+
+
+@pytest.fixture
+def op(operator: Operator) -> Operator:
+    operator.subscribe("edge/dev1/#")
+    return operator
+
+
+async def test_deploy_upgrade_remove(op: Operator, artifact_server: ArtifactServer,
+                                     running_agent: Any) -> None:
+    agent: Agent = await running_agent()
+    status = await op.wait_for(STATUS, lambda d: d["online"] is True)
+    assert status["deviceType"] == "rpi4"
+    assert status["runtime"].startswith("wasmtime ")
+
+    op.publish(DESIRED, {"generation": 1, "flows": {
+        "f1": flow(artifact_server, "v1", wat.reactor("v1"), deploymentId="d1")}})
+    state = await op.wait_for(STATE, flow_state("f1", status="success", currentVersion="v1"))
+    assert state["generation"] == 1
+    assert state["flows"]["f1"]["deploymentId"] == "d1"
+    assert statuses(op, "f1")[0] == "pending"
+    assert [s for s in statuses(op, "f1") if s != "downloading"] == [
+        "pending", "installing", "success"]
+    assert agent.host.running["f1"].version == "v1"
+
+    # Upgrade: blue/green, the state reports the new version.
+    op.publish(DESIRED, {"generation": 2, "flows": {
+        "f1": flow(artifact_server, "v2", wat.reactor("v2"), deploymentId="d2")}})
+    await op.wait_for(STATE, flow_state("f1", status="success", currentVersion="v2",
+                                        deploymentId="d2"))
+    assert agent.host.running["f1"].version == "v2"
+
+    # Remove with a blank version.
+    op.publish(DESIRED, {"generation": 3, "flows": {"f1": {"version": ""}}})
+    await op.wait_for(STATE, flow_state("f1", status="removed", currentVersion=None))
+    assert "f1" not in agent.host.running
+
+
+async def test_wrong_sha_fails_keeps_v1_and_publishes_log(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any) -> None:
+    agent: Agent = await running_agent()
+    op.subscribe("edge/dev1/deployments/#")
+    op.publish(DESIRED, {"generation": 1, "flows": {"f1": flow(artifact_server, "v1",
+                                                               wat.reactor("v1"))}})
+    await op.wait_for(STATE, flow_state("f1", status="success", currentVersion="v1"))
+
+    bad = flow(artifact_server, "v2", wat.reactor("v2"), retries=1, deploymentId="dep-bad")
+    bad["artifact"]["sha256"] = "0" * 64
+    del bad["artifact"]["size"]
+    op.publish(DESIRED, {"generation": 2, "flows": {"f1": bad}})
+    state = await op.wait_for(STATE, flow_state("f1", status="failure", attempts=2))
+    f1 = state["flows"]["f1"]
+    assert "sha256 mismatch" in f1["error"]
+    assert f1["currentVersion"] == "v1"
+    assert f1["desiredVersion"] == "v2"
+    assert agent.host.running["f1"].version == "v1"  # the old version kept running
+
+    log = await op.wait_for("edge/dev1/deployments/dep-bad/log", lambda d: d["attempts"] == 2)
+    text = "\n".join(m["message"] for m in log["messages"])
+    assert "downloading" in text
+    assert "sha256 mismatch" in text
+    assert log["flowId"] == "f1"
+    assert log["version"] == "v2"
+
+
+async def test_generation_rules_and_already_installed(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any) -> None:
+    await running_agent()
+    v1 = flow(artifact_server, "v1", wat.reactor("v1"))
+    op.publish(DESIRED, {"generation": 5, "flows": {"f1": v1}})
+    await op.wait_for(STATE, flow_state("f1", status="success"))
+
+    op.publish(DESIRED, {"generation": 4, "flows": {}})
+    state = await op.wait_for(STATE, lambda d: d["rejected"] is not None)
+    assert state["rejected"]["generation"] == 4
+    assert "older than the applied 5" in state["rejected"]["reason"]
+    assert state["flows"]["f1"]["status"] == "success"
+
+    op.publish(DESIRED, {"generation": 6, "flows": {"f1": {**v1, "deploymentId": "again"}}})
+    state = await op.wait_for(STATE, flow_state("f1", status="already-installed"))
+    assert state["rejected"] is None
+    assert state["generation"] == 6
+
+
+async def test_bad_input_keeps_agent_running(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any) -> None:
+    agent: Agent = await running_agent()
+    for payload, needle in [(b"{nope", "not valid JSON"),
+                            (b'{"generation": "x"}', "generation"),
+                            (b'{"generation": 1, "flows": {"a/b": {}}}', "flow id"),
+                            (b"x" * 300_000, "over the")]:
+        op.publish(DESIRED, payload)
+        state = await op.wait_for(STATE, lambda d, n=needle: n in ((d.get("rejected") or {})
+                                                                   .get("reason") or ""))
+        assert state["flows"] == {}
+
+    not_wasm = flow(artifact_server, "v1", b"this is not wasm at all")
+    bad_kind = flow(artifact_server, "v1", wat.reactor("k"))
+    bad_kind["artifact"]["kind"] = "docker"
+    hostile = flow(artifact_server, "v1", wat.forbidden_import())
+    spin = flow(artifact_server, "v1", wat.spin_on_start())
+    op.publish(DESIRED, {"generation": 2, "flows": {
+        "notwasm": {**not_wasm, "retries": 0}, "kind": bad_kind, "imports": {**hostile,
+                                                                            "retries": 0},
+        "spin": {**spin, "retries": 0}, "good": flow(artifact_server, "v1", wat.reactor("g"))}})
+    state = await op.wait_for(STATE, lambda d: len(d["flows"]) == 5 and all(
+        f["status"] in ("success", "failure") for f in d["flows"].values()))
+    flows = state["flows"]
+    assert flows["good"]["status"] == "success"
+    assert "not a WebAssembly module" in flows["notwasm"]["error"]
+    assert "artifact.kind" in flows["kind"]["error"]
+    assert "env.socket_connect" in flows["imports"]["error"]
+    assert "deadline" in flows["spin"]["error"]
+    assert set(agent.host.running) == {"good"}
+
+
+async def test_device_type_mismatch_is_noartifact_without_download(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any) -> None:
+    await running_agent()
+    f = flow(artifact_server, "v1", wat.reactor("x"), deviceTypes=["x86-gw"])
+    op.publish(DESIRED, {"generation": 1, "flows": {"f1": f}})
+    state = await op.wait_for(STATE, flow_state("f1", status="noartifact"))
+    assert "rpi4" in state["flows"]["f1"]["error"]
+    assert artifact_server.requests == []
+
+
+async def test_newer_document_aborts_download_in_flight(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any) -> None:
+    await running_agent()
+    slow = flow(artifact_server, "v2", wat.reactor("v2", pad=200_000))
+    artifact_server.set_fault(slow["artifact"]["url"].split("/", 3)[3].join(["/", ""]),
+                              chunk_delay=0.3)
+    op.publish(DESIRED, {"generation": 1, "flows": {"f1": slow}})
+    await op.wait_for(STATE, flow_state("f1", status="downloading"))
+    op.publish(DESIRED, {"generation": 2, "flows": {"f1": flow(artifact_server, "v3",
+                                                               wat.reactor("v3"))}})
+    await op.wait_for(STATE, flow_state("f1", status="success", currentVersion="v3"))
+    events = [json.loads(p) for p in op.messages(EVENTS)]
+    aborted = [e for e in events if e["status"] == "aborted"]
+    assert len(aborted) == 1
+    assert aborted[0]["version"] == "v2"
+    assert "superseded by generation 2" in aborted[0]["error"]
+
+
+async def test_mqtt_artifact(op: Operator, running_agent: Any) -> None:
+    await running_agent()
+    data = wat.reactor("over-mqtt")
+    sha = wat.sha256(data)
+    op.publish(f"edge/artifacts/{sha}", data)
+    op.publish(DESIRED, {"generation": 1, "flows": {"f1": {
+        "version": "m1", "artifact": {"url": f"mqtt:edge/artifacts/{sha}", "sha256": sha}}}})
+    await op.wait_for(STATE, flow_state("f1", status="success", currentVersion="m1"))
+
+
+async def test_restart_starts_flows_from_local_store_without_broker(
+        broker: Broker, op: Operator, artifact_server: ArtifactServer, make_config: Any) -> None:
+    cfg = make_config()
+    async with Agent(cfg):
+        op.publish(DESIRED, {"generation": 1, "flows": {"f1": flow(artifact_server, "v1",
+                                                                   wat.reactor("v1"))}})
+        await op.wait_for(STATE, flow_state("f1", status="success"))
+    broker.stop()
+    artifact_server.stop()
+    async with Agent(cfg) as again:
+        assert again.host.running["f1"].version == "v1"
+        assert not again.session.connected.is_set()
+
+
+async def test_broker_restart_mid_deployment_converges(
+        broker: Broker, op: Operator, artifact_server: ArtifactServer, running_agent: Any) -> None:
+    agent: Agent = await running_agent()
+    slow = flow(artifact_server, "v1", wat.reactor("v1", pad=150_000))
+    path = "/" + slow["artifact"]["url"].split("/", 3)[3]
+    artifact_server.set_fault(path, chunk_delay=0.2)
+    op.publish(DESIRED, {"generation": 1, "flows": {"f1": slow}})
+    await op.wait_for(STATE, flow_state("f1", status="downloading"))
+    connects = agent.session.connects
+    broker.restart()
+    op.client.reconnect()
+    op.subscribe("edge/dev1/#")
+    state = await op.wait_for(STATE, flow_state("f1", status="success", currentVersion="v1"),
+                              timeout=30)
+    assert state["generation"] == 1
+    assert agent.session.connects > connects
+    online = await op.wait_for(STATUS, lambda d: d["online"] is True)
+    assert online["online"] is True
+
+
+async def test_unreachable_broker_then_broker_appears(
+        tmp_path: Any, make_config: Any, artifact_server: ArtifactServer) -> None:
+    late = Broker(tmp_path / "late")
+    cfg = make_config(mqtt={"broker": late.url})
+    async with Agent(cfg) as agent:
+        assert not agent.session.connected.is_set()
+        await wait_until(lambda: agent.session.last_error, what="a connect error")
+        assert "cannot connect" in (agent.session.last_error or "")
+        late.start()
+        try:
+            op = Operator(late).connect()
+            op.subscribe("edge/dev1/#")
+            op.publish(DESIRED, {"generation": 1, "flows": {"f1": flow(artifact_server, "v1",
+                                                                       wat.reactor("v1"))}})
+            await op.wait_for(STATE, flow_state("f1", status="success"), timeout=30)
+            op.close()
+        finally:
+            late.stop()

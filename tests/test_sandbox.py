@@ -1,0 +1,118 @@
+"""The wasmtime sandbox with real modules (WAT): start-up, limits, traps, output."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import structlog
+import wat
+
+from agent.errors import FlowTrap, InstantiationError, InvalidModule
+from agent.flows import FlowHost
+from agent.sandbox import Limits, Runtime
+
+LIMITS = Limits(memory_limit=4 * 1024 * 1024, call_deadline_ms=300, epoch_tick_ms=10)
+
+
+@pytest.fixture
+async def host() -> AsyncIterator[FlowHost]:
+    async with Runtime(LIMITS, workers=2) as runtime:
+        h = FlowHost(runtime, LIMITS, "dev1")
+        yield h
+        h.close_all()
+
+
+async def prepare(host: FlowHost, data: bytes, version: str = "v1") -> object:
+    return await host.prepare("f1", version, data, wat.sha256(data))
+
+
+async def test_reactor_starts_and_output_is_logged(host: FlowHost) -> None:
+    with structlog.testing.capture_logs() as logs:
+        inst = await prepare(host, wat.reactor("world"))
+    assert inst is not None
+    lines = [e for e in logs if e["event"] == "flow output"]
+    assert lines == [{"event": "flow output", "stream": "stdout", "line": "hello world",
+                      "log_level": "info", "flow_id": "f1", "flow_version": "v1",
+                      "device_id": "dev1"}]
+
+
+async def test_command_exit_zero_is_running(host: FlowHost) -> None:
+    assert await prepare(host, wat.command(0)) is not None
+
+
+async def test_command_exit_nonzero_fails(host: FlowHost) -> None:
+    with pytest.raises(FlowTrap, match="exited with code 3") as info:
+        await prepare(host, wat.command(3))
+    assert info.value.code == "exit"
+
+
+async def test_infinite_loop_hits_deadline_and_agent_stays_responsive(host: FlowHost) -> None:
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    hb = asyncio.create_task(heartbeat())
+    try:
+        with pytest.raises(FlowTrap, match="call deadline") as info:
+            await prepare(host, wat.spin_on_start())
+    finally:
+        hb.cancel()
+    assert info.value.code == "deadline"
+    assert ticks > 5  # the event loop kept running while the guest spun
+
+
+async def test_trap_is_reported_with_code(host: FlowHost) -> None:
+    with pytest.raises(FlowTrap, match="unreachable") as info:
+        await prepare(host, wat.trap_on_start())
+    assert "unreachable" in info.value.code
+
+
+async def test_memory_bomb_is_capped(host: FlowHost) -> None:
+    with pytest.raises(FlowTrap, match="unreachable"):
+        await prepare(host, wat.memory_bomb())
+
+
+async def test_module_over_memory_limit_refused(host: FlowHost) -> None:
+    with pytest.raises(InstantiationError, match="memory"):
+        await prepare(host, wat.big_memory(256))  # 16 MiB > 4 MiB cap
+
+
+async def test_forbidden_import_refused_before_instantiation(host: FlowHost) -> None:
+    with pytest.raises(InstantiationError, match=r"env\.socket_connect"):
+        await prepare(host, wat.forbidden_import())
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    (b"", "missing \\0asm header"),
+    (b"(module)", "missing \\0asm header"),  # WAT text is not accepted as an artifact
+    (b"\0asm\x01\0\0\0\x01\xff", "invalid WebAssembly module"),
+    (b"\x7fELF\x02\x01\x01", "missing \\0asm header"),
+])
+async def test_invalid_bytes_refused(host: FlowHost, data: bytes, needle: str) -> None:
+    with pytest.raises(InvalidModule) as info:
+        await prepare(host, data)
+    assert needle in str(info.value)
+
+
+async def test_blue_green_activate_swaps_and_stops_old(host: FlowHost) -> None:
+    v1 = await prepare(host, wat.reactor("one"), "v1")
+    assert host.activate("f1", v1) is None  # type: ignore[arg-type]
+    v2 = await prepare(host, wat.reactor("two"), "v2")
+    assert host.running["f1"] is v1  # old runs until activation
+    old = host.activate("f1", v2)  # type: ignore[arg-type]
+    assert old is v1
+    assert host.running["f1"] is v2
+    assert v1.store is None  # type: ignore[attr-defined]
+
+
+async def test_compiled_module_cache(host: FlowHost) -> None:
+    data = wat.reactor("cache")
+    m1 = await host.runtime.run(lambda: host.runtime.compile(data, wat.sha256(data)))
+    m2 = await host.runtime.run(lambda: host.runtime.compile(data, wat.sha256(data)))
+    assert m1 is m2
