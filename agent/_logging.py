@@ -64,8 +64,12 @@ class LogCapture:
 #: The process-wide capture (several simulated agents share it, keyed by device id).
 capture = LogCapture()
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def configure_logging(level: str = "info", fmt: str = "console", stream: Any = None) -> None:

@@ -25,8 +25,12 @@ EXIT_CONFIG = 2
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="TOML config file (default: $EDGE_AGENT_CONFIG "
-                   "or /etc/edge-agent/agent.toml if it exists)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (default: $EDGE_AGENT_CONFIG "
+        "or /etc/edge-agent/agent.toml if it exists)",
+    )
     p.add_argument("--device-id", help="this device's id")
     p.add_argument("--broker", help="mqtt://host:port or mqtts://host:port")
     p.add_argument("--state-dir", type=Path, help="state directory")

@@ -83,7 +83,9 @@ class MqttConfig(BaseModel):
     reconnect_min: Annotated[float, Field(gt=0)] = Field(
         0.5, description="First reconnect delay (s); doubles per failure, with jitter."
     )
-    reconnect_max: Annotated[float, Field(gt=0)] = Field(60.0, description="Reconnect delay cap (s).")
+    reconnect_max: Annotated[float, Field(gt=0)] = Field(
+        60.0, description="Reconnect delay cap (s)."
+    )
     connect_timeout: Annotated[float, Field(gt=0)] = Field(
         10.0, description="TCP/TLS connect and CONNACK timeout (s)."
     )

@@ -128,12 +128,17 @@ class Agent:
         )
         fetcher = Fetcher(artifacts, fetch_limits(cfg), mqtt_fetch=self.session.fetch_retained)
         reporter = Reporter(
-            self.session, self.topics, state, device_type=cfg.device_type,
-            runtime=self.runtime.description, coalesce_ms=cfg.reconcile.state_coalesce_ms,
+            self.session,
+            self.topics,
+            state,
+            device_type=cfg.device_type,
+            runtime=self.runtime.description,
+            coalesce_ms=cfg.reconcile.state_coalesce_ms,
         )
         self.host = FlowHost(self.runtime, sandbox_limits(cfg), cfg.device_id)
-        self.reconciler = Reconciler(cfg, state, state_store, self.host, artifacts, fetcher,
-                                     reporter)
+        self.reconciler = Reconciler(
+            cfg, state, state_store, self.host, artifacts, fetcher, reporter
+        )
         self.reporter = reporter
         self.runtime.acquire()
         try:
@@ -149,8 +154,13 @@ class Agent:
                     tg.create_task(self._dispatch(), name="dispatcher"),
                 ]
                 self._ready.set()
-                log.info("agent started", state_dir=str(cfg.state_dir), broker=cfg.mqtt.broker,
-                         flows=len(self.host.running), runtime=self.runtime.description)
+                log.info(
+                    "agent started",
+                    state_dir=str(cfg.state_dir),
+                    broker=cfg.mqtt.broker,
+                    flows=len(self.host.running),
+                    runtime=self.runtime.description,
+                )
                 await self._stop.wait()
                 log.info("agent stopping")
                 for task in tasks[1:]:
@@ -183,8 +193,9 @@ class Agent:
         except AgentError as exc:
             log.warning("shutdown stage failed", stage=name, error=str(exc))
         else:
-            log.debug("shutdown stage done", stage=name,
-                      ms=round((time.monotonic() - started) * 1000, 1))
+            log.debug(
+                "shutdown stage done", stage=name, ms=round((time.monotonic() - started) * 1000, 1)
+            )
 
     def _on_connect(self) -> None:
         self.reporter.on_connect()
@@ -202,8 +213,12 @@ class Agent:
                 data = await asyncio.to_thread(self.reconciler.artifacts.read, inst.sha256)
                 instance = await self.host.prepare(flow_id, inst.version, data, inst.sha256)
             except AgentError as exc:
-                log.error("installed flow could not start; it will be installed again",
-                          flow_id=flow_id, version=inst.version, error=str(exc))
+                log.error(
+                    "installed flow could not start; it will be installed again",
+                    flow_id=flow_id,
+                    version=inst.version,
+                    error=str(exc),
+                )
                 rec.installed = None
                 rec.status = Status.FAILURE
                 rec.error = f"could not start from local store: {exc}"

@@ -36,8 +36,12 @@ class FlowHost:
         """Compile, instantiate and start a new instance; the running one is untouched."""
         module = await self.runtime.run(lambda: self.runtime.compile(data, sha256))
         inst = FlowInstance(
-            self.runtime, module, flow_id=flow_id, version=version,
-            device_id=self.device_id, limits=self.limits,
+            self.runtime,
+            module,
+            flow_id=flow_id,
+            version=version,
+            device_id=self.device_id,
+            limits=self.limits,
         )
         fut = asyncio.ensure_future(self.runtime.run(inst.start, timeout=self.start_timeout))
         try:

@@ -68,7 +68,7 @@ class _Sub:
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Delay before reconnect ``attempt`` (0-based): min(cap, base*2^n), jittered in [50%, 100%]."""
-    ceiling = min(cap, base * (2 ** min(attempt, 30)))
+    ceiling = min(cap, base * float(1 << min(attempt, 30)))
     return ceiling * (0.5 + 0.5 * rng.random())
 
 
@@ -93,7 +93,7 @@ class MqttSession:
         self._client_id = client_id
         self._will = will
         self._on_connect_cbs = list(on_connect)
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._rng = rng or random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -104,6 +104,7 @@ class MqttSession:
         self.connected = asyncio.Event()
         self.connects = 0
         self.last_error: str | None = None
+        self._error_repeats = 0
         self._client = self._make_client()
 
     # ----------------------------------------------------------------- set-up
@@ -186,7 +187,7 @@ class MqttSession:
                     tls_ready = True
                 props = None
                 if self.protocol5:
-                    props = Properties(PacketTypes.CONNECT)
+                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                     props.SessionExpiryInterval = self._cfg.session_expiry
                 self._client.connect(
                     self._cfg.host,
@@ -203,7 +204,9 @@ class MqttSession:
                     attempt = 0
             if self._stop.is_set():
                 break
-            delay = backoff_delay(attempt, self._cfg.reconnect_min, self._cfg.reconnect_max, self._rng)
+            delay = backoff_delay(
+                attempt, self._cfg.reconnect_min, self._cfg.reconnect_max, self._rng
+            )
             attempt += 1
             self._wake.wait(delay)
             self._wake.clear()
@@ -222,8 +225,15 @@ class MqttSession:
                 self._client.loop(timeout=0.2)
 
     def _note_error(self, text: str) -> None:
+        # The first occurrence of a problem is a warning; identical repeats during
+        # the backoff are debug lines, so a long outage does not flood the journal.
+        repeat = text == self.last_error
         self.last_error = text
-        log.warning("mqtt connection problem", error=text)
+        self._error_repeats = self._error_repeats + 1 if repeat else 0
+        if repeat:
+            log.debug("mqtt connection problem (repeated)", error=text, repeats=self._error_repeats)
+        else:
+            log.warning("mqtt connection problem", error=text)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         loop = self._loop
@@ -236,7 +246,10 @@ class MqttSession:
         self, client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
         if reason.is_failure:
-            self._note_error(f"broker {self._cfg.broker} refused the connection: {reason}")
+            hint = ""
+            if "authori" in str(reason).lower() or "password" in str(reason).lower():
+                hint = " (check mqtt.username / mqtt.password / client certificate)"
+            self._note_error(f"broker {self._cfg.broker} refused the connection: {reason}{hint}")
             return
         self._connected_once_in_this_round = True
         for topic, sub in list(self._subs.items()):
@@ -246,7 +259,8 @@ class MqttSession:
     def _on_disconnect(
         self, _client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
-        if not self._stop.is_set():
+        # After a refused CONNACK the refusal is the useful reason: keep it.
+        if not self._stop.is_set() and self._connected_once_in_this_round:
             self._note_error(f"disconnected from {self._cfg.broker}: {reason}")
         self._call(self.connected.clear)
 

@@ -20,6 +20,7 @@ For each flow, in id order, the plan is one of:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,9 +44,8 @@ class Target:
 
     @classmethod
     def from_spec(cls, flow_id: str, spec: FlowSpec, generation: int) -> Target:
-        import json
-
-        assert spec.version and spec.artifact is not None
+        assert spec.version
+        assert spec.artifact is not None
         return cls(
             flow_id=flow_id,
             version=spec.version,
@@ -59,8 +59,6 @@ class Target:
 
     @property
     def config(self) -> dict[str, Any]:
-        import json
-
         value: dict[str, Any] = json.loads(self.config_json)
         return value
 
@@ -146,9 +144,15 @@ def plan_flow(
         if _status_is(rec, key, Status.FAILURE):
             return []
         return [
-            SetStatus(flow_id, Status.FAILURE, key, generation,
-                      desired_version=rec.desired_version if rec else None,
-                      deployment_id=rec.deployment_id if rec else None, error=invalid)
+            SetStatus(
+                flow_id,
+                Status.FAILURE,
+                key,
+                generation,
+                desired_version=rec.desired_version if rec else None,
+                deployment_id=rec.deployment_id if rec else None,
+                error=invalid,
+            )
         ]
 
     if spec is None or spec.is_removal:
@@ -169,7 +173,11 @@ def plan_flow(
             return []
         return [
             SetStatus(
-                flow_id, Status.NOARTIFACT, target.key, generation, spec.version,
+                flow_id,
+                Status.NOARTIFACT,
+                target.key,
+                generation,
+                spec.version,
                 spec.deployment_id,
                 error=f"device type {device_type!r} is not in deviceTypes {spec.device_types}",
             )
@@ -179,8 +187,14 @@ def plan_flow(
         if _status_is(rec, target.key, Status.SUCCESS, Status.ALREADY_INSTALLED):
             return []
         return [
-            SetStatus(flow_id, Status.ALREADY_INSTALLED, target.key, generation, spec.version,
-                      spec.deployment_id)
+            SetStatus(
+                flow_id,
+                Status.ALREADY_INSTALLED,
+                target.key,
+                generation,
+                spec.version,
+                spec.deployment_id,
+            )
         ]
 
     if rec is not None and rec.target == target.key and rec.status == Status.FAILURE:

@@ -315,4 +315,3 @@ def json_schemas() -> dict[str, Any]:
         )
         for name, model in WIRE_MODELS.items()
     }
-

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,8 +137,12 @@ class Reconciler:
         self.state.desired_raw = text
         self.state.generation = desired.generation
         self.state.rejected = None
-        log.info("desired state accepted", generation=desired.generation,
-                 flows=len(desired.flows), invalid=len(desired.invalid))
+        log.info(
+            "desired state accepted",
+            generation=desired.generation,
+            flows=len(desired.flows),
+            invalid=len(desired.invalid),
+        )
         self._mark_pending(desired)
         await self.persist()
         self.reporter.mark_dirty()
@@ -147,16 +151,18 @@ class Reconciler:
 
     def _reject(self, generation: int | None, reason: str) -> None:
         log.warning("desired document rejected", generation=generation, reason=reason)
-        self.state.rejected = RejectedDesired(generation=generation, reason=reason,
-                                              time=utc_now_iso())
+        self.state.rejected = RejectedDesired(
+            generation=generation, reason=reason, time=utc_now_iso()
+        )
         self.reporter.mark_dirty()
 
     async def _supersede(self, desired: DesiredState) -> None:
         task = self._run_task
         if task is None or task.done():
             return
-        new_plan = plan(desired, self.state.flows, device_type=self.cfg.device_type,
-                        now=time.time())
+        new_plan = plan(
+            desired, self.state.flows, device_type=self.cfg.device_type, now=time.time()
+        )
         new_targets = {s.target.flow_id: s.target.key for s in new_plan if isinstance(s, Download)}
         changed = {f for f, key in self._active.items() if new_targets.get(f) != key}
         task.cancel()
@@ -165,21 +171,31 @@ class Reconciler:
         for flow_id in sorted(changed):
             if flow_id in self.state.flows:
                 self._transition(
-                    flow_id, Status.ABORTED,
-                    error=f"superseded by generation {desired.generation}", inflight=None,
+                    flow_id,
+                    Status.ABORTED,
+                    error=f"superseded by generation {desired.generation}",
+                    inflight=None,
                 )
 
     def _mark_pending(self, desired: DesiredState) -> None:
-        for step in plan(desired, self.state.flows, device_type=self.cfg.device_type,
-                         now=time.time()):
+        for step in plan(
+            desired, self.state.flows, device_type=self.cfg.device_type, now=time.time()
+        ):
             if isinstance(step, Download):
                 t = step.target
                 rec = self.state.flows.get(t.flow_id)
                 if rec is None or rec.target != t.key:
                     self._transition(
-                        t.flow_id, Status.PENDING, target=t.key, generation=t.generation,
-                        desired_version=t.version, deployment_id=t.deployment_id,
-                        attempts=0, error=None, inflight=None, next_retry_at=None,
+                        t.flow_id,
+                        Status.PENDING,
+                        target=t.key,
+                        generation=t.generation,
+                        desired_version=t.version,
+                        deployment_id=t.deployment_id,
+                        attempts=0,
+                        error=None,
+                        inflight=None,
+                        next_retry_at=None,
                     )
 
     def trigger(self) -> None:
@@ -205,9 +221,14 @@ class Reconciler:
         created = flow_id not in self.state.flows
         rec = self.state.flows.setdefault(flow_id, FlowRecord())
         changes = {
-            "error": error, "target": target, "generation": generation,
-            "desired_version": desired_version, "deployment_id": deployment_id,
-            "attempts": attempts, "inflight": inflight, "next_retry_at": next_retry_at,
+            "error": error,
+            "target": target,
+            "generation": generation,
+            "desired_version": desired_version,
+            "deployment_id": deployment_id,
+            "attempts": attempts,
+            "inflight": inflight,
+            "next_retry_at": next_retry_at,
         }
         for name, value in changes.items():
             if value is not _UNSET:
@@ -216,8 +237,14 @@ class Reconciler:
         rec.status = status
         rec.last_updated = utc_now_iso()
         if emit and (created or previous != status or status == Status.FAILURE):
-            log.info("flow status", flow_id=flow_id, device_id=self.device_id,
-                     status=status.value, version=rec.desired_version, error=rec.error)
+            log.info(
+                "flow status",
+                flow_id=flow_id,
+                device_id=self.device_id,
+                status=status.value,
+                version=rec.desired_version,
+                error=rec.error,
+            )
             self.reporter.event(flow_id, rec)
         self.reporter.mark_dirty()
         return rec
@@ -239,8 +266,12 @@ class Reconciler:
             except TimeoutError:
                 pass
             while True:
-                steps = plan(self.desired, self.state.flows, device_type=self.cfg.device_type,
-                             now=time.time())
+                steps = plan(
+                    self.desired,
+                    self.state.flows,
+                    device_type=self.cfg.device_type,
+                    now=time.time(),
+                )
                 work = [s for s in steps if not isinstance(s, Wait)]
                 if not work:
                     break
@@ -262,13 +293,15 @@ class Reconciler:
 
     def _next_wake(self) -> float | None:
         waits = [
-            s.until for s in plan(self.desired, self.state.flows,
-                                  device_type=self.cfg.device_type, now=time.time())
+            s.until
+            for s in plan(
+                self.desired, self.state.flows, device_type=self.cfg.device_type, now=time.time()
+            )
             if isinstance(s, Wait)
         ]
         return max(0.0, min(waits) - time.time()) if waits else None
 
-    async def _run(self, steps: list[Step]) -> None:
+    async def _run(self, steps: Sequence[Step]) -> None:
         self.runs += 1
         by_flow: dict[str, list[Step]] = {}
         for step in steps:
@@ -314,12 +347,18 @@ class Reconciler:
         delay = min(rc.retry_backoff_max, rc.retry_backoff_initial * 2 ** max(0, rec.attempts - 1))
         left = target.retries - rec.attempts + 1
         if left > 0:
-            log.warning("deployment attempt failed; will retry", error=reason,
-                        attempt=rec.attempts, retry_in_s=round(delay, 1), retries_left=left)
+            log.warning(
+                "deployment attempt failed; will retry",
+                error=reason,
+                attempt=rec.attempts,
+                retry_in_s=round(delay, 1),
+                retries_left=left,
+            )
         else:
             log.error("deployment failed; retries spent", error=reason, attempt=rec.attempts)
-        rec = self._transition(flow_id, Status.FAILURE, error=reason, inflight=None,
-                               next_retry_at=time.time() + delay)
+        rec = self._transition(
+            flow_id, Status.FAILURE, error=reason, inflight=None, next_retry_at=time.time() + delay
+        )
         await self.persist()
         self.reporter.deployment_log(flow_id, rec, capture.take(self.device_id, flow_id))
         capture.start(self.device_id, flow_id)
@@ -327,9 +366,15 @@ class Reconciler:
     # ------------------------------------------------------------ executors
     async def _exec_set_status(self, step: SetStatus, _chain: _Chain) -> None:
         self._transition(
-            step.flow_id, step.status, error=step.error, target=step.target,
-            generation=step.generation, desired_version=step.desired_version,
-            deployment_id=step.deployment_id, inflight=None, next_retry_at=None,
+            step.flow_id,
+            step.status,
+            error=step.error,
+            target=step.target,
+            generation=step.generation,
+            desired_version=step.desired_version,
+            deployment_id=step.deployment_id,
+            inflight=None,
+            next_retry_at=None,
             attempts=0 if step.status != Status.FAILURE else _UNSET,
         )
         await self.persist()
@@ -340,10 +385,18 @@ class Reconciler:
         rec.previous = rec.installed
         rec.installed = None
         log.info("flow removed", version=rec.previous.version if rec.previous else None)
-        self._transition(step.flow_id, Status.REMOVED, target="remove", error=None,
-                         generation=step.generation, desired_version=None,
-                         deployment_id=step.deployment_id, inflight=None, attempts=0,
-                         next_retry_at=None)
+        self._transition(
+            step.flow_id,
+            Status.REMOVED,
+            target="remove",
+            error=None,
+            generation=step.generation,
+            desired_version=None,
+            deployment_id=step.deployment_id,
+            inflight=None,
+            attempts=0,
+            next_retry_at=None,
+        )
         await self.persist()
 
     async def _exec_forget(self, step: Forget, _chain: _Chain) -> None:
@@ -360,24 +413,33 @@ class Reconciler:
         else:
             attempts = rec.attempts if resuming else rec.attempts + 1
         rec = self._transition(
-            t.flow_id, Status.DOWNLOADING, target=t.key, generation=t.generation,
-            desired_version=t.version, deployment_id=t.deployment_id, attempts=attempts,
-            error=None, inflight="download", next_retry_at=None,
+            t.flow_id,
+            Status.DOWNLOADING,
+            target=t.key,
+            generation=t.generation,
+            desired_version=t.version,
+            deployment_id=t.deployment_id,
+            attempts=attempts,
+            error=None,
+            inflight="download",
+            next_retry_at=None,
         )
         await self.persist()  # saved before the work that can be interrupted
-        log.info("downloading", version=t.version, url=t.artifact.url, attempt=attempts,
-                 resumed=resuming)
+        log.info(
+            "downloading", version=t.version, url=t.artifact.url, attempt=attempts, resumed=resuming
+        )
         chain.path = await self.fetcher.fetch(
-            t.artifact.url, t.artifact.sha256, t.artifact.size,
+            t.artifact.url,
+            t.artifact.sha256,
+            t.artifact.size,
             progress=lambda done, total: self.reporter.progress(t.flow_id, rec, done, total),
         )
 
     async def _exec_verify(self, step: Verify, chain: _Chain) -> None:
         t = step.target
         sha = t.artifact.sha256
-        if chain.path is None:
-            if not await asyncio.to_thread(self.artifacts.verify, sha):
-                raise IntegrityError(f"stored artifact {sha[:12]}… is missing or corrupt")
+        if chain.path is None and not await asyncio.to_thread(self.artifacts.verify, sha):
+            raise IntegrityError(f"stored artifact {sha[:12]}… is missing or corrupt")
         chain.data = await asyncio.to_thread(self.artifacts.read, sha)
         await self.host.runtime.run(lambda: self.host.runtime.validate(chain.data or b""))
         log.info("artifact verified", sha256=sha, bytes=len(chain.data))
@@ -388,10 +450,14 @@ class Reconciler:
         await self.persist()
         assert chain.data is not None
         started = time.perf_counter()
-        chain.instance = await self.host.prepare(t.flow_id, t.version, chain.data,
-                                                 t.artifact.sha256)
-        log.info("new version started", version=t.version,
-                 ms=round((time.perf_counter() - started) * 1000, 1))
+        chain.instance = await self.host.prepare(
+            t.flow_id, t.version, chain.data, t.artifact.sha256
+        )
+        log.info(
+            "new version started",
+            version=t.version,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
 
     async def _exec_activate(self, step: Activate, chain: _Chain) -> None:
         # Shielded: once the new instance is up, the swap and its record complete
@@ -405,14 +471,17 @@ class Reconciler:
         if rec.installed is not None and rec.installed.sha256 != t.artifact.sha256:
             rec.previous = rec.installed
         rec.installed = Installed(
-            version=t.version, sha256=t.artifact.sha256, kind=t.artifact.kind.value,
-            config=t.config, deployment_id=t.deployment_id,
+            version=t.version,
+            sha256=t.artifact.sha256,
+            kind=t.artifact.kind.value,
+            config=t.config,
+            deployment_id=t.deployment_id,
         )
-        self._transition(t.flow_id, Status.SUCCESS, error=None, inflight=None,
-                         next_retry_at=None)
+        self._transition(t.flow_id, Status.SUCCESS, error=None, inflight=None, next_retry_at=None)
         await self.persist()
-        log.info("flow running", version=t.version,
-                 replaced=old.version if old is not None else None)
+        log.info(
+            "flow running", version=t.version, replaced=old.version if old is not None else None
+        )
 
     async def _collect_garbage(self) -> None:
         keep: set[str] = set()

@@ -55,7 +55,8 @@ class Reporter:
         self.runtime = runtime
         self.coalesce = coalesce_ms / 1000
         self._dirty = asyncio.Event()
-        self._last_progress: dict[str, float] = {}
+        # flow id -> (download started, last progress event, events sent)
+        self._progress: dict[str, tuple[float, float, int]] = {}
         self.published = 0
 
     def snapshot(self) -> StateReport:
@@ -114,6 +115,8 @@ class Reporter:
         self.published += 1
 
     def event(self, flow_id: str, rec: FlowRecord, progress: Progress | None = None) -> None:
+        if progress is None:
+            self._progress.pop(flow_id, None)  # a transition starts a new progress series
         self._publish(
             self.topics.events,
             dump(
@@ -130,13 +133,15 @@ class Reporter:
         )
 
     def progress(self, flow_id: str, rec: FlowRecord, done: int, total: int | None) -> None:
-        """A ``downloading`` event with progress, at most one per second per flow."""
-        now = time.monotonic()
-        final = total is not None and done >= total
-        if not final and now - self._last_progress.get(flow_id, 0.0) < 1.0:
+        """``downloading`` events with progress: one per second per flow while a download
+        lasts, and a final one if any was sent (a quick download sends none)."""
+        if rec.status != Status.DOWNLOADING:
             return
-        self._last_progress[flow_id] = now
-        if rec.status == Status.DOWNLOADING:
+        now = time.monotonic()
+        started, last, sent = self._progress.setdefault(flow_id, (now, now, 0))
+        final = total is not None and done >= total
+        if (final and sent) or (not final and now - last >= 1.0):
+            self._progress[flow_id] = (started, now, sent + 1)
             self.event(flow_id, rec, Progress(bytes=done, total=total))
 
     def deployment_log(self, flow_id: str, rec: FlowRecord, lines: list[LogMessage]) -> None:

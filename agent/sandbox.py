@@ -220,7 +220,9 @@ class FlowInstance:
         self._closed = False
         flog = log.bind(flow_id=flow_id, flow_version=version, device_id=device_id)
         self._stdout = _LineSink(lambda line: flog.info("flow output", stream="stdout", line=line))
-        self._stderr = _LineSink(lambda line: flog.warning("flow output", stream="stderr", line=line))
+        self._stderr = _LineSink(
+            lambda line: flog.warning("flow output", stream="stderr", line=line)
+        )
         self.store: wasmtime.Store | None = None
         self.instance: wasmtime.Instance | None = None
         self._device_id = device_id
@@ -263,8 +265,9 @@ class FlowInstance:
             try:
                 self.instance = linker.instantiate(store, self.module)
             except wasmtime.Trap as exc:
-                raise FlowTrap(f"trap during instantiation: {_trap_message(exc)}",
-                               _trap_code(exc)) from None
+                raise FlowTrap(
+                    f"trap during instantiation: {_trap_message(exc)}", _trap_code(exc)
+                ) from None
             except wasmtime.WasmtimeError as exc:
                 raise InstantiationError(f"cannot instantiate: {_trap_message(exc)}") from None
             exports = self.instance.exports(store)
@@ -275,7 +278,8 @@ class FlowInstance:
             self._stderr.flush()
 
     def _call_locked(self, name: str, *args: Any) -> Any:
-        assert self.store is not None and self.instance is not None
+        assert self.store is not None
+        assert self.instance is not None
         func = self.instance.exports(self.store).get(name)
         if not isinstance(func, wasmtime.Func):
             raise SandboxError(f"export {name!r} is not a function")

@@ -163,7 +163,9 @@ class StateStore:
             self.path.replace(aside)
             log.error(
                 "state file unreadable; moved aside, starting empty",
-                path=str(self.path), moved_to=str(aside), error=str(exc).splitlines()[0],
+                path=str(self.path),
+                moved_to=str(aside),
+                error=str(exc).splitlines()[0],
             )
             return PersistedState()
 

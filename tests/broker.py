@@ -49,8 +49,8 @@ class Broker:
         conf = self.dir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
+            + ("" if "allow_anonymous" in self.extra_conf else "allow_anonymous true\n")
+            + "persistence true\n"
             f"persistence_location {self.dir}/\n"
             "autosave_interval 1\n"
             "user root\n"

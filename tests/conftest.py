@@ -12,11 +12,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from artifact_server import ArtifactServer  # noqa: E402
-from broker import MOSQUITTO, Broker, Operator  # noqa: E402
+from artifact_server import ArtifactServer
+from broker import MOSQUITTO, Broker, Operator
 
-from agent._logging import configure_logging  # noqa: E402
-from agent.config import AgentConfig  # noqa: E402
+from agent._logging import configure_logging
+from agent.config import AgentConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

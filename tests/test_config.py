@@ -80,8 +80,8 @@ def test_missing_explicit_file(tmp_path: Path) -> None:
 def test_password_masked_and_password_file(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("s3cret-from-file\nignored\n")
-    cfg = AgentConfig.model_validate({"device_id": "d", "state_dir": str(tmp_path),
-                                      "mqtt": {"password": "hunter2", "password_file": str(secret)}})
+    mqtt = {"password": "hunter2", "password_file": str(secret)}
+    cfg = AgentConfig.model_validate({"device_id": "d", "state_dir": str(tmp_path), "mqtt": mqtt})
     assert "hunter2" not in json.dumps(cfg.masked())
     assert cfg.masked()["mqtt"]["password"] == "********"
     assert cfg.mqtt.resolved_password() == "s3cret-from-file"

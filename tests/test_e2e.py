@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import wat
-from artifact_server import ArtifactServer, Fault
+from artifact_server import ArtifactServer
 from broker import Broker, Operator
 from conftest import wait_until
 

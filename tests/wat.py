@@ -59,7 +59,8 @@ def memory_bomb() -> bytes:
     """Grows memory one page at a time until growth fails, then traps."""
     return reactor(
         "bomb",
-        body="(loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) unreachable",
+        body="(loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))"
+        " unreachable",
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -87,13 +88,11 @@ class _StartOver(Exception):
         self.error = error
 
 
-class _HTTPStatusError(DownloadError):
-    """An HTTP error status; carries the server's Retry-After (seconds) if any."""
-
-    def __init__(self, message: str, *, retryable: bool, retry_after: float | None) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.retry_after = retry_after
+def _download_error(message: str, *, retryable: bool) -> DownloadError:
+    """A DownloadError whose ``retryable`` is decided per instance (4xx: no)."""
+    error = DownloadError(message)
+    error.retryable = retryable
+    return error
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -142,6 +141,7 @@ class _Job:
     total: int | None = None
     resumed: bool = False  # some bytes came from an earlier attempt or process
     started_over: bool = False  # the one restart from byte 0 was used
+    retry_after: float | None = None  # the last error status's Retry-After, in seconds
 
     def position(self) -> str:
         if self.total is not None:
@@ -270,7 +270,9 @@ async def _to_thread_uninterruptible(func: Callable[..., _T], *args: Any) -> _T:
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        await asyncio.wait([task])
+        while not task.done():  # even if cancelled again: the fd must outlive the write
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
         if not task.cancelled():
             task.exception()  # retrieved: the cancellation wins
         raise
@@ -404,7 +406,10 @@ class Fetcher:
         if not await asyncio.to_thread(self._store.verify, job.hex):
             return None
         path = self._store.path(job.hex)
-        actual = path.stat().st_size
+        try:
+            actual = path.stat().st_size
+        except OSError:  # removed since (gc): fetch it again
+            return None
         if job.size is not None and actual != job.size:
             raise IntegrityError(
                 f"size mismatch for {job.display}: expected {job.size} bytes, but the stored "
@@ -459,7 +464,7 @@ class Fetcher:
         try:
             await _to_thread_uninterruptible(_append, fd, chunk, hasher)
         except OSError as exc:
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ArtifactTooLarge(
                     f"not enough disk space for {job.display}: disk full after "
                     f"{job.position()} ({_describe(exc)})"
@@ -574,12 +579,12 @@ class Fetcher:
             )
         return self._client
 
-    def _backoff(self, attempt: int, error: DownloadError) -> float:
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
         limits = self._limits
         base = min(limits.backoff_max, limits.backoff_initial * 2.0**attempt)
-        delay = base * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not cryptography
-        if isinstance(error, _HTTPStatusError) and error.retry_after is not None:
-            delay = max(delay, min(error.retry_after, limits.backoff_max))
+        delay = base * (0.5 + random.random() / 2)  # jitter, not cryptography
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, limits.backoff_max))
         return delay
 
     async def _fetch_http(self, job: _Job) -> Path:
@@ -605,7 +610,8 @@ class Fetcher:
             except DownloadError as exc:
                 if not exc.retryable or retry >= self._limits.retries:
                     raise
-                delay = self._backoff(retry, exc)
+                delay = self._backoff(retry, job.retry_after)
+                job.retry_after = None
                 retry += 1
                 log.warning(
                     "artifact_download_retry",
@@ -699,18 +705,15 @@ class Fetcher:
         if isinstance(exc, httpx.UnsupportedProtocol):
             return ArtifactError(f"invalid artifact URL {job.display}: {_describe(exc)}")
         if isinstance(exc, httpx.TooManyRedirects):
-            return _HTTPStatusError(
-                f"too many redirects for {job.display}", retryable=False, retry_after=None
-            )
+            return _download_error(f"too many redirects for {job.display}", retryable=False)
         if isinstance(exc, httpx.TransportError):
             return DownloadError(
                 f"download of {job.display} failed after {job.position()}: "
                 f"{type(exc).__name__}: {_describe(exc)}"
             )
-        return _HTTPStatusError(
+        return _download_error(
             f"download of {job.display} failed: {type(exc).__name__}: {_describe(exc)}",
             retryable=False,
-            retry_after=None,
         )
 
     def _accept(
@@ -748,11 +751,8 @@ class Fetcher:
         else:
             retryable = status in _RETRYABLE_STATUS or 500 <= status <= 599
             reason = f" {response.reason_phrase}" if response.reason_phrase else ""
-            raise _HTTPStatusError(
-                f"HTTP {status}{reason} from {job.display}",
-                retryable=retryable,
-                retry_after=_retry_after(response.headers.get("retry-after")),
-            )
+            job.retry_after = _retry_after(response.headers.get("retry-after"))
+            raise _download_error(f"HTTP {status}{reason} from {job.display}", retryable=retryable)
         job.total = total
         if total is not None:
             if total > job.cap:

@@ -1,0 +1,187 @@
+"""The agent as a real process: kill -9 mid-download, SIGTERM, wrong credentials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import wat
+from artifact_server import ArtifactServer
+from broker import Broker, Operator
+from conftest import wait_until
+
+from agent.daemon import Agent
+
+pytestmark = pytest.mark.slow
+
+DESIRED = "edge/dev1/desired"
+STATE = "edge/dev1/state"
+
+
+def write_config(tmp_path: Path, broker_url: str, extra: str = "") -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f'device_id = "dev1"\ndevice_type = "rpi4"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[mqtt]\nbroker = "{broker_url}"\nreconnect_min = 0.05\nreconnect_max = 0.5\n'
+        "[artifacts]\nstall_timeout = 5.0\nread_timeout = 5.0\nmin_free_space = 0\n"
+        "[reconcile]\nretry_backoff_initial = 0.2\nstate_coalesce_ms = 10\n"
+        f"[log]\nformat = \"json\"\n{extra}"
+    )
+    return path
+
+
+class AgentProcess:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+
+@pytest.fixture
+def agent_proc(tmp_path: Path, broker: Broker) -> Iterator[AgentProcess]:
+    ap = AgentProcess(write_config(tmp_path, broker.url), tmp_path / "agent.log")
+    yield ap
+    if ap.proc is not None and ap.proc.poll() is None:
+        ap.proc.kill()
+        ap.wait()
+
+
+def flow_state(flow_id: str, **want: Any) -> Any:
+    def check(doc: dict[str, Any]) -> bool:
+        f = doc.get("flows", {}).get(flow_id)
+        return f is not None and all(f.get(k) == v for k, v in want.items())
+    return check
+
+
+async def test_kill_9_mid_download_then_restart_converges(
+        tmp_path: Path, operator: Operator, artifact_server: ArtifactServer,
+        agent_proc: AgentProcess) -> None:
+    data = wat.reactor("big", pad=400_000)
+    artifact_server.add("/big.wasm", data)
+    artifact_server.set_fault("/big.wasm", chunk_delay=0.15)  # ~16 KiB every 150 ms
+    operator.subscribe("edge/dev1/#")
+    agent_proc.start()
+    operator.publish(DESIRED, {"generation": 1, "flows": {"f1": {
+        "version": "v1", "deploymentId": "d-kill",
+        "artifact": {"url": artifact_server.url("/big.wasm"), "sha256": wat.sha256(data),
+                     "size": len(data)}}}})
+    await operator.wait_for(STATE, flow_state("f1", status="downloading"))
+    partial = tmp_path / "state" / "artifacts" / "partial" / f"{wat.sha256(data)}.part"
+    await wait_until(lambda: partial.exists() and partial.stat().st_size > 32_000,
+                     what="some bytes downloaded")
+    agent_proc.signal(signal.SIGKILL)
+    assert agent_proc.wait() == -signal.SIGKILL
+    persisted = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert persisted["flows"]["f1"]["inflight"] == "download"
+
+    artifact_server.clear_fault("/big.wasm")
+    artifact_server.clear_requests()
+    agent_proc.start()
+    state = await operator.wait_for(STATE, flow_state("f1", status="success", currentVersion="v1"),
+                                    timeout=30)
+    assert state["flows"]["f1"]["attempts"] == 1  # resumed, not a new attempt
+    ranges = [r.range for r in artifact_server.requests_for("/big.wasm")]
+    assert ranges
+    assert ranges[0] is not None
+    assert ranges[0].startswith("bytes=")
+    assert int(ranges[0][len("bytes="):-1]) > 0  # resumed from the partial, not from zero
+    stored = tmp_path / "state" / "artifacts" / "sha256" / wat.sha256(data)
+    assert stored.read_bytes() == data
+
+
+async def test_sigterm_is_a_clean_shutdown(operator: Operator, artifact_server: ArtifactServer,
+                                           agent_proc: AgentProcess, tmp_path: Path) -> None:
+    operator.subscribe("edge/dev1/#")
+    agent_proc.start()
+    data = wat.reactor("v1")
+    artifact_server.add("/v1.wasm", data)
+    operator.publish(DESIRED, {"generation": 1, "flows": {"f1": {
+        "version": "v1", "artifact": {"url": artifact_server.url("/v1.wasm"),
+                                      "sha256": wat.sha256(data)}}}})
+    await operator.wait_for(STATE, flow_state("f1", status="success"))
+    started = time.monotonic()
+    agent_proc.signal(signal.SIGTERM)
+    assert agent_proc.wait() == 0
+    elapsed = time.monotonic() - started
+    status = await operator.wait_for("edge/dev1/status", lambda d: d["online"] is False)
+    assert set(status) <= {"online", "time"}
+    events = [e["event"] for e in agent_proc.log_lines()]
+    assert "agent stopped" in events
+    assert not list((tmp_path / "state").glob(".state.json.*.tmp"))
+    print(f"SIGTERM to exit: {elapsed:.2f} s")
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> Path:
+    pwfile = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "dev1", "right"], check=True,
+                   capture_output=True)
+    os.chmod(pwfile, 0o600)
+    return pwfile
+
+
+async def test_wrong_credentials_clear_error_and_keeps_running(
+        tmp_path: Path, make_config: Any, password_file: Path) -> None:
+    pwfile = password_file
+    secure = Broker(tmp_path / "secure",
+                    extra_conf=f"allow_anonymous false\npassword_file {pwfile}\n")
+    secure.start()
+    try:
+        cfg = make_config(mqtt={"broker": secure.url, "username": "dev1", "password": "wrong"})
+        async with Agent(cfg) as agent:
+            await wait_until(lambda: agent.session.last_error and "refused" in
+                             agent.session.last_error, what="a refusal")
+            assert "Not authorized" in (agent.session.last_error or "") or "auth" in (
+                agent.session.last_error or "").lower()
+            assert not agent.session.connected.is_set()
+            # still alive: the reconciler and dispatcher tasks run
+            assert agent.reconciler.runs >= 0
+            assert agent._task is not None
+            assert not agent._task.done()
+    finally:
+        secure.stop()
+
+
+def test_demo_command_converges() -> None:
+    """The README's demonstration runs end to end and cleans up after itself."""
+    res = subprocess.run([sys.executable, "-m", "agent", "demo"], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "demo finished" in res.stdout
+    for version in ("v1", "v2"):
+        assert f"hello      {version}        {version}        success" in res.stdout
+    assert "removed" in res.stdout
