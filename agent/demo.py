@@ -68,7 +68,7 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def _mosquitto(workdir: Path) -> Iterator[int]:
+def mosquitto_server(workdir: Path) -> Iterator[int]:
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).exists():
         raise RuntimeError("mosquitto is not installed (Debian: apt-get install mosquitto)")
@@ -88,7 +88,7 @@ def _mosquitto(workdir: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _http_server(root: Path) -> Iterator[int]:
+def http_server(root: Path) -> Iterator[int]:
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -166,7 +166,7 @@ def main(keep: bool = False) -> int:
     artifacts.mkdir()
     agent_log = work / "agent.log"
     try:
-        with _mosquitto(work) as mqtt_port, _http_server(artifacts) as http_port:
+        with mosquitto_server(work) as mqtt_port, http_server(artifacts) as http_port:
             print(
                 f"  broker: mqtt://127.0.0.1:{mqtt_port}   artifacts: http://127.0.0.1:{http_port}"
             )

@@ -7,6 +7,8 @@ Design (measured pitfalls are in the comments where they bite):
   drives ``client.loop()``, and reconnects with jittered, capped exponential backoff.
 - paho callbacks only copy data and hand it to the event loop with
   ``call_soon_threadsafe``; long work in a paho callback has deadlocked paho.
+- Only the network thread touches the socket: a no-op ``on_socket_register_write``
+  hook stops paho from writing on the publishing thread (see ``_make_client``).
 - ``publish()`` is called on the event loop thread. Its completion future is
   registered in the same synchronous step, before any ``on_publish`` the network
   thread might already have queued for that mid can run on the loop.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable
@@ -38,6 +41,16 @@ from paho.mqtt.properties import Properties
 from .config import MqttConfig
 
 log = structlog.get_logger("agent.mqtt")
+
+
+def _ignore_socket(_client: paho.Client, _userdata: Any, _sock: Any) -> None:
+    return None
+
+
+def _socket_opened(_client: paho.Client, _userdata: Any, sock: Any) -> None:
+    # Small MQTT packets must not wait for Nagle + delayed ACK (~40 ms on Linux).
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,13 @@ class MqttSession:
             client.will_set(
                 self._will.topic, self._will.payload, qos=self._will.qos, retain=self._will.retain
             )
+        # Single writer: with our own network thread (not loop_start), paho would call
+        # loop_write() from whichever thread publishes, racing the network thread on an
+        # unlocked deque. Registering a write hook makes publish() only queue the packet
+        # and wake the network thread, which does all socket I/O.
+        client.on_socket_register_write = _ignore_socket
+        client.on_socket_unregister_write = _ignore_socket
+        client.on_socket_open = _socket_opened
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

@@ -52,6 +52,7 @@ from .state import FlowRecord, InFlight, Installed, PersistedState, StateStore
 log = structlog.get_logger("agent.reconciler")
 
 MAX_RUNS_WITHOUT_TRIGGER = 10
+IN_PROGRESS = frozenset({Status.PENDING, Status.DOWNLOADING, Status.INSTALLING})
 _UNSET: Any = object()
 
 
@@ -169,7 +170,10 @@ class Reconciler:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         for flow_id in sorted(changed):
-            if flow_id in self.state.flows:
+            rec = self.state.flows.get(flow_id)
+            # Only an attempt still in progress is aborted; one whose activation
+            # completed while we waited for the run to stop stays a success.
+            if rec is not None and rec.status in IN_PROGRESS:
                 self._transition(
                     flow_id,
                     Status.ABORTED,
@@ -478,6 +482,7 @@ class Reconciler:
             deployment_id=t.deployment_id,
         )
         self._transition(t.flow_id, Status.SUCCESS, error=None, inflight=None, next_retry_at=None)
+        self._active.pop(t.flow_id, None)  # complete: a newer document cannot abort it
         await self.persist()
         log.info(
             "flow running", version=t.version, replaced=old.version if old is not None else None

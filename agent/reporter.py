@@ -1,8 +1,9 @@
 """Everything the agent tells the operator side: state, events, status, deployment logs.
 
 The retained state report is coalesced: status changes mark it dirty and one
-publisher task sends the latest snapshot once per ``coalesce`` window, and only
-while connected (every connect marks it dirty again).
+publisher task sends the latest snapshot, at most once per ``coalesce`` window
+(an isolated change goes out at once), and only while connected (every connect
+marks it dirty again).
 """
 
 from __future__ import annotations
@@ -102,13 +103,19 @@ class Reporter:
         self.mark_dirty()
 
     async def run(self) -> None:
+        """Publish the state when dirty: at once if the last report is older than the
+        coalesce window, else at the end of the window (so a burst gives one report)."""
+        loop = asyncio.get_running_loop()
+        last = -self.coalesce
         while True:
             await self._dirty.wait()
             await self.session.connected.wait()
-            if self.coalesce:
-                await asyncio.sleep(self.coalesce)
+            wait = last + self.coalesce - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._dirty.clear()
             self.publish_state_now()
+            last = loop.time()
 
     def publish_state_now(self) -> None:
         self._publish(self.topics.state, dump(self.snapshot()), retain=True)

@@ -247,3 +247,20 @@ async def test_unreachable_broker_then_broker_appears(
             op.close()
         finally:
             late.stop()
+
+
+async def test_back_to_back_releases_never_abort_a_completed_version(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any,
+        make_config: Any) -> None:
+    """Each release is published the moment the previous one reports success: the
+    completed version must not be reported ``aborted`` (a race seen in the benchmark).
+    With no coalescing the success report leaves while the activation still persists."""
+    await running_agent(make_config(reconcile={"state_coalesce_ms": 0}))
+    for i in range(12):
+        op.publish(DESIRED, {"generation": i + 1, "flows": {
+            "f1": flow(artifact_server, f"v{i}", wat.reactor(f"v{i}"))}})
+        await op.wait_for(STATE, flow_state("f1", status="success", currentVersion=f"v{i}"))
+    events = [json.loads(p) for p in op.messages(EVENTS)]
+    assert [e for e in events if e["status"] == "aborted"] == []
+    assert [e["version"] for e in events if e["status"] == "success"] == [
+        f"v{i}" for i in range(12)]

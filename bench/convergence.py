@@ -1,0 +1,225 @@
+"""Convergence benchmark: publish a desired document -> retained state reports it.
+
+Runs a private Mosquitto, an HTTP artifact server on loopback and the agent as a
+real ``edge-agent run`` process. Each deployment releases a new ~100 KB module
+(1,100 functions of real code, so compilation is not trivial) and measures the time
+from publishing the desired document to the retained state reporting the new
+version with status ``success``.
+
+Baselines measured in the same run, on the same module bytes:
+- wasmtime alone compiling the module (``wasmtime.Module(engine, bytes)``, same
+  engine settings as the agent);
+- a raw paho QoS 1 publish -> subscribe round trip through the same broker.
+
+Usage: python bench/convergence.py [--deployments 60] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import wasmtime
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.demo import http_server, mosquitto_server
+
+DEVICE = "bench-dev"
+
+
+def module(salt: int, functions: int = 1100) -> bytes:
+    body = []
+    for i in range(functions):
+        body.append(
+            f'(func (export "f{i}") (param $x i32) (result i32) (local $i i32) (local $a i32)'
+            f" (local.set $a (i32.const {salt * 7919 + i}))"
+            " (loop $l (local.set $a (i32.add (i32.mul (local.get $a) (i32.const 31))"
+            " (i32.xor (local.get $x) (local.get $i))))"
+            " (local.set $i (i32.add (local.get $i) (i32.const 1)))"
+            " (br_if $l (i32.lt_u (local.get $i) (i32.const 10))))"
+            " (if (result i32) (i32.gt_u (local.get $a) (i32.const 1000))"
+            " (then (i32.rem_u (local.get $a) (i32.const 7)))"
+            " (else (i32.shl (local.get $a) (i32.const 2)))))"
+        )
+    return bytes(
+        wasmtime.wat2wasm(
+            '(module (memory (export "memory") 1) (func (export "_initialize"))'
+            + "\n".join(body)
+            + ")"
+        )
+    )
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def compile_baseline(data: list[bytes]) -> list[float]:
+    cfg = wasmtime.Config()
+    cfg.epoch_interruption = True  # the agent's engine settings
+    cfg.cranelift_opt_level = "speed"
+    engine = wasmtime.Engine(cfg)
+    times = []
+    for d in data:
+        t = time.perf_counter()
+        wasmtime.Module(engine, d)
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def paho_round_trips(port: int, n: int = 200) -> list[float]:
+    got = threading.Event()
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-echo-sub")
+    sub.on_message = lambda *_: got.set()
+    sub.connect("127.0.0.1", port)
+    sub.subscribe("bench/echo", qos=1)
+    sub.loop_start()
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-echo-pub")
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    time.sleep(0.3)
+    times = []
+    for _ in range(n):
+        got.clear()
+        t = time.perf_counter()
+        pub.publish("bench/echo", b"x" * 512, qos=1)
+        got.wait(5)
+        times.append((time.perf_counter() - t) * 1000)
+    for c in (sub, pub):
+        c.loop_stop()
+        c.disconnect()
+    return times
+
+
+class StateWatch:
+    def __init__(self, port: int) -> None:
+        self.cond = threading.Condition()
+        self.state: dict[str, Any] = {}
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-operator")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"edge/{DEVICE}/state", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        with self.cond:
+            self.state = json.loads(msg.payload)
+            self.state["_received"] = time.perf_counter()
+            self.cond.notify_all()
+
+    def wait_version(self, version: str, timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                f = self.state.get("flows", {}).get("bench", {})
+                if f.get("currentVersion") == version and f.get("status") == "success":
+                    return float(self.state["_received"])
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no convergence on {version}: {self.state}")
+                self.cond.wait(0.5)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--deployments", type=int, default=60)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    modules = [module(i) for i in range(args.deployments + 1)]
+    work = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    www = work / "www"
+    www.mkdir()
+    for i, data in enumerate(modules):
+        (www / f"m{i}.wasm").write_bytes(data)
+
+    compile_ms = compile_baseline(modules[1:])
+    latencies: list[float] = []
+    with mosquitto_server(work) as mqtt_port, http_server(www) as http_port:
+        rtt_ms = paho_round_trips(mqtt_port)
+        config = work / "agent.toml"
+        config.write_text(
+            f'device_id = "{DEVICE}"\nstate_dir = "{work / "state"}"\n'
+            f'[mqtt]\nbroker = "mqtt://127.0.0.1:{mqtt_port}"\n'
+            '[log]\nlevel = "warning"\n'
+        )
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stderr=(work / "agent.log").open("wb"),
+        )
+        watch = StateWatch(mqtt_port)
+        pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-release")
+        pub.connect("127.0.0.1", mqtt_port)
+        pub.loop_start()
+        try:
+            for i, data in enumerate(modules):
+                doc = {
+                    "generation": i + 1,
+                    "flows": {
+                        "bench": {
+                            "version": f"v{i}",
+                            "artifact": {
+                                "url": f"http://127.0.0.1:{http_port}/m{i}.wasm",
+                                "sha256": hashlib.sha256(data).hexdigest(),
+                                "size": len(data),
+                            },
+                        }
+                    },
+                }
+                t0 = time.perf_counter()
+                pub.publish(f"edge/{DEVICE}/desired", json.dumps(doc), qos=1, retain=True)
+                t1 = watch.wait_version(f"v{i}")
+                if i > 0:  # the first deployment also warms up the agent
+                    latencies.append((t1 - t0) * 1000)
+        finally:
+            pub.loop_stop()
+            pub.disconnect()
+            watch.client.loop_stop()
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(20)
+
+    result = {
+        "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, wasmtime {wasmtime.__name__ and _wt_version()}",
+        "module_bytes": len(modules[1]),
+        "deployments": len(latencies),
+        "converge_ms": {"median": statistics.median(latencies), "p95": pct(latencies, 95),
+                        "min": min(latencies), "max": max(latencies)},
+        "baseline_compile_ms": {"median": statistics.median(compile_ms),
+                                "p95": pct(compile_ms, 95)},
+        "baseline_paho_rtt_ms": {"median": statistics.median(rtt_ms), "p95": pct(rtt_ms, 95)},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    c, b, r = result["converge_ms"], result["baseline_compile_ms"], result["baseline_paho_rtt_ms"]
+    print(f"machine: {result['machine']}")
+    print(f"module: {result['module_bytes']} bytes, {result['deployments']} deployments over HTTP")
+    print(f"{'measure':<44} {'median ms':>10} {'p95 ms':>10}")
+    print(f"{'desired published -> state reports version':<44} {c['median']:>10.1f} {c['p95']:>10.1f}")
+    print(f"{'baseline: wasmtime compile of that module':<44} {b['median']:>10.1f} {b['p95']:>10.1f}")
+    print(f"{'baseline: raw paho QoS1 pub->sub round trip':<44} {r['median']:>10.2f} {r['p95']:>10.2f}")
+    print(f"agent overhead beyond compile (median): {c['median'] - b['median']:.1f} ms")
+
+
+def _wt_version() -> str:
+    from importlib.metadata import version
+
+    return version("wasmtime")
+
+
+if __name__ == "__main__":
+    main()
