@@ -188,6 +188,11 @@ class MqttSession:
             self._client.disconnect()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout)
+            if not self._thread.is_alive():
+                # paho closes its socket and wake-up socketpair only in __del__, whose
+                # timing in a reference cycle is arbitrary: close them now.
+                with contextlib.suppress(Exception):
+                    self._client._reset_sockets()
         for fut in self._pending.values():
             fut.cancel()
         self._pending.clear()

@@ -208,10 +208,14 @@ def main() -> None:
     c, b, r = result["converge_ms"], result["baseline_compile_ms"], result["baseline_paho_rtt_ms"]
     print(f"machine: {result['machine']}")
     print(f"module: {result['module_bytes']} bytes, {result['deployments']} deployments over HTTP")
+    rows = [
+        ("desired published -> state reports version", c),
+        ("baseline: wasmtime compile of that module", b),
+        ("baseline: raw paho QoS1 pub->sub round trip", r),
+    ]
     print(f"{'measure':<44} {'median ms':>10} {'p95 ms':>10}")
-    print(f"{'desired published -> state reports version':<44} {c['median']:>10.1f} {c['p95']:>10.1f}")
-    print(f"{'baseline: wasmtime compile of that module':<44} {b['median']:>10.1f} {b['p95']:>10.1f}")
-    print(f"{'baseline: raw paho QoS1 pub->sub round trip':<44} {r['median']:>10.2f} {r['p95']:>10.2f}")
+    for name, v in rows:
+        print(f"{name:<44} {v['median']:>10.2f} {v['p95']:>10.2f}")
     print(f"agent overhead beyond compile (median): {c['median'] - b['median']:.1f} ms")
 
 

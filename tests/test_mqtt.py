@@ -1,0 +1,112 @@
+"""The MQTT session against a real Mosquitto: integrity, reconnects, backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from typing import Any
+
+import pytest
+from broker import Broker, Operator
+from conftest import wait_until
+
+from agent.config import MqttConfig
+from agent.mqtt import MqttSession, Will, backoff_delay
+
+
+def cfg(broker: Broker, **over: Any) -> MqttConfig:
+    return MqttConfig.model_validate(
+        {"broker": broker.url, "reconnect_min": 0.05, "reconnect_max": 0.3, "keepalive": 5,
+         **over})
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_burst_of_mixed_sizes_arrives_intact_and_in_order(
+        broker: Broker, operator: Operator, protocol: str) -> None:
+    """Large and small QoS 1 messages published back to back from the event loop
+    while the network thread reads: every byte arrives, in order (one writer)."""
+    operator.subscribe("t/burst")
+    rng = random.Random(7)
+    payloads = [
+        i.to_bytes(4, "big") + rng.randbytes(rng.choice([10, 3000, 200_000]))
+        for i in range(300)
+    ]
+    async with MqttSession(cfg(broker, protocol=protocol), "burst-client") as session:
+        await asyncio.wait_for(session.connected.wait(), 5)
+        futures = [session.publish("t/burst", p, qos=1) for p in payloads]
+        await asyncio.wait_for(asyncio.gather(*futures), 60)
+    received = await _wait_count(operator, "t/burst", len(payloads))
+    assert [hashlib.sha256(p).hexdigest() for p in received] == [
+        hashlib.sha256(p).hexdigest() for p in payloads]
+
+
+async def _wait_count(op: Operator, topic: str, n: int, timeout: float = 30) -> list[bytes]:
+    await wait_until(lambda: len(op.messages(topic)) >= n, timeout, f"{n} messages on {topic}")
+    return op.messages(topic)
+
+
+async def test_qos1_published_while_broker_down_is_delivered_after_restart(
+        broker: Broker) -> None:
+    async with MqttSession(cfg(broker), "offline-client") as session:
+        await asyncio.wait_for(session.connected.wait(), 5)
+        broker.stop()
+        await wait_until(lambda: not session.connected.is_set(), what="disconnect noticed")
+        futures = [session.publish("t/offline", f"m{i}".encode(), qos=1) for i in range(20)]
+        broker.start()
+        op = Operator(broker).connect()
+        try:
+            op.subscribe("t/offline")
+            await asyncio.wait_for(asyncio.gather(*futures), 20)
+        finally:
+            op.close()
+        assert session.connects >= 2
+
+
+async def test_subscriptions_are_made_again_after_reconnect(broker: Broker) -> None:
+    async with MqttSession(cfg(broker), "resub-client") as session:
+        session.subscribe("t/in")
+        await asyncio.wait_for(session.connected.wait(), 5)
+        broker.restart()  # a broker that loses state: the session must re-subscribe
+        await wait_until(lambda: session.connects >= 2, what="reconnect")
+        op = Operator(broker).connect()
+        try:
+            op.publish("t/in", b"after-restart", retain=False)
+            msg = await asyncio.wait_for(session.messages.get(), 5)
+        finally:
+            op.close()
+        assert (msg.topic, msg.payload) == ("t/in", b"after-restart")
+
+
+async def test_last_will_on_abrupt_loss(broker: Broker, operator: Operator) -> None:
+    operator.subscribe("t/status")
+    session = MqttSession(cfg(broker, keepalive=5), "will-client",
+                          will=Will("t/status", b'{"online": false}'))
+    session.start()
+    await asyncio.wait_for(session.connected.wait(), 5)
+    # Kill the socket under paho without a DISCONNECT: the broker sends the will.
+    sock = session._client.socket()
+    assert sock is not None
+    sock.close()
+    await wait_until(lambda: operator.messages("t/status"), 15, "the last will")
+    assert operator.messages("t/status")[0] == b'{"online": false}'
+    await session.stop()
+
+
+async def test_fetch_retained(broker: Broker, operator: Operator) -> None:
+    operator.publish("t/artifact", b"\0asm-bytes")
+    async with MqttSession(cfg(broker), "fetch-client") as session:
+        await asyncio.wait_for(session.connected.wait(), 5)
+        assert await session.fetch_retained("t/artifact", 5) == b"\0asm-bytes"
+        with pytest.raises(TimeoutError):
+            await session.fetch_retained("t/nothing-here", 0.3)
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    rng = random.Random(1)
+    for attempt in range(40):
+        ceiling = min(30.0, 0.5 * 2 ** attempt)
+        delays = [backoff_delay(attempt, 0.5, 30.0, rng) for _ in range(50)]
+        assert all(ceiling * 0.5 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 1  # jittered
+    assert backoff_delay(10_000, 0.5, 30.0, rng) <= 30.0
