@@ -196,6 +196,8 @@ class ReconcileConfig(BaseModel):
 
 
 class LogConfig(BaseModel):
+    """Logging (to stderr; under systemd, the journal)."""
+
     model_config = _Strict
 
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

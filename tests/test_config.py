@@ -143,3 +143,11 @@ def test_example_config_documents_every_option() -> None:
             seen.add(section + stripped.split("=")[0].strip())
     missing = _keys(AgentConfig) - seen
     assert not missing, f"options missing from config/agent.example.toml: {sorted(missing)}"
+
+
+def test_configuration_doc_is_generated_from_the_model() -> None:
+    from agent.configdoc import render
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert doc.read_text() == render(), (
+        "docs/configuration.md is stale: run `python -m agent.configdoc > docs/configuration.md`")
