@@ -28,7 +28,7 @@ import structlog
 from ._logging import capture
 from .artifacts import ArtifactStore, Fetcher
 from .config import AgentConfig
-from .errors import AgentError, IntegrityError, ProtocolError
+from .errors import AgentError, IntegrityError, ProtocolError, StateError
 from .flows import FlowHost
 from .planner import (
     Activate,
@@ -85,12 +85,7 @@ class Reconciler:
         self.fetcher = fetcher
         self.reporter = reporter
         self.device_id = cfg.device_id
-        self.desired: DesiredState | None = None
-        if state.desired_raw is not None:
-            try:
-                self.desired = parse_desired(state.desired_raw.encode(), max_bytes=1 << 30)
-            except ProtocolError as exc:  # cannot happen for a document we accepted
-                log.error("persisted desired document unreadable", error=str(exc))
+        self.desired = self._parse_persisted()
         self._trigger = asyncio.Event()
         self._run_task: asyncio.Task[None] | None = None
         self._active: dict[str, str] = {}
@@ -105,6 +100,15 @@ class Reconciler:
             Install: self._exec_install,
             Activate: self._exec_activate,
         }
+
+    def _parse_persisted(self) -> DesiredState | None:
+        if self.state.desired_raw is None:
+            return None
+        try:
+            return parse_desired(self.state.desired_raw.encode(), max_bytes=1 << 30)
+        except ProtocolError as exc:  # cannot happen for a document we accepted
+            log.error("persisted desired document unreadable", error=str(exc))
+            return None
 
     # ------------------------------------------------------------ desired in
     async def offer_desired(self, payload: bytes) -> bool:
@@ -134,6 +138,7 @@ class Reconciler:
                 )
             return False
         await self._supersede(desired)
+        before = self.state.model_copy(deep=True)
         self.desired = desired
         self.state.desired_raw = text
         self.state.generation = desired.generation
@@ -145,7 +150,15 @@ class Reconciler:
             invalid=len(desired.invalid),
         )
         self._mark_pending(desired)
-        await self.persist()
+        try:
+            await self.persist()  # the intent is on disk before any work starts
+        except StateError as exc:
+            # Without persisted intent nothing is started: restore what was applied.
+            for name in PersistedState.model_fields:
+                setattr(self.state, name, getattr(before, name))
+            self.desired = self._parse_persisted()
+            self._reject(desired.generation, f"cannot persist the desired state: {exc}")
+            return False
         self.reporter.mark_dirty()
         self.trigger()
         return True
@@ -363,7 +376,10 @@ class Reconciler:
         rec = self._transition(
             flow_id, Status.FAILURE, error=reason, inflight=None, next_retry_at=time.time() + delay
         )
-        await self.persist()
+        try:
+            await self.persist()
+        except StateError as exc:  # e.g. disk full: report it, don't take the agent down
+            log.error("cannot persist the failure", error=str(exc))
         self.reporter.deployment_log(flow_id, rec, capture.take(self.device_id, flow_id))
         capture.start(self.device_id, flow_id)
 

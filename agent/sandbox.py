@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 from collections.abc import Callable
@@ -113,7 +114,7 @@ class Runtime:
             return
         if self._ticker is not None:
             self._ticker.cancel()
-            with _suppress_cancel():
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -337,11 +338,3 @@ class FlowInstance:
             self._linker = None
             self.instance = None
             self.store = None
-
-
-class _suppress_cancel:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
-        return exc_type is asyncio.CancelledError

@@ -264,3 +264,69 @@ async def test_back_to_back_releases_never_abort_a_completed_version(
     assert [e for e in events if e["status"] == "aborted"] == []
     assert [e["version"] for e in events if e["status"] == "success"] == [
         f"v{i}" for i in range(12)]
+
+
+async def test_state_disk_full_rejects_new_intent_and_keeps_running(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state write that fails (disk full: injected, it cannot be caused portably)
+    leaves the running flows alone, reports why, and nothing is half-applied."""
+    from agent.errors import StateError
+    from agent.state import StateStore
+
+    agent: Agent = await running_agent()
+    op.publish(DESIRED, {"generation": 1, "flows": {"f1": flow(artifact_server, "v1",
+                                                               wat.reactor("v1"))}})
+    await op.wait_for(STATE, flow_state("f1", status="success"))
+
+    def full(self: StateStore, data: bytes) -> None:
+        raise StateError(f"cannot write {self.path}: No space left on device")
+
+    monkeypatch.setattr(StateStore, "save_bytes", full)
+    op.publish(DESIRED, {"generation": 2, "flows": {"f1": flow(artifact_server, "v2",
+                                                               wat.reactor("v2"))}})
+    state = await op.wait_for(STATE, lambda d: d["rejected"] is not None)
+    assert "No space left on device" in state["rejected"]["reason"]
+    assert state["generation"] == 1
+    assert state["flows"]["f1"]["currentVersion"] == "v1"
+    assert state["flows"]["f1"]["status"] == "success"
+    assert agent.host.running["f1"].version == "v1"
+
+    monkeypatch.undo()  # space freed: the next document applies
+    op.publish(DESIRED, {"generation": 3, "flows": {"f1": flow(artifact_server, "v3",
+                                                               wat.reactor("v3"))}})
+    await op.wait_for(STATE, flow_state("f1", status="success", currentVersion="v3"))
+
+
+async def test_state_write_failing_mid_deployment_is_a_flow_failure(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.errors import StateError
+    from agent.state import StateStore
+
+    agent: Agent = await running_agent()
+    op.publish(DESIRED, {"generation": 1, "flows": {"f1": flow(artifact_server, "v1",
+                                                               wat.reactor("v1"))}})
+    await op.wait_for(STATE, flow_state("f1", status="success"))
+    real = StateStore.save_bytes
+
+    intent_saved = False
+
+    def full_after_intent(self: StateStore, data: bytes) -> None:
+        """The desired document's write succeeds; every later write fails."""
+        nonlocal intent_saved
+        if b'"v2"' in data and intent_saved:
+            raise StateError(f"cannot write {self.path}: No space left on device")
+        intent_saved = intent_saved or b'"v2"' in data
+        real(self, data)
+
+    monkeypatch.setattr(StateStore, "save_bytes", full_after_intent)
+    op.publish(DESIRED, {"generation": 2, "flows": {"f1": flow(artifact_server, "v2",
+                                                               wat.reactor("v2"), retries=0)}})
+    state = await op.wait_for(STATE, flow_state("f1", status="failure"))
+    assert "No space left on device" in state["flows"]["f1"]["error"]
+    assert agent.host.running["f1"].version == "v1"
+    monkeypatch.undo()  # the agent is still alive and applies the next document
+    op.publish(DESIRED, {"generation": 3, "flows": {"f1": flow(artifact_server, "v3",
+                                                               wat.reactor("v3"))}})
+    await op.wait_for(STATE, flow_state("f1", status="success", currentVersion="v3"))
