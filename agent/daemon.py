@@ -238,3 +238,5 @@ class Agent:
                     log.debug("message on unhandled topic", topic=msg.topic)
             except AgentError as exc:
                 log.error("message handling failed", topic=msg.topic, error=str(exc))
+            except Exception:  # a bug on one message must not stop the agent
+                log.exception("internal error handling a message", topic=msg.topic)

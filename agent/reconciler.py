@@ -512,7 +512,11 @@ class Reconciler:
                     keep.add(inst.sha256)
         if self.desired is not None:
             keep.update(s.artifact.sha256 for s in self.desired.flows.values() if s.artifact)
-        removed = await asyncio.to_thread(self.artifacts.gc, keep)
+        try:
+            removed = await asyncio.to_thread(self.artifacts.gc, keep)
+        except OSError as exc:  # a full or read-only disk must not end the run
+            log.warning("artifact garbage collection failed", error=str(exc))
+            return
         for sha in removed:
             self.host.runtime.forget(sha)
         if removed:

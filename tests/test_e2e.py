@@ -330,3 +330,29 @@ async def test_state_write_failing_mid_deployment_is_a_flow_failure(
     op.publish(DESIRED, {"generation": 3, "flows": {"f1": flow(artifact_server, "v3",
                                                                wat.reactor("v3"))}})
     await op.wait_for(STATE, flow_state("f1", status="success", currentVersion="v3"))
+
+
+async def test_internal_error_on_one_message_does_not_stop_the_agent(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug triggered by one message (injected) is logged; the next message works."""
+    from agent import reconciler
+
+    agent: Agent = await running_agent()
+    real = reconciler.parse_desired
+    calls = 0
+
+    def buggy_once(payload: bytes, max_bytes: int = 0) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyError("injected bug")
+        return real(payload, max_bytes)
+
+    monkeypatch.setattr(reconciler, "parse_desired", buggy_once)
+    op.publish(DESIRED, {"generation": 1, "flows": {}})
+    await wait_until(lambda: calls >= 1, what="the buggy call")
+    op.publish(DESIRED, {"generation": 2, "flows": {"f1": flow(artifact_server, "v1",
+                                                               wat.reactor("v1"))}})
+    await op.wait_for(STATE, flow_state("f1", status="success"))
+    assert agent.host.running["f1"].version == "v1"
