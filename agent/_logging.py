@@ -30,9 +30,9 @@ class LogCapture:
         self._buffers: dict[tuple[str | None, str], deque[LogMessage]] = {}
         self._lock = threading.Lock()
 
-    def start(self, device_id: str, flow_id: str) -> None:
+    def start(self, device_id: str, flow_id: str, max_lines: int | None = None) -> None:
         with self._lock:
-            self._buffers[(device_id, flow_id)] = deque(maxlen=self.max_lines)
+            self._buffers[(device_id, flow_id)] = deque(maxlen=max_lines or self.max_lines)
 
     def take(self, device_id: str, flow_id: str) -> list[LogMessage]:
         with self._lock:

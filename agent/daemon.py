@@ -211,7 +211,9 @@ class Agent:
                 if not await asyncio.to_thread(self.reconciler.artifacts.verify, inst.sha256):
                     raise AgentError(f"installed artifact {inst.sha256[:12]}… missing or corrupt")
                 data = await asyncio.to_thread(self.reconciler.artifacts.read, inst.sha256)
-                instance = await self.host.prepare(flow_id, inst.version, data, inst.sha256)
+                instance = await self.host.prepare(
+                    flow_id, inst.version, data, inst.sha256, inst.config
+                )
             except AgentError as exc:
                 log.error(
                     "installed flow could not start; it will be installed again",

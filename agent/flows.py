@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import structlog
 
@@ -32,7 +33,14 @@ class FlowHost:
         # in a blocking host call (e.g. WASI sleep), which epochs cannot interrupt.
         return self.limits.call_deadline_ms / 1000 * 2 + 1.0
 
-    async def prepare(self, flow_id: str, version: str, data: bytes, sha256: str) -> FlowInstance:
+    async def prepare(
+        self,
+        flow_id: str,
+        version: str,
+        data: bytes,
+        sha256: str,
+        config: dict[str, Any] | None = None,
+    ) -> FlowInstance:
         """Compile, instantiate and start a new instance; the running one is untouched."""
         module = await self.runtime.run(lambda: self.runtime.compile(data, sha256))
         inst = FlowInstance(
@@ -42,6 +50,7 @@ class FlowHost:
             version=version,
             device_id=self.device_id,
             limits=self.limits,
+            config=config,
         )
         fut = asyncio.ensure_future(self.runtime.run(inst.start, timeout=self.start_timeout))
         try:

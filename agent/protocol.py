@@ -39,6 +39,9 @@ ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 _ID_RE = re.compile(ID_PATTERN)
 
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+#: Deployment ids become a topic level (deployments/<id>/log): no MQTT wildcards or "/".
+DEPLOYMENT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+DeploymentId = Annotated[str, StringConstraints(pattern=DEPLOYMENT_ID_PATTERN)]
 Sha256Hex = Annotated[
     str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$", to_lower=True, strip_whitespace=True)
 ]
@@ -118,9 +121,7 @@ class FlowSpec(BaseModel):
     )
     config: dict[str, Any] = Field(default_factory=dict)
     retries: Annotated[int, Field(ge=0, le=100)] = 2
-    deployment_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = Field(
-        default=None, alias="deploymentId"
-    )
+    deployment_id: DeploymentId | None = Field(default=None, alias="deploymentId")
 
     @property
     def is_removal(self) -> bool:
@@ -177,8 +178,12 @@ def parse_desired(payload: bytes, max_bytes: int = 256 * 1024) -> DesiredState:
     if len(payload) > max_bytes:
         raise ProtocolError(f"desired document is {len(payload)} bytes, over the {max_bytes} limit")
     try:
-        raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"desired document is not UTF-8: {exc}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise ProtocolError(f"desired document is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("desired document must be a JSON object")
@@ -298,8 +303,19 @@ def dump(model: BaseModel, *, exclude_none: bool = False) -> bytes:
     return model.model_dump_json(by_alias=True, exclude_none=exclude_none).encode()
 
 
+class DesiredDocument(BaseModel):
+    """The desired document as published (for its JSON Schema). A null entry, or one
+    whose version is null or empty, removes the flow; unknown top-level keys are
+    ignored; an invalid entry fails only that flow."""
+
+    model_config = _LENIENT
+
+    generation: Annotated[int, Field(ge=0)]
+    flows: dict[Identifier, FlowSpec | None] = Field(default_factory=dict)
+
+
 WIRE_MODELS: dict[str, type[BaseModel]] = {
-    "desired": DesiredState,
+    "desired": DesiredDocument,
     "state": StateReport,
     "event": Event,
     "status": DeviceStatus,

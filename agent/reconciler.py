@@ -334,7 +334,7 @@ class Reconciler:
         target = next((s.target for s in steps if isinstance(s, Download)), None)
         if target is not None:
             self._active[flow_id] = target.key
-            capture.start(self.device_id, flow_id)
+            capture.start(self.device_id, flow_id, self.cfg.reconcile.log_lines)
         try:
             for step in steps:
                 chain.steps.append(type(step).__name__)
@@ -381,7 +381,7 @@ class Reconciler:
         except StateError as exc:  # e.g. disk full: report it, don't take the agent down
             log.error("cannot persist the failure", error=str(exc))
         self.reporter.deployment_log(flow_id, rec, capture.take(self.device_id, flow_id))
-        capture.start(self.device_id, flow_id)
+        capture.start(self.device_id, flow_id, self.cfg.reconcile.log_lines)
 
     # ------------------------------------------------------------ executors
     async def _exec_set_status(self, step: SetStatus, _chain: _Chain) -> None:
@@ -427,7 +427,10 @@ class Reconciler:
     async def _exec_download(self, step: Download, chain: _Chain) -> None:
         t = step.target
         rec = self.state.flows.get(t.flow_id)
-        resuming = rec is not None and rec.target == t.key and rec.inflight == "download"
+        # An attempt interrupted in this process (a newer document cancelled the run)
+        # resumes without costing an attempt; after a crash, recover() has already
+        # turned an interrupted install into a counted failure.
+        resuming = rec is not None and rec.target == t.key and rec.inflight is not None
         if rec is None or rec.target != t.key:
             attempts = 1
         else:
@@ -471,7 +474,7 @@ class Reconciler:
         assert chain.data is not None
         started = time.perf_counter()
         chain.instance = await self.host.prepare(
-            t.flow_id, t.version, chain.data, t.artifact.sha256
+            t.flow_id, t.version, chain.data, t.artifact.sha256, t.config
         )
         log.info(
             "new version started",

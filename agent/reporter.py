@@ -147,7 +147,11 @@ class Reporter:
         now = time.monotonic()
         started, last, sent = self._progress.setdefault(flow_id, (now, now, 0))
         final = total is not None and done >= total
-        if (final and sent) or (not final and now - last >= 1.0):
+        if final:
+            self._progress[flow_id] = (started, now, 0)  # the series ends: one final event
+            if sent:
+                self.event(flow_id, rec, Progress(bytes=done, total=total))
+        elif now - last >= 1.0:
             self._progress[flow_id] = (started, now, sent + 1)
             self.event(flow_id, rec, Progress(bytes=done, total=total))
 
@@ -168,5 +172,5 @@ class Reporter:
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         try:
             self.session.publish(topic, payload, qos=1, retain=retain)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # queue full; a topic paho refuses
             log.warning("publish dropped", topic=topic, error=str(exc))

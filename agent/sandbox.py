@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -67,8 +69,23 @@ def _trap_code(exc: wasmtime.Trap) -> str:
 
 
 def _trap_message(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()
-    return first[0] if first else type(exc).__name__
+    """One readable line: wasmtime's cause ("wasm trap: ...") and where it happened."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    cause = lines[-1]
+    if "Caused by:" in text:
+        cause = re.sub(r"^\d+:\s*", "", lines[-1]).removeprefix("wasm trap: ")
+    where = ""
+    frames = getattr(exc, "frames", None) or []
+    if frames:
+        top = frames[0]
+        name = top.func_name or f"wasm function {top.func_index}"
+        where = f" in {name}"
+    elif "Caused by:" not in text:
+        return lines[0]
+    return f"{cause}{where}"
 
 
 class Runtime:
@@ -212,14 +229,17 @@ class FlowInstance:
         version: str,
         device_id: str,
         limits: Limits,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.runtime = runtime
+        self.config = config or {}
         self.module = module
         self.flow_id = flow_id
         self.version = version
         self.limits = limits
         self._lock = threading.Lock()
         self._closed = False
+        self._close_pending = False
         flog = log.bind(flow_id=flow_id, flow_version=version, device_id=device_id)
         self._stdout = _LineSink(lambda line: flog.info("flow output", stream="stdout", line=line))
         self._stderr = _LineSink(
@@ -242,47 +262,55 @@ class FlowInstance:
     def start(self) -> None:
         """Instantiate in a fresh Store and run the start-up export (blocking)."""
         with self._lock:
-            self.check_imports()
-            store = wasmtime.Store(self.runtime.engine)
-            lim = self.limits
-            store.set_limits(
-                memory_size=lim.memory_limit,
-                table_elements=lim.table_elements,
-                instances=lim.instances,
-                tables=lim.tables,
-                memories=1,
-            )
-            wasi = wasmtime.WasiConfig()
-            wasi.argv = [self.flow_id]
-            wasi.env = [
-                ("EDGE_FLOW_ID", self.flow_id),
-                ("EDGE_FLOW_VERSION", self.version),
-                ("EDGE_DEVICE_ID", self._device_id),
-            ]
-            wasi.stdout_custom = self._stdout.write
-            wasi.stderr_custom = self._stderr.write
-            store.set_wasi(wasi)
-            linker = wasmtime.Linker(self.runtime.engine)
-            linker.define_wasi()
-            store.set_epoch_deadline(self.limits.deadline_ticks)
-            self.store = store
             try:
-                self.instance = linker.instantiate(store, self.module)
-            except wasmtime.Trap as exc:
-                raise FlowTrap(
-                    f"trap during instantiation: {_trap_message(exc)}", _trap_code(exc)
-                ) from None
-            except wasmtime.WasmtimeError as exc:
-                raise InstantiationError(f"cannot instantiate: {_trap_message(exc)}") from None
-            # Exports are looked up by name through the linker: wasmtime-py's
-            # instance.exports() wraps every export in Python (33 ms for 1,100 exports).
-            linker.define_instance(store, _SELF, self.instance)
-            self._linker = linker
-            startup = next((n for n in ("_initialize", "_start") if self._export(n)), None)
-            if startup is not None:
-                self._call_locked(startup)
-            self._stdout.flush()
-            self._stderr.flush()
+                self._start_locked()
+            finally:
+                if self._close_pending:
+                    self._release_locked()
+
+    def _start_locked(self) -> None:
+        self.check_imports()
+        store = wasmtime.Store(self.runtime.engine)
+        lim = self.limits
+        store.set_limits(
+            memory_size=lim.memory_limit,
+            table_elements=lim.table_elements,
+            instances=lim.instances,
+            tables=lim.tables,
+            memories=1,
+        )
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [self.flow_id]
+        wasi.env = [
+            ("EDGE_FLOW_ID", self.flow_id),
+            ("EDGE_FLOW_VERSION", self.version),
+            ("EDGE_DEVICE_ID", self._device_id),
+            ("EDGE_FLOW_CONFIG", json.dumps(self.config, separators=(",", ":"))),
+        ]
+        wasi.stdout_custom = self._stdout.write
+        wasi.stderr_custom = self._stderr.write
+        store.set_wasi(wasi)
+        linker = wasmtime.Linker(self.runtime.engine)
+        linker.define_wasi()
+        store.set_epoch_deadline(self.limits.deadline_ticks)
+        self.store = store
+        try:
+            self.instance = linker.instantiate(store, self.module)
+        except wasmtime.Trap as exc:
+            raise FlowTrap(
+                f"trap during instantiation: {_trap_message(exc)}", _trap_code(exc)
+            ) from None
+        except wasmtime.WasmtimeError as exc:
+            raise InstantiationError(f"cannot instantiate: {_trap_message(exc)}") from None
+        # Exports are looked up by name through the linker: wasmtime-py's
+        # instance.exports() wraps every export in Python (33 ms for 1,100 exports).
+        linker.define_instance(store, _SELF, self.instance)
+        self._linker = linker
+        startup = next((n for n in ("_initialize", "_start") if self._export(n)), None)
+        if startup is not None:
+            self._call_locked(startup)
+        self._stdout.flush()
+        self._stderr.flush()
 
     def _export(self, name: str) -> wasmtime.Func | None:
         """The exported function ``name``, or None (cached; caller holds the lock)."""
@@ -315,7 +343,7 @@ class FlowInstance:
             what = (
                 f"exceeded the {self.limits.call_deadline_ms} ms call deadline"
                 if code == "deadline"
-                else f"trapped ({code}): {_trap_message(exc)}"
+                else f"trapped: {_trap_message(exc)}"
             )
             raise FlowTrap(f"{name} {what}", code=code) from None
         except wasmtime.WasmtimeError as exc:
@@ -324,17 +352,34 @@ class FlowInstance:
     def call(self, name: str, *args: Any) -> Any:
         """Call an export under the per-call deadline (blocking)."""
         with self._lock:
-            if self._closed:
-                raise SandboxError(f"flow {self.flow_id} is stopped")
-            return self._call_locked(name, *args)
+            try:
+                if self._closed:
+                    raise SandboxError(f"flow {self.flow_id} is stopped")
+                return self._call_locked(name, *args)
+            finally:
+                if self._close_pending:
+                    self._release_locked()
 
     def close(self) -> None:
-        """Drop the Store (wasmtime frees it); safe to call twice."""
-        with self._lock:
-            self._closed = True
-            self._stdout.flush()
-            self._stderr.flush()
-            self._exports.clear()
-            self._linker = None
-            self.instance = None
-            self.store = None
+        """Stop the instance without ever blocking the caller (the event loop).
+
+        If a worker thread is inside a call (e.g. stuck in a blocking WASI call that
+        epochs cannot interrupt), the Store is released when that call returns.
+        """
+        self._closed = True
+        if not self._lock.acquire(blocking=False):
+            self._close_pending = True
+            return
+        try:
+            self._release_locked()
+        finally:
+            self._lock.release()
+
+    def _release_locked(self) -> None:
+        self._close_pending = False
+        self._stdout.flush()
+        self._stderr.flush()
+        self._exports.clear()
+        self._linker = None
+        self.instance = None
+        self.store = None

@@ -356,3 +356,34 @@ async def test_internal_error_on_one_message_does_not_stop_the_agent(
                                                                wat.reactor("v1"))}})
     await op.wait_for(STATE, flow_state("f1", status="success"))
     assert agent.host.running["f1"].version == "v1"
+
+
+async def test_slow_download_reports_bounded_progress_with_one_final_event(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any) -> None:
+    await running_agent()
+    slow = flow(artifact_server, "v1", wat.reactor("v1", pad=160_000))
+    artifact_server.set_fault("/" + slow["artifact"]["url"].split("/", 3)[3], chunk_delay=0.25)
+    op.publish(DESIRED, {"generation": 1, "flows": {"f1": slow}})
+    await op.wait_for(STATE, flow_state("f1", status="success"), timeout=30)
+    progress = [e["progress"] for e in map(json.loads, op.messages(EVENTS)) if e["progress"]]
+    size = slow["artifact"]["size"]
+    assert len(progress) >= 2  # at least one while downloading, and the final one
+    assert [p["bytes"] for p in progress] == sorted(p["bytes"] for p in progress)
+    assert sum(p["bytes"] == size for p in progress) == 1
+    assert all(p["total"] == size for p in progress)
+
+
+async def test_newer_document_does_not_cost_an_unchanged_install_an_attempt(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any) -> None:
+    """A document that only adds flow B arrives while flow A is installing: A's
+    install is interrupted and redone, but it is not counted as a second attempt."""
+    await running_agent()
+    a = flow(artifact_server, "a1", wat.busy_on_start(400, "a"))
+    op.publish(DESIRED, {"generation": 1, "flows": {"A": a}})
+    await op.wait_for(STATE, flow_state("A", status="installing"))
+    op.publish(DESIRED, {"generation": 2, "flows": {
+        "A": a, "B": flow(artifact_server, "b1", wat.reactor("b"))}})
+    state = await op.wait_for(STATE, lambda d: all(
+        d["flows"].get(f, {}).get("status") == "success" for f in ("A", "B")), timeout=30)
+    assert state["flows"]["A"]["attempts"] == 1
+    assert "aborted" not in statuses(op, "A")

@@ -40,7 +40,9 @@ def test_full_document_parses() -> None:
 
 @pytest.mark.parametrize(("payload", "needle"), [
     (b"not json", "not valid JSON"),
-    (b"\xff\xfe", "not valid JSON"),
+    (b"\xff\xfe", "not UTF-8"),
+    ('{"generation": 1}'.encode("utf-16"), "not UTF-8"),
+    ('{"generation": 1}'.encode("utf-32"), "not UTF-8"),
     (b"[1, 2]", "must be a JSON object"),
     (b'{"flows": {}}', "generation: Field required"),
     (b'{"generation": "7"}', "generation: Input should be a valid integer"),
@@ -71,6 +73,8 @@ def test_oversized_document_rejected() -> None:
     (entry(retries=-1), "retries"),
     (entry(retries="many"), "retries"),
     (entry(unknown=1), "unknown"),
+    (entry(deploymentId="rel/1"), "deploymentId"),
+    (entry(deploymentId="rel+#"), "deploymentId"),
     ("a string", "invalid flow entry"),
 ])
 def test_flow_entry_rejections_are_per_flow(flow: object, needle: str) -> None:
@@ -111,3 +115,17 @@ def test_schema_command_prints_every_wire_message() -> None:
     assert "generation" in schemas["desired"]["properties"]
     assert "deviceId" in schemas["state"]["properties"]
     assert "flowId" in schemas["event"]["properties"]
+
+
+def test_desired_schema_matches_the_parser() -> None:
+    from agent.protocol import json_schemas
+
+    schema = json_schemas()["desired"]
+    assert set(schema["properties"]) == {"generation", "flows"}
+    assert schema.get("additionalProperties") is not False  # unknown keys are ignored
+    # a null entry (removal) is allowed by the schema as by the parser
+    flows = schema["properties"]["flows"]["patternProperties"]
+    assert list(flows) == ["^[A-Za-z0-9._-]{1,64}$"]  # flow ids are validated too
+    assert {"type": "null"} in flows["^[A-Za-z0-9._-]{1,64}$"]["anyOf"]
+    assert parse_desired(b'{"generation": 1, "extra": true, "flows": {"f": null}}').flows[
+        "f"].is_removal

@@ -116,3 +116,47 @@ async def test_compiled_module_cache(host: FlowHost) -> None:
     m1 = await host.runtime.run(lambda: host.runtime.compile(data, wat.sha256(data)))
     m2 = await host.runtime.run(lambda: host.runtime.compile(data, wat.sha256(data)))
     assert m1 is m2
+
+
+async def test_blocking_host_call_is_bounded_and_never_freezes_the_loop(
+        host: FlowHost) -> None:
+    """A guest asleep in WASI poll_oneoff ignores epochs: the outer bound fires, and
+    neither the timeout nor the cleanup may block the event loop."""
+    gaps: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def heartbeat() -> None:
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.02)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    hb = asyncio.create_task(heartbeat())
+    try:
+        with pytest.raises(FlowTrap, match="did not return") as info:
+            await prepare(host, wat.sleep_on_start(3000))  # bound: 0.3 s * 2 + 1 s
+        await asyncio.sleep(0.2)
+    finally:
+        hb.cancel()
+    assert info.value.code == "deadline"
+    assert max(gaps) < 0.5, f"event loop blocked for {max(gaps):.2f} s"
+
+
+async def test_trap_message_is_readable(host: FlowHost) -> None:
+    with pytest.raises(FlowTrap) as info:
+        await prepare(host, wat.trap_on_start())
+    msg = str(info.value)
+    assert msg.startswith("_initialize trapped: wasm `unreachable` instruction executed in ")
+    assert "backtrace" not in msg
+
+
+async def test_flow_gets_its_identity_and_config_in_its_environment(host: FlowHost) -> None:
+    data = wat.print_environ()
+    with structlog.testing.capture_logs() as logs:
+        await host.prepare("f1", "v7", data, wat.sha256(data), {"rate": 5, "name": "x"})
+    out = "".join(e["line"] for e in logs if e["event"] == "flow output")
+    env = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+    assert env == {"EDGE_FLOW_ID": "f1", "EDGE_FLOW_VERSION": "v7", "EDGE_DEVICE_ID": "dev1",
+                   "EDGE_FLOW_CONFIG": '{"rate":5,"name":"x"}'}

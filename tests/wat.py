@@ -76,3 +76,58 @@ def forbidden_import() -> bytes:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+_POLL = ('(import "wasi_snapshot_preview1" "poll_oneoff" '
+         "(func $poll (param i32 i32 i32 i32) (result i32)))")
+_CLOCK = ('(import "wasi_snapshot_preview1" "clock_time_get" '
+          "(func $clock (param i32 i64 i32) (result i32)))")
+
+
+def sleep_on_start(ms: int) -> bytes:
+    """``_initialize`` blocks in WASI ``poll_oneoff`` (a sleep) for ``ms``: a blocking
+    host call that epoch interruption cannot stop."""
+    return wasmtime.wat2wasm(f"""
+(module
+  {_POLL}
+  (memory (export "memory") 1)
+  (func (export "_initialize")
+    ;; subscription at 0: userdata(8) tag=clock(1 byte @8) clock id @16, timeout @24
+    (i32.store8 (i32.const 8) (i32.const 0))
+    (i32.store (i32.const 16) (i32.const 1))
+    (i64.store (i32.const 24) (i64.const {ms * 1_000_000}))
+    (i64.store (i32.const 32) (i64.const 0))
+    (i32.store16 (i32.const 40) (i32.const 0))
+    (drop (call $poll (i32.const 0) (i32.const 128) (i32.const 1) (i32.const 256)))))""")
+
+
+def busy_on_start(ms: int, tag: str = "busy") -> bytes:
+    """``_initialize`` computes (spins on the WASI monotonic clock) for ``ms``."""
+    return wasmtime.wat2wasm(f"""
+(module
+  {_CLOCK}
+  (memory (export "memory") 1)
+  (data (i32.const 512) "{_escape(tag)}")
+  (func (export "_initialize") (local $end i64)
+    (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 0)))
+    (local.set $end (i64.add (i64.load (i32.const 0)) (i64.const {ms * 1_000_000})))
+    (loop $l
+      (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 0)))
+      (br_if $l (i64.lt_u (i64.load (i32.const 0)) (local.get $end))))))""")
+
+
+def print_environ() -> bytes:
+    """``_initialize`` writes its whole WASI environment (NUL-separated) to stdout."""
+    return wasmtime.wat2wasm(f"""
+(module
+  {_FD_WRITE}
+  (import "wasi_snapshot_preview1" "environ_sizes_get"
+    (func $sizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $env (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_initialize")
+    (drop (call $sizes (i32.const 0) (i32.const 4)))
+    (drop (call $env (i32.const 1024) (i32.const 4096)))
+    (i32.store (i32.const 16) (i32.const 4096))
+    (i32.store (i32.const 20) (i32.load (i32.const 4)))
+    (drop (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))))""")
