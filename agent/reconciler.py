@@ -158,6 +158,7 @@ class Reconciler:
                 setattr(self.state, name, getattr(before, name))
             self.desired = self._parse_persisted()
             self._reject(desired.generation, f"cannot persist the desired state: {exc}")
+            self.trigger()  # resume what the cancelled run was doing for the applied state
             return False
         self.reporter.mark_dirty()
         self.trigger()
@@ -232,7 +233,6 @@ class Reconciler:
         attempts: int | None = _UNSET,
         inflight: InFlight | None = _UNSET,
         next_retry_at: float | None = _UNSET,
-        emit: bool = True,
     ) -> FlowRecord:
         """The one place a flow's status changes. Persist with :meth:`persist` after."""
         created = flow_id not in self.state.flows
@@ -253,7 +253,7 @@ class Reconciler:
         previous = rec.status
         rec.status = status
         rec.last_updated = utc_now_iso()
-        if emit and (created or previous != status or status == Status.FAILURE):
+        if created or previous != status or status == Status.FAILURE:
             log.info(
                 "flow status",
                 flow_id=flow_id,
