@@ -122,7 +122,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except AgentError as exc:
         sys.stderr.write(f"edge-agent: {exc}\n")
         return EXIT_FAILURE
-    return EXIT_OK
+    # State is persisted and the broker told: exit now rather than join a wasm worker
+    # thread that may sit in a blocking WASI call, and before interpreter teardown
+    # (where wasmtime can print a panic while freeing stores).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_OK)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

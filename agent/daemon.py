@@ -29,7 +29,7 @@ from .protocol import Status, utc_now_iso
 from .reconciler import Reconciler
 from .reporter import Reporter, offline_status
 from .sandbox import Limits, Runtime
-from .state import StateStore, recover
+from .state import FlowRecord, StateStore, recover
 from .topics import Topics
 
 log = structlog.get_logger("agent.daemon")
@@ -201,12 +201,21 @@ class Agent:
         self.reporter.on_connect()
 
     async def _start_installed(self) -> None:
-        """Start every installed flow from the local store, without the network."""
+        """Start every installed flow from the local store, without the network.
+
+        Concurrently: one flow that blocks at start-up does not delay the others."""
         state = self.reconciler.state
-        for flow_id, rec in sorted(state.flows.items()):
-            inst = rec.installed
-            if inst is None:
-                continue
+        await asyncio.gather(
+            *(
+                self._start_one(flow_id, rec)
+                for flow_id, rec in sorted(state.flows.items())
+                if rec.installed is not None
+            )
+        )
+
+    async def _start_one(self, flow_id: str, rec: FlowRecord) -> None:
+        inst = rec.installed
+        if inst is not None:
             try:
                 if not await asyncio.to_thread(self.reconciler.artifacts.verify, inst.sha256):
                     raise AgentError(f"installed artifact {inst.sha256[:12]}… missing or corrupt")
@@ -226,7 +235,7 @@ class Agent:
                 rec.error = f"could not start from local store: {exc}"
                 rec.target = None
                 rec.last_updated = utc_now_iso()
-                continue
+                return
             self.host.activate(flow_id, instance)
             log.info("flow started from local store", flow_id=flow_id, version=inst.version)
 

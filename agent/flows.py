@@ -52,7 +52,9 @@ class FlowHost:
             limits=self.limits,
             config=config,
         )
-        fut = asyncio.ensure_future(self.runtime.run(inst.start, timeout=self.start_timeout))
+        fut = asyncio.ensure_future(
+            self.runtime.run(inst.start, timeout=self.start_timeout, what="start-up")
+        )
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:

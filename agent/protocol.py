@@ -178,7 +178,7 @@ def parse_desired(payload: bytes, max_bytes: int = 256 * 1024) -> DesiredState:
     if len(payload) > max_bytes:
         raise ProtocolError(f"desired document is {len(payload)} bytes, over the {max_bytes} limit")
     try:
-        text = payload.decode("utf-8")
+        text = payload.decode("utf-8-sig")  # a leading BOM is tolerated (RFC 8259)
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"desired document is not UTF-8: {exc}") from None
     try:
@@ -308,7 +308,12 @@ class DesiredDocument(BaseModel):
     whose version is null or empty, removes the flow; unknown top-level keys are
     ignored; an invalid entry fails only that flow."""
 
-    model_config = _LENIENT
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra=lambda schema: schema["properties"]["flows"].update(
+            additionalProperties=False  # a flow id off the pattern rejects the document
+        ),
+    )
 
     generation: Annotated[int, Field(ge=0)]
     flows: dict[Identifier, FlowSpec | None] = Field(default_factory=dict)

@@ -142,7 +142,7 @@ class Runtime:
             await asyncio.sleep(interval)
             self.engine.increment_epoch()
 
-    async def run(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+    async def run(self, fn: Callable[[], T], timeout: float | None = None, what: str = "call") -> T:
         """Run ``fn`` on a wasm worker thread, bounded by ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._pool, fn)
@@ -152,7 +152,7 @@ class Runtime:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             raise FlowTrap(
-                f"call did not return within {timeout:.1f} s (blocked in a host call)",
+                f"{what} did not return within {timeout:.1f} s (blocked in a host call)",
                 code="deadline",
             ) from None
 

@@ -129,3 +129,7 @@ def test_desired_schema_matches_the_parser() -> None:
     assert {"type": "null"} in flows["^[A-Za-z0-9._-]{1,64}$"]["anyOf"]
     assert parse_desired(b'{"generation": 1, "extra": true, "flows": {"f": null}}').flows[
         "f"].is_removal
+
+
+def test_utf8_bom_is_tolerated() -> None:
+    assert parse_desired(b'\xef\xbb\xbf{"generation": 3}').generation == 3
