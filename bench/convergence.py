@@ -83,15 +83,18 @@ def compile_baseline(data: list[bytes]) -> list[float]:
 
 def paho_round_trips(port: int, n: int = 200) -> list[float]:
     got = threading.Event()
+    subscribed = threading.Event()
     sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-echo-sub")
     sub.on_message = lambda *_: got.set()
+    sub.on_subscribe = lambda *_: subscribed.set()
     sub.connect("127.0.0.1", port)
     sub.subscribe("bench/echo", qos=1)
     sub.loop_start()
     pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-echo-pub")
     pub.connect("127.0.0.1", port)
     pub.loop_start()
-    time.sleep(0.3)
+    if not subscribed.wait(5):
+        raise RuntimeError("the echo subscription was not acknowledged")
     times = []
     for _ in range(n):
         got.clear()
