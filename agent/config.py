@@ -173,6 +173,18 @@ class SandboxConfig(BaseModel):
     workers: Annotated[int, Field(ge=1, le=64)] = Field(
         4, description="Threads that run wasm calls off the event loop."
     )
+    fuel_per_call: Annotated[int, Field(ge=0)] = Field(
+        10_000_000_000,
+        description="Deterministic CPU budget of one call (wasmtime fuel; 0 = unlimited).",
+    )
+    max_failures: Annotated[int, Field(ge=1, le=1000)] = Field(
+        3, description="Traps within failure_window_s after which a flow is marked broken."
+    )
+    failure_window_s: Annotated[float, Field(gt=0)] = Field(3600.0, description="Seconds.")
+    restart_backoff_initial: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="Delay before restarting a trapped flow (s); doubles."
+    )
+    restart_backoff_max: Annotated[float, Field(gt=0)] = Field(60.0, description="Seconds.")
 
 
 class ReconcileConfig(BaseModel):

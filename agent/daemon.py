@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from typing import Any
 
@@ -24,10 +25,12 @@ from .artifacts import ArtifactStore, Fetcher, FetchLimits
 from .config import AgentConfig
 from .errors import AgentError
 from .flows import FlowHost
+from .manifest import Manifest
 from .mqtt import MqttSession, Will
-from .protocol import Status, utc_now_iso
+from .protocol import FlowRuntime, Status, utc_now_iso
 from .reconciler import Reconciler
 from .reporter import Reporter, offline_status
+from .runner import FlowRunner, Health, RunSpec, Supervision
 from .sandbox import Limits, Runtime
 from .state import FlowRecord, StateStore, recover
 from .topics import Topics
@@ -45,6 +48,7 @@ def sandbox_limits(cfg: AgentConfig) -> Limits:
         memory_limit=cfg.sandbox.memory_limit,
         call_deadline_ms=cfg.sandbox.call_deadline_ms,
         epoch_tick_ms=cfg.sandbox.epoch_tick_ms,
+        fuel_per_call=cfg.sandbox.fuel_per_call,
     )
 
 
@@ -72,7 +76,11 @@ class Agent:
     def __init__(self, cfg: AgentConfig, *, runtime: Runtime | None = None) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
-        self.runtime = runtime or Runtime(sandbox_limits(cfg), workers=cfg.sandbox.workers)
+        self.runtime = runtime or Runtime(
+            sandbox_limits(cfg),
+            workers=cfg.sandbox.workers,
+            cache_dir=cfg.state_dir / "cache" / "modules",
+        )
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -135,17 +143,35 @@ class Agent:
             runtime=self.runtime.description,
             coalesce_ms=cfg.reconcile.state_coalesce_ms,
         )
-        self.host = FlowHost(self.runtime, sandbox_limits(cfg), cfg.device_id)
+        self.host = FlowHost(
+            self.runtime,
+            sandbox_limits(cfg),
+            cfg.device_id,
+            flows_dir=cfg.state_dir / "flows",
+            device_base=self.topics.base,
+            supervision=Supervision(
+                max_failures=cfg.sandbox.max_failures,
+                failure_window=cfg.sandbox.failure_window_s,
+                backoff_initial=cfg.sandbox.restart_backoff_initial,
+                backoff_max=cfg.sandbox.restart_backoff_max,
+            ),
+            publish=self._flow_publish,
+            subscribe=self.session.subscribe,
+            unsubscribe=self.session.unsubscribe,
+            on_health=self._on_health,
+        )
         self.reconciler = Reconciler(
             cfg, state, state_store, self.host, artifacts, fetcher, reporter
         )
         self.reporter = reporter
+        reporter.runtime_info = self._runtime_info
         self.runtime.acquire()
         try:
             await self._start_installed()
             await self.reconciler.persist()
             self.session.add_on_connect(self._on_connect)
             self.session.subscribe(self.topics.desired, qos=1)
+            self.session.subscribe(self.topics.command, qos=1)
             self.session.start()
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -200,6 +226,46 @@ class Agent:
     def _on_connect(self) -> None:
         self.reporter.on_connect()
 
+    def _runtime_info(self, flow_id: str) -> FlowRuntime | None:
+        rec = self.reconciler.state.flows.get(flow_id)
+        info = self.host.info(flow_id)
+        if info is not None:
+            return FlowRuntime.model_validate(info)
+        if rec is not None and rec.installed is not None:
+            return FlowRuntime(health="broken" if rec.broken else "stopped")
+        return None
+
+    def _flow_publish(self, topic: str, payload: bytes, qos: int) -> None:
+        """A flow's message (already permission-checked), on the event loop."""
+        try:
+            self.session.publish(topic, payload, qos=qos)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("flow message dropped", topic=topic, error=str(exc))
+
+    def _on_health(self, runner: FlowRunner) -> None:
+        rec = self.reconciler.state.flows.get(runner.flow_id)
+        if rec is not None and self.host.running.get(runner.flow_id) is runner:
+            broken = runner.state.health == Health.BROKEN
+            if broken != rec.broken:
+                rec.broken = broken
+                rec.last_updated = utc_now_iso()
+                self.reconciler.persist_soon()
+        self.reporter.mark_dirty()
+
+    def _command(self, payload: bytes) -> None:
+        """Deliver a command ``{"name", "payload"}`` to flows with a matching trigger."""
+        try:
+            doc = json.loads(payload)
+            name = doc["name"]
+            if not isinstance(name, str) or not 1 <= len(name) <= 255:
+                raise TypeError("name must be a string of 1-255 characters")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("malformed command ignored", error=str(exc))
+            return
+        body = json.dumps(doc.get("payload")).encode()
+        delivered = self.host.command(name, body)
+        log.info("command delivered", command=name, flows=delivered)
+
     async def _start_installed(self) -> None:
         """Start every installed flow from the local store, without the network.
 
@@ -215,13 +281,30 @@ class Agent:
 
     async def _start_one(self, flow_id: str, rec: FlowRecord) -> None:
         inst = rec.installed
+        if inst is not None and rec.broken:
+            log.warning(
+                "flow is broken; not started (deploy again or restart it)",
+                flow_id=flow_id,
+                version=inst.version,
+            )
+            return
         if inst is not None:
             try:
                 if not await asyncio.to_thread(self.reconciler.artifacts.verify, inst.sha256):
                     raise AgentError(f"installed artifact {inst.sha256[:12]}… missing or corrupt")
                 data = await asyncio.to_thread(self.reconciler.artifacts.read, inst.sha256)
-                instance = await self.host.prepare(
-                    flow_id, inst.version, data, inst.sha256, inst.config
+                manifest = Manifest.from_json(inst.manifest)
+                runner = await self.host.prepare(
+                    RunSpec(
+                        flow_id=flow_id,
+                        version=inst.version,
+                        sha256=inst.sha256,
+                        kind=inst.kind,
+                        config=inst.config,
+                        triggers=manifest.triggers,
+                        permissions=manifest.permissions,
+                    ),
+                    data,
                 )
             except AgentError as exc:
                 log.error(
@@ -236,7 +319,7 @@ class Agent:
                 rec.target = None
                 rec.last_updated = utc_now_iso()
                 return
-            self.host.activate(flow_id, instance)
+            self.host.activate(flow_id, runner)
             log.info("flow started from local store", flow_id=flow_id, version=inst.version)
 
     async def _dispatch(self) -> None:
@@ -245,7 +328,9 @@ class Agent:
             try:
                 if msg.topic == self.topics.desired:
                     await self.reconciler.offer_desired(msg.payload)
-                else:
+                elif msg.topic == self.topics.command:
+                    self._command(msg.payload)
+                elif not self.host.route(msg.topic, msg.payload):
                     log.debug("message on unhandled topic", topic=msg.topic)
             except AgentError as exc:
                 log.error("message handling failed", topic=msg.topic, error=str(exc))

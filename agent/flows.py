@@ -1,87 +1,235 @@
-"""The flow host: which flow instance is running for each flow id.
+"""The flow host: the running flows of one agent, and what they share.
 
-Blue/green: :meth:`FlowHost.prepare` builds and starts a new instance next to the
-running one; only :meth:`FlowHost.activate` swaps it in and stops the old one.
+Blue/green: :meth:`FlowHost.prepare` compiles and starts a new runner next to the
+running one (start-up and the ``startup`` trigger included); only
+:meth:`FlowHost.activate` swaps it in, stops the old one and starts its triggers.
+
+It also owns what outlives one version of a flow: its key/value storage and data
+directory (under ``<state_dir>/flows/<flowId>/``), and the MQTT subscriptions made
+on behalf of ``mqtt`` triggers (reference-counted across flows).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
+import wasmtime
+from paho.mqtt.client import topic_matches_sub
 
-from .errors import SandboxError
-from .sandbox import FlowInstance, Limits, Runtime
+from .errors import InstantiationError
+from .hostapi import EDGE_FUNCTIONS, FlowContext, define_edge_api
+from .kvstore import KVStore
+from .manifest import TopicPolicy
+from .runner import FlowRunner, Health, RunSpec, Supervision
+from .sandbox import FlowInstance, HostBindings, Limits, Runtime
 
 log = structlog.get_logger("agent.flows")
 
+Publish = Callable[[str, bytes, int], None]
+
+
+class EdgeBindings:
+    """``kind: "wasm"``: WASI plus the ``edge`` host API."""
+
+    allowed_modules = frozenset({"wasi_snapshot_preview1", "edge"})
+
+    def __init__(self, ctx: FlowContext) -> None:
+        self.ctx = ctx
+
+    def check(self, module: wasmtime.Module) -> None:
+        for imp in module.imports:
+            if imp.module == "edge" and imp.name not in EDGE_FUNCTIONS:
+                raise InstantiationError(
+                    f"module imports edge.{imp.name}, which is not in the edge host API "
+                    f"(provided: {', '.join(sorted(EDGE_FUNCTIONS))})"
+                )
+
+    def define(self, linker: wasmtime.Linker, store: wasmtime.Store) -> None:
+        define_edge_api(linker, self.ctx)
+
+    def bound(self, instance: FlowInstance) -> None:
+        memory = instance.export_item("memory")
+        self.ctx.memory.memory = memory if isinstance(memory, wasmtime.Memory) else None
+
+    def allow_output(self) -> bool:
+        return self.ctx.allow_log()
+
 
 class FlowHost:
-    """Running flow instances of one agent."""
+    """Running flows of one agent."""
 
-    def __init__(self, runtime: Runtime, limits: Limits, device_id: str) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        limits: Limits,
+        device_id: str,
+        *,
+        flows_dir: Path,
+        device_base: str = "",
+        supervision: Supervision | None = None,
+        publish: Publish | None = None,
+        subscribe: Callable[[str, int], None] | None = None,
+        unsubscribe: Callable[[str], None] | None = None,
+        on_health: Callable[[FlowRunner], None] | None = None,
+    ) -> None:
         self.runtime = runtime
         self.limits = limits
         self.device_id = device_id
-        self.running: dict[str, FlowInstance] = {}
+        self.flows_dir = flows_dir
+        self.device_base = device_base or f"edge/{device_id}"
+        self.supervision = supervision or Supervision()
+        self._publish = publish
+        self._subscribe = subscribe
+        self._unsubscribe = unsubscribe
+        self.on_health = on_health or (lambda _r: None)
+        self.running: dict[str, FlowRunner] = {}
+        self._kv: dict[str, KVStore] = {}
+        self._subs: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    @property
-    def start_timeout(self) -> float:
-        # The epoch deadline stops wasm code; this outer bound catches a guest stuck
-        # in a blocking host call (e.g. WASI sleep), which epochs cannot interrupt.
-        return self.limits.call_deadline_ms / 1000 * 2 + 1.0
+    # ------------------------------------------------------------ building runners
+    def _flow_dir(self, flow_id: str) -> Path:
+        return self.flows_dir / flow_id
 
-    async def prepare(
-        self,
-        flow_id: str,
-        version: str,
-        data: bytes,
-        sha256: str,
-        config: dict[str, Any] | None = None,
-    ) -> FlowInstance:
-        """Compile, instantiate and start a new instance; the running one is untouched."""
-        module = await self.runtime.run(lambda: self.runtime.compile(data, sha256))
-        inst = FlowInstance(
+    def _kv_for(self, spec: RunSpec) -> KVStore:
+        kv = self._kv.get(spec.flow_id)
+        if kv is None:
+            path = self._flow_dir(spec.flow_id) / "kv.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kv = self._kv[spec.flow_id] = KVStore(path, spec.permissions.storage_quota)
+        kv.quota = spec.permissions.storage_quota
+        return kv
+
+    def _threadsafe_publish(self, topic: str, payload: bytes, qos: int) -> None:
+        loop = self._loop
+        if loop is None or self._publish is None:
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            loop.call_soon_threadsafe(self._publish, topic, payload, qos)
+
+    def _context(self, spec: RunSpec, kv: KVStore) -> FlowContext:
+        return FlowContext(
+            flow_id=spec.flow_id,
+            device_id=self.device_id,
+            policy=TopicPolicy(self.device_base, spec.flow_id, spec.permissions),
+            publish=self._threadsafe_publish,
+            kv=kv,
+            config_json=json.dumps(spec.config, separators=(",", ":")).encode(),
+            publish_rate=spec.permissions.publish_rate,
+        )
+
+    def _bindings_factory(
+        self, spec: RunSpec, ctx: FlowContext
+    ) -> Callable[[FlowRunner], HostBindings]:
+        # A fresh set of bindings per instance (a restart gets a new Store and memory).
+        def make(_runner: FlowRunner) -> HostBindings:
+            ctx.memory.memory = None
+            return EdgeBindings(ctx)
+
+        return make
+
+    async def prepare(self, spec: RunSpec, data: bytes) -> FlowRunner:
+        """Compile and start a runner; the running version is untouched."""
+        self._loop = asyncio.get_running_loop()
+        module = await self.runtime.run(lambda: self.runtime.compile(data, spec.sha256))
+        kv = self._kv_for(spec)
+        ctx = self._context(spec, kv)
+        data_dir = None
+        if spec.permissions.data_dir:
+            data_dir = self._flow_dir(spec.flow_id) / "data"
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        runner = FlowRunner(
             self.runtime,
             module,
-            flow_id=flow_id,
-            version=version,
+            spec,
             device_id=self.device_id,
             limits=self.limits,
-            config=config,
+            make_bindings=self._bindings_factory(spec, ctx),
+            context=ctx,
+            kv=kv,
+            data_dir=data_dir,
+            supervision=self.supervision,
+            on_health=self.on_health,
         )
-        fut = asyncio.ensure_future(
-            self.runtime.run(inst.start, timeout=self.start_timeout, what="start-up")
-        )
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            # Superseded while starting: the thread finishes on its own; drop the instance.
-            fut.add_done_callback(lambda _f: inst.close())
-            raise
-        except SandboxError:
-            inst.close()
-            raise
-        return inst
+        await runner.start()
+        return runner
 
-    def activate(self, flow_id: str, inst: FlowInstance) -> FlowInstance | None:
-        """Make ``inst`` the running instance of ``flow_id``; returns the old one (stopped)."""
+    # ------------------------------------------------------------ running set
+    def activate(self, flow_id: str, runner: FlowRunner) -> FlowRunner | None:
+        """Make ``runner`` the running one of ``flow_id``; returns the old one (stopped)."""
         old = self.running.get(flow_id)
-        self.running[flow_id] = inst
+        self.running[flow_id] = runner
         if old is not None:
-            old.close()
+            self._stop(old)
+        runner.activate()
+        for trig in runner.mqtt_filters():
+            self._ref_sub(trig.topic, trig.qos)
         return old
 
-    def remove(self, flow_id: str) -> bool:
-        inst = self.running.pop(flow_id, None)
-        if inst is None:
-            return False
-        inst.close()
-        return True
+    def _stop(self, runner: FlowRunner, health: Health = Health.STOPPED) -> None:
+        for trig in runner.mqtt_filters():
+            self._unref_sub(trig.topic)
+        runner.stop(health)
+
+    def remove(self, flow_id: str, *, purge: bool = False) -> bool:
+        """Stop a flow; ``purge`` also deletes its storage and data directory."""
+        runner = self.running.pop(flow_id, None)
+        if runner is not None:
+            self._stop(runner)
+        if purge:
+            self._kv.pop(flow_id, None)
+            shutil.rmtree(self._flow_dir(flow_id), ignore_errors=True)
+        return runner is not None
 
     def close_all(self) -> None:
         for flow_id in list(self.running):
-            with contextlib.suppress(Exception):
+            try:
                 self.remove(flow_id)
+            except Exception:  # shutdown goes on whatever one flow does
+                log.exception("error stopping flow", flow_id=flow_id)
+
+    # ------------------------------------------------------------ routing
+    def _ref_sub(self, topic: str, qos: int) -> None:
+        self._subs[topic] = self._subs.get(topic, 0) + 1
+        if self._subs[topic] == 1 and self._subscribe is not None:
+            self._subscribe(topic, qos)
+
+    def _unref_sub(self, topic: str) -> None:
+        count = self._subs.get(topic, 0) - 1
+        if count <= 0:
+            self._subs.pop(topic, None)
+            if self._unsubscribe is not None:
+                self._unsubscribe(topic)
+        else:
+            self._subs[topic] = count
+
+    def command(self, name: str, payload: bytes) -> list[str]:
+        """Deliver a command to every flow with a matching command trigger."""
+        return [fid for fid, r in sorted(self.running.items()) if r.command(name, payload)]
+
+    def route(self, topic: str, payload: bytes) -> list[str]:
+        """Deliver an MQTT message to every flow whose mqtt trigger filter matches."""
+        delivered = []
+        for flow_id, runner in sorted(self.running.items()):
+            if any(topic_matches_sub(t.topic, topic) for t in runner.mqtt_filters()):
+                runner.message(topic, payload)
+                delivered.append(flow_id)
+        return delivered
+
+    @property
+    def subscriptions(self) -> dict[str, int]:
+        return dict(self._subs)
+
+    def info(self, flow_id: str) -> dict[str, Any] | None:
+        runner = self.running.get(flow_id)
+        if runner is None:
+            return None
+        st = runner.state
+        return {"health": st.health.value, "restarts": st.restarts, "lastError": st.last_error}

@@ -37,6 +37,7 @@ class Target:
     version: str
     artifact: ArtifactRef
     config_json: str
+    manifest_json: str
     retries: int
     deployment_id: str | None
     key: str
@@ -51,6 +52,7 @@ class Target:
             version=spec.version,
             artifact=spec.artifact,
             config_json=json.dumps(spec.config, sort_keys=True),
+            manifest_json=spec.manifest().canonical(),
             retries=spec.retries,
             deployment_id=spec.deployment_id,
             key=target_key(spec),

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from .errors import ProtocolError
+from .manifest import Manifest, Permissions, Trigger
 
 PROTOCOL_VERSION = 1
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -120,8 +121,13 @@ class FlowSpec(BaseModel):
         Field(default=None, alias="deviceTypes")
     )
     config: dict[str, Any] = Field(default_factory=dict)
+    triggers: list[Trigger] = Field(default_factory=list, max_length=64)
+    permissions: Permissions = Field(default_factory=Permissions)
     retries: Annotated[int, Field(ge=0, le=100)] = 2
     deployment_id: DeploymentId | None = Field(default=None, alias="deploymentId")
+
+    def manifest(self) -> Manifest:
+        return Manifest(triggers=tuple(self.triggers), permissions=self.permissions)
 
     @property
     def is_removal(self) -> bool:
@@ -208,6 +214,16 @@ def parse_desired(payload: bytes, max_bytes: int = 256 * 1024) -> DesiredState:
     return DesiredState(generation=env.generation, flows=flows, invalid=invalid)
 
 
+class FlowRuntime(BaseModel):
+    """How an installed flow is running (supervision), next to its deployment status."""
+
+    model_config = _LENIENT
+
+    health: str
+    restarts: int = 0
+    last_error: str | None = Field(default=None, alias="lastError")
+
+
 class FlowState(BaseModel):
     """One flow in the state report."""
 
@@ -220,6 +236,7 @@ class FlowState(BaseModel):
     attempts: int = 0
     deployment_id: str | None = Field(default=None, alias="deploymentId")
     last_updated: str = Field(alias="lastUpdated")
+    runtime: FlowRuntime | None = None
 
 
 class RejectedDesired(BaseModel):

@@ -30,6 +30,7 @@ from .artifacts import ArtifactStore, Fetcher
 from .config import AgentConfig
 from .errors import AgentError, IntegrityError, ProtocolError, StateError
 from .flows import FlowHost
+from .manifest import Manifest
 from .planner import (
     Activate,
     Download,
@@ -46,7 +47,7 @@ from .planner import (
 )
 from .protocol import DesiredState, RejectedDesired, Status, parse_desired, utc_now_iso
 from .reporter import Reporter
-from .sandbox import FlowInstance
+from .runner import FlowRunner, RunSpec
 from .state import FlowRecord, InFlight, Installed, PersistedState, StateStore
 
 log = structlog.get_logger("agent.reconciler")
@@ -62,7 +63,7 @@ class _Chain:
 
     path: Path | None = None
     data: bytes | None = None
-    instance: FlowInstance | None = None
+    runner: FlowRunner | None = None
     steps: list[str] = field(default_factory=list)
 
 
@@ -90,6 +91,7 @@ class Reconciler:
         self._run_task: asyncio.Task[None] | None = None
         self._active: dict[str, str] = {}
         self._writer = _SerialWriter()
+        self._background: set[asyncio.Task[None]] = set()
         self.runs = 0
         self._executors: dict[type, Callable[[Any, _Chain], Awaitable[None]]] = {
             SetStatus: self._exec_set_status,
@@ -266,6 +268,17 @@ class Reconciler:
         self.reporter.mark_dirty()
         return rec
 
+    def persist_soon(self) -> None:
+        """Persist from synchronous code (a fire-and-forget, still ordered, write)."""
+        task = asyncio.get_running_loop().create_task(self.persist(), name="persist")
+        self._background.add(task)
+        task.add_done_callback(self._persist_done)
+
+    def _persist_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cannot persist state", error=str(task.exception()))
+
     async def persist(self) -> None:
         """Write the state now (ordered, survives cancellation of the caller)."""
         data = self.state.model_dump_json(indent=1).encode()
@@ -340,12 +353,12 @@ class Reconciler:
                 chain.steps.append(type(step).__name__)
                 await self._executors[type(step)](step, chain)
         except asyncio.CancelledError:
-            if chain.instance is not None and self.host.running.get(flow_id) is not chain.instance:
-                chain.instance.close()
+            if chain.runner is not None and self.host.running.get(flow_id) is not chain.runner:
+                chain.runner.stop()
             raise
         except Exception as exc:
-            if chain.instance is not None and self.host.running.get(flow_id) is not chain.instance:
-                chain.instance.close()
+            if chain.runner is not None and self.host.running.get(flow_id) is not chain.runner:
+                chain.runner.stop()
             if not isinstance(exc, AgentError):
                 log.exception("internal error in reconcile step", steps=chain.steps)
             reason = str(exc) if isinstance(exc, AgentError) else f"internal error: {exc!r}"
@@ -401,7 +414,7 @@ class Reconciler:
 
     async def _exec_remove(self, step: Remove, _chain: _Chain) -> None:
         rec = self.state.flows[step.flow_id]
-        self.host.remove(step.flow_id)
+        self.host.remove(step.flow_id, purge=True)
         rec.previous = rec.installed
         rec.installed = None
         log.info("flow removed", version=rec.previous.version if rec.previous else None)
@@ -473,9 +486,7 @@ class Reconciler:
         await self.persist()
         assert chain.data is not None
         started = time.perf_counter()
-        chain.instance = await self.host.prepare(
-            t.flow_id, t.version, chain.data, t.artifact.sha256, t.config
-        )
+        chain.runner = await self.host.prepare(run_spec(t), chain.data)
         log.info(
             "new version started",
             version=t.version,
@@ -488,9 +499,9 @@ class Reconciler:
         await asyncio.shield(self._activate(step.target, chain))
 
     async def _activate(self, t: Target, chain: _Chain) -> None:
-        assert chain.instance is not None
+        assert chain.runner is not None
         rec = self.state.flows[t.flow_id]
-        old = self.host.activate(t.flow_id, chain.instance)
+        old = self.host.activate(t.flow_id, chain.runner)
         if rec.installed is not None and rec.installed.sha256 != t.artifact.sha256:
             rec.previous = rec.installed
         rec.installed = Installed(
@@ -498,8 +509,10 @@ class Reconciler:
             sha256=t.artifact.sha256,
             kind=t.artifact.kind.value,
             config=t.config,
+            manifest=t.manifest_json,
             deployment_id=t.deployment_id,
         )
+        rec.broken = False  # a new deployment gives a broken flow a fresh start
         self._transition(t.flow_id, Status.SUCCESS, error=None, inflight=None, next_retry_at=None)
         self._active.pop(t.flow_id, None)  # complete: a newer document cannot abort it
         await self.persist()
@@ -522,6 +535,7 @@ class Reconciler:
             return
         for sha in removed:
             self.host.runtime.forget(sha)
+        await asyncio.to_thread(self.host.runtime.forget_cached, keep)
         if removed:
             log.info("artifacts garbage-collected", count=len(removed))
 
@@ -533,6 +547,19 @@ class Reconciler:
                 await task
         await self.persist()
         self._writer.close()
+
+
+def run_spec(t: Target) -> RunSpec:
+    manifest = Manifest.from_json(t.manifest_json)
+    return RunSpec(
+        flow_id=t.flow_id,
+        version=t.version,
+        sha256=t.artifact.sha256,
+        kind=t.artifact.kind.value,
+        config=t.config,
+        triggers=manifest.triggers,
+        permissions=manifest.permissions,
+    )
 
 
 def _current_task_cancelling() -> bool:

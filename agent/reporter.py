@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -19,6 +20,7 @@ from .protocol import (
     DeploymentLog,
     DeviceStatus,
     Event,
+    FlowRuntime,
     FlowState,
     LogMessage,
     Progress,
@@ -59,6 +61,8 @@ class Reporter:
         # flow id -> (download started, last progress event, events sent)
         self._progress: dict[str, tuple[float, float, int]] = {}
         self.published = 0
+        #: Supervision info per flow (set by the agent; None outside an agent).
+        self.runtime_info: Callable[[str], FlowRuntime | None] = lambda _flow_id: None
 
     def snapshot(self) -> StateReport:
         flows = {
@@ -70,6 +74,7 @@ class Reporter:
                 attempts=rec.attempts,
                 deploymentId=rec.deployment_id,
                 lastUpdated=rec.last_updated,
+                runtime=self.runtime_info(flow_id),
             )
             for flow_id, rec in sorted(self.state.flows.items())
         }

@@ -22,23 +22,25 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version as _pkg_version
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import structlog
 import wasmtime
 
+from ._fsutil import atomic_write
 from .errors import FlowTrap, InstantiationError, InvalidModule, SandboxError
 
 log = structlog.get_logger("agent.sandbox")
 
 WASM_MAGIC = b"\0asm"
-ALLOWED_IMPORT_MODULES = frozenset({"wasi_snapshot_preview1"})
 MAX_LINE = 4096
 _SELF = "__flow"  # linker name under which a flow's own exports are defined
 WASMTIME_VERSION = _pkg_version("wasmtime")
@@ -51,6 +53,8 @@ class Limits:
     memory_limit: int = 64 * 1024 * 1024
     call_deadline_ms: int = 5000
     epoch_tick_ms: int = 10
+    #: Deterministic CPU budget of one call (wasmtime fuel units, ~1 per instruction).
+    fuel_per_call: int = 10_000_000_000
     table_elements: int = 100_000
     instances: int = 16
     tables: int = 16
@@ -94,12 +98,21 @@ class Runtime:
     Shared by every flow (and by every simulated agent in one process).
     """
 
-    def __init__(self, limits: Limits, workers: int = 4) -> None:
+    #: Engine settings; part of the compiled-module cache key.
+    SETTINGS = "epoch,fuel,speed"
+
+    def __init__(self, limits: Limits, workers: int = 4, cache_dir: Path | None = None) -> None:
         self.limits = limits
         cfg = wasmtime.Config()
         cfg.epoch_interruption = True
+        cfg.consume_fuel = True
         cfg.cranelift_opt_level = "speed"
         self.engine = wasmtime.Engine(cfg)
+        self.cache_dir = cache_dir
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(cache_dir, 0o700)  # serialized modules are trusted: daemon-owned only
+        self.cache_hits = 0
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wasm")
         self._ticker: asyncio.Task[None] | None = None
         self._modules: dict[str, wasmtime.Module] = {}
@@ -172,14 +185,59 @@ class Runtime:
             cached = self._modules.get(key)
         if cached is not None:
             return cached
-        self.validate(data)
-        try:
-            module = wasmtime.Module(self.engine, data)
-        except wasmtime.WasmtimeError as exc:
-            raise InvalidModule(f"cannot compile module: {_trap_message(exc)}") from None
+        module = self._load_cached(key)
+        if module is None:
+            self.validate(data)
+            try:
+                module = wasmtime.Module(self.engine, data)
+            except wasmtime.WasmtimeError as exc:
+                raise InvalidModule(f"cannot compile module: {_trap_message(exc)}") from None
+            self._store_cached(key, module)
         with self._modules_lock:
             self._modules[key] = module
         return module
+
+    def _cache_path(self, key: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        tag = hashlib.sha256(f"{WASMTIME_VERSION}|{self.SETTINGS}".encode()).hexdigest()[:12]
+        return self.cache_dir / f"{key}.{tag}.cwasm"
+
+    def _load_cached(self, key: str) -> wasmtime.Module | None:
+        """A module compiled earlier by this daemon (same wasmtime, same settings).
+
+        Only files this process wrote into its own 0700 directory are deserialized:
+        deserializing untrusted bytes is unsafe."""
+        path = self._cache_path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            module = wasmtime.Module.deserialize_file(self.engine, str(path))
+        except wasmtime.WasmtimeError:
+            path.unlink(missing_ok=True)  # stale or damaged: compile again
+            return None
+        self.cache_hits += 1
+        return module
+
+    def _store_cached(self, key: str, module: wasmtime.Module) -> None:
+        path = self._cache_path(key)
+        if path is None:
+            return
+        try:
+            atomic_write(path, bytes(module.serialize()))
+        except OSError as exc:  # a full disk costs a compile next time, nothing more
+            log.warning("cannot write the compiled-module cache", error=str(exc))
+
+    def forget_cached(self, keep: set[str]) -> int:
+        """Delete cached compiled modules whose digest is not in ``keep``."""
+        if self.cache_dir is None:
+            return 0
+        removed = 0
+        for path in self.cache_dir.glob("*.cwasm"):
+            if path.name.split(".")[0] not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def forget(self, sha256: str) -> None:
         with self._modules_lock:
@@ -187,12 +245,17 @@ class Runtime:
 
 
 class _LineSink:
-    """Turns a guest's stdout/stderr byte stream into log lines (bounded)."""
+    """Turns a guest's stdout/stderr byte stream into log lines (bounded, rate-limited)."""
 
-    def __init__(self, emit: Callable[[str], None]) -> None:
+    def __init__(self, emit: Callable[[str], None], allow: Callable[[], bool]) -> None:
         self._emit = emit
+        self._allow = allow
         self._buf = bytearray()
         self._lock = threading.Lock()
+
+    def _line(self, data: bytes | bytearray) -> None:
+        if self._allow():
+            self._emit(bytes(data).decode(errors="replace")[:MAX_LINE])
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -201,23 +264,61 @@ class _LineSink:
                 nl = self._buf.find(b"\n")
                 if nl < 0:
                     break
-                self._emit(self._buf[:nl].decode(errors="replace")[:MAX_LINE])
+                self._line(self._buf[:nl])
                 del self._buf[: nl + 1]
             if len(self._buf) > MAX_LINE:
-                self._emit(self._buf[:MAX_LINE].decode(errors="replace") + "…")
+                self._line(self._buf[:MAX_LINE] + "…".encode())
                 self._buf.clear()
 
     def flush(self) -> None:
         with self._lock:
             if self._buf:
-                self._emit(self._buf.decode(errors="replace")[:MAX_LINE])
+                self._line(self._buf)
                 self._buf.clear()
+
+
+class HostBindings(Protocol):
+    """What a kind of flow gets from the host besides WASI."""
+
+    #: Import modules a module of this kind may import from.
+    allowed_modules: frozenset[str]
+
+    def check(self, module: wasmtime.Module) -> None:
+        """Refuse imports the host does not provide (raise InstantiationError)."""
+
+    def define(self, linker: wasmtime.Linker, store: wasmtime.Store) -> None:
+        """Define host functions (and an imported memory, if any) on the linker."""
+
+    def bound(self, instance: FlowInstance) -> None:
+        """Called once the instance exists (e.g. to find its exported memory)."""
+
+    def allow_output(self) -> bool:
+        """Rate limit for stdout/stderr lines."""
+
+
+class WasiOnly:
+    """Bindings of a plain WASI module: no host API."""
+
+    allowed_modules = frozenset({"wasi_snapshot_preview1"})
+
+    def check(self, module: wasmtime.Module) -> None:
+        return None
+
+    def define(self, linker: wasmtime.Linker, store: wasmtime.Store) -> None:
+        return None
+
+    def bound(self, instance: FlowInstance) -> None:
+        return None
+
+    def allow_output(self) -> bool:
+        return True
 
 
 class FlowInstance:
     """One instantiated flow: its Store, Instance and output sinks.
 
-    Blocking methods (:meth:`start`, :meth:`call`) run on a wasm worker thread.
+    Blocking methods (:meth:`start`, :meth:`call`, :meth:`dispatch`) run on a wasm
+    worker thread; a lock makes each Store used by one thread at a time.
     """
 
     def __init__(
@@ -230,20 +331,27 @@ class FlowInstance:
         device_id: str,
         limits: Limits,
         config: dict[str, Any] | None = None,
+        bindings: HostBindings | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         self.runtime = runtime
-        self.config = config or {}
         self.module = module
         self.flow_id = flow_id
         self.version = version
         self.limits = limits
+        self.config = config or {}
+        self.bindings: HostBindings = bindings or WasiOnly()
+        self.data_dir = data_dir
         self._lock = threading.Lock()
         self._closed = False
         self._close_pending = False
         flog = log.bind(flow_id=flow_id, flow_version=version, device_id=device_id)
-        self._stdout = _LineSink(lambda line: flog.info("flow output", stream="stdout", line=line))
+        allow = self.bindings.allow_output
+        self._stdout = _LineSink(
+            lambda line: flog.info("flow output", stream="stdout", line=line), allow
+        )
         self._stderr = _LineSink(
-            lambda line: flog.warning("flow output", stream="stderr", line=line)
+            lambda line: flog.warning("flow output", stream="stderr", line=line), allow
         )
         self.store: wasmtime.Store | None = None
         self.instance: wasmtime.Instance | None = None
@@ -252,12 +360,14 @@ class FlowInstance:
         self._device_id = device_id
 
     def check_imports(self) -> None:
+        allowed = self.bindings.allowed_modules
         for imp in self.module.imports:
-            if imp.module not in ALLOWED_IMPORT_MODULES:
+            if imp.module not in allowed:
                 raise InstantiationError(
                     f"module imports {imp.module}.{imp.name}, which this host does not provide "
-                    f"(allowed: {', '.join(sorted(ALLOWED_IMPORT_MODULES))})"
+                    f"(allowed: {', '.join(sorted(allowed))})"
                 )
+        self.bindings.check(self.module)
 
     def start(self) -> None:
         """Instantiate in a fresh Store and run the start-up export (blocking)."""
@@ -289,11 +399,14 @@ class FlowInstance:
         ]
         wasi.stdout_custom = self._stdout.write
         wasi.stderr_custom = self._stderr.write
+        if self.data_dir is not None:
+            wasi.preopen_dir(str(self.data_dir), "/data")
         store.set_wasi(wasi)
         linker = wasmtime.Linker(self.runtime.engine)
         linker.define_wasi()
-        store.set_epoch_deadline(self.limits.deadline_ticks)
+        self.bindings.define(linker, store)
         self.store = store
+        self._arm()
         try:
             self.instance = linker.instantiate(store, self.module)
         except wasmtime.Trap as exc:
@@ -306,32 +419,49 @@ class FlowInstance:
         # instance.exports() wraps every export in Python (33 ms for 1,100 exports).
         linker.define_instance(store, _SELF, self.instance)
         self._linker = linker
+        self.bindings.bound(self)
         startup = next((n for n in ("_initialize", "_start") if self._export(n)), None)
         if startup is not None:
             self._call_locked(startup)
         self._stdout.flush()
         self._stderr.flush()
 
+    def export_item(self, name: str) -> Any:
+        """Any export (memory, global, function) by name, or None. Caller holds the lock."""
+        if self._linker is None or self.store is None:
+            return None
+        try:
+            return self._linker.get(self.store, _SELF, name)
+        except wasmtime.WasmtimeError:
+            return None
+
     def _export(self, name: str) -> wasmtime.Func | None:
         """The exported function ``name``, or None (cached; caller holds the lock)."""
-        if name in self._exports:
-            return self._exports[name]
-        func: wasmtime.Func | None = None
-        if self._linker is not None and self.store is not None:
-            try:
-                item = self._linker.get(self.store, _SELF, name)
-            except wasmtime.WasmtimeError:
-                item = None
-            func = item if isinstance(item, wasmtime.Func) else None
-        self._exports[name] = func
-        return func
+        if name not in self._exports:
+            item = self.export_item(name)
+            self._exports[name] = item if isinstance(item, wasmtime.Func) else None
+        return self._exports[name]
 
-    def _call_locked(self, name: str, *args: Any) -> Any:
+    def has_export(self, name: str) -> bool:
+        with self._lock:
+            return self._export(name) is not None
+
+    def _arm(self) -> None:
+        """Set this call's wall-clock deadline and fuel budget."""
+        assert self.store is not None
+        self.store.set_epoch_deadline(self.limits.deadline_ticks)
+        if self.limits.fuel_per_call:
+            self.store.set_fuel(self.limits.fuel_per_call)
+        else:
+            self.store.set_fuel(2**63 - 1)
+
+    def _call_locked(self, name: str, *args: Any, arm: bool = True) -> Any:
         assert self.store is not None
         func = self._export(name)
         if func is None:
             raise SandboxError(f"flow {self.flow_id} has no exported function {name!r}")
-        self.store.set_epoch_deadline(self.limits.deadline_ticks)
+        if arm:
+            self._arm()
         try:
             return func(self.store, *args)
         except wasmtime.ExitTrap as exc:
@@ -340,25 +470,69 @@ class FlowInstance:
             raise FlowTrap(f"{name} exited with code {exc.code}", code="exit") from None
         except wasmtime.Trap as exc:
             code = _trap_code(exc)
-            what = (
-                f"exceeded the {self.limits.call_deadline_ms} ms call deadline"
-                if code == "deadline"
-                else f"trapped: {_trap_message(exc)}"
-            )
+            if code == "deadline":
+                what = f"exceeded the {self.limits.call_deadline_ms} ms call deadline"
+            elif code == "out_of_fuel":
+                what = f"ran out of fuel ({self.limits.fuel_per_call} units per call)"
+            else:
+                what = f"trapped: {_trap_message(exc)}"
             raise FlowTrap(f"{name} {what}", code=code) from None
         except wasmtime.WasmtimeError as exc:
             raise FlowTrap(f"{name} failed: {_trap_message(exc)}") from None
 
     def call(self, name: str, *args: Any) -> Any:
-        """Call an export under the per-call deadline (blocking)."""
+        """Call an export under the per-call deadline and fuel budget (blocking)."""
         with self._lock:
             try:
                 if self._closed:
                     raise SandboxError(f"flow {self.flow_id} is stopped")
                 return self._call_locked(name, *args)
             finally:
+                self._stdout.flush()
+                self._stderr.flush()
                 if self._close_pending:
                     self._release_locked()
+
+    def dispatch(self, kind: int, name: bytes, payload: bytes) -> int:
+        """Deliver one trigger event through ``edge_alloc`` + ``edge_on_event`` (blocking).
+
+        Alloc, copy, the handler and ``edge_free`` share one deadline and fuel budget.
+        Returns the handler's result code.
+        """
+        with self._lock:
+            try:
+                if self._closed:
+                    raise SandboxError(f"flow {self.flow_id} is stopped")
+                return self._dispatch_locked(kind, name, payload)
+            finally:
+                self._stdout.flush()
+                self._stderr.flush()
+                if self._close_pending:
+                    self._release_locked()
+
+    def _dispatch_locked(self, kind: int, name: bytes, payload: bytes) -> int:
+        assert self.store is not None
+        if self._export("edge_on_event") is None:
+            raise SandboxError(f"flow {self.flow_id} has triggers but exports no edge_on_event")
+        size = len(name) + len(payload)
+        self._arm()
+        ptr = 0
+        if size:
+            if self._export("edge_alloc") is None:
+                raise SandboxError(f"flow {self.flow_id} exports edge_on_event but no edge_alloc")
+            ptr = int(self._call_locked("edge_alloc", size, arm=False)) & 0xFFFFFFFF
+            memory = self.export_item("memory")
+            if ptr == 0 or not isinstance(memory, wasmtime.Memory):
+                raise FlowTrap("edge_alloc returned NULL (out of memory?)", code="alloc")
+            if ptr + size > memory.data_len(self.store):
+                raise FlowTrap("edge_alloc returned a pointer outside memory", code="alloc")
+            memory.write(self.store, name + payload, ptr)
+        rc = self._call_locked(
+            "edge_on_event", kind, ptr, len(name), ptr + len(name), len(payload), arm=False
+        )
+        if size and self._export("edge_free") is not None:
+            self._call_locked("edge_free", ptr, size, arm=False)
+        return int(rc or 0)
 
     def close(self) -> None:
         """Stop the instance without ever blocking the caller (the event loop).

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._fsutil import atomic_write, remove_stale_temps
 from .errors import StateError
+from .manifest import Manifest
 from .protocol import FlowSpec, RejectedDesired, Status, utc_now_iso
 
 log = structlog.get_logger("agent.state")
@@ -51,6 +52,8 @@ class Installed(BaseModel):
     sha256: str
     kind: str = "wasm"
     config: dict[str, Any] = Field(default_factory=dict)
+    #: Triggers and permissions (canonical JSON of :class:`agent.manifest.Manifest`).
+    manifest: str = Field(default_factory=lambda: Manifest().canonical())
     deployment_id: str | None = None
     installed_at: str = Field(default_factory=utc_now_iso)
 
@@ -69,6 +72,8 @@ class FlowRecord(BaseModel):
     attempts: int = 0
     #: Identity of the target the status refers to (see :func:`target_key`).
     target: str | None = None
+    #: The flow trapped too often; it stays stopped until a new deployment or restart.
+    broken: bool = False
     #: Generation of the desired document the status refers to.
     generation: int | None = None
     inflight: InFlight | None = None
@@ -92,7 +97,10 @@ def target_key(spec: FlowSpec) -> str:
     if spec.is_removal or spec.artifact is None:
         return "remove"
     cfg = json.dumps(spec.config, sort_keys=True, separators=(",", ":"))
-    return f"{spec.version}@{spec.artifact.sha256}:{spec.artifact.kind}#{spec.deployment_id}|{cfg}"
+    return (
+        f"{spec.version}@{spec.artifact.sha256}:{spec.artifact.kind}#{spec.deployment_id}"
+        f"|{cfg}|{spec.manifest().canonical()}"
+    )
 
 
 def installed_matches(installed: Installed | None, spec: FlowSpec) -> bool:
@@ -104,6 +112,7 @@ def installed_matches(installed: Installed | None, spec: FlowSpec) -> bool:
         and installed.sha256 == spec.artifact.sha256
         and installed.kind == spec.artifact.kind.value
         and installed.config == spec.config
+        and installed.manifest == spec.manifest().canonical()
     )
 
 

@@ -29,6 +29,10 @@ class Topics:
         return f"{self.base}/events"
 
     @property
+    def command(self) -> str:
+        return f"{self.base}/command"
+
+    @property
     def status(self) -> str:
         return f"{self.base}/status"
 

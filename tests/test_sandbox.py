@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -11,21 +13,30 @@ import wat
 
 from agent.errors import FlowTrap, InstantiationError, InvalidModule
 from agent.flows import FlowHost
+from agent.manifest import Permissions
+from agent.runner import FlowRunner, RunSpec
 from agent.sandbox import Limits, Runtime
 
 LIMITS = Limits(memory_limit=4 * 1024 * 1024, call_deadline_ms=300, epoch_tick_ms=10)
 
 
 @pytest.fixture
-async def host() -> AsyncIterator[FlowHost]:
+async def host(tmp_path: Path) -> AsyncIterator[FlowHost]:
     async with Runtime(LIMITS, workers=2) as runtime:
-        h = FlowHost(runtime, LIMITS, "dev1")
+        h = FlowHost(runtime, LIMITS, "dev1", flows_dir=tmp_path / "flows")
         yield h
         h.close_all()
 
 
-async def prepare(host: FlowHost, data: bytes, version: str = "v1") -> object:
-    return await host.prepare("f1", version, data, wat.sha256(data))
+def spec(data: bytes, version: str = "v1", flow_id: str = "f1", **kw: Any) -> RunSpec:
+    fields: dict[str, Any] = {"config": {}, "triggers": (), "permissions": Permissions()}
+    fields.update(kw)
+    return RunSpec(flow_id=flow_id, version=version, sha256=wat.sha256(data), kind="wasm",
+                   **fields)
+
+
+async def prepare(host: FlowHost, data: bytes, version: str = "v1") -> FlowRunner:
+    return await host.prepare(spec(data, version), data)
 
 
 async def test_reactor_starts_and_output_is_logged(host: FlowHost) -> None:
@@ -102,13 +113,13 @@ async def test_invalid_bytes_refused(host: FlowHost, data: bytes, needle: str) -
 
 async def test_blue_green_activate_swaps_and_stops_old(host: FlowHost) -> None:
     v1 = await prepare(host, wat.reactor("one"), "v1")
-    assert host.activate("f1", v1) is None  # type: ignore[arg-type]
+    assert host.activate("f1", v1) is None
     v2 = await prepare(host, wat.reactor("two"), "v2")
     assert host.running["f1"] is v1  # old runs until activation
-    old = host.activate("f1", v2)  # type: ignore[arg-type]
+    old = host.activate("f1", v2)
     assert old is v1
     assert host.running["f1"] is v2
-    assert v1.store is None  # type: ignore[attr-defined]
+    assert v1.instance is None
 
 
 async def test_compiled_module_cache(host: FlowHost) -> None:
@@ -155,7 +166,7 @@ async def test_trap_message_is_readable(host: FlowHost) -> None:
 async def test_flow_gets_its_identity_and_config_in_its_environment(host: FlowHost) -> None:
     data = wat.print_environ()
     with structlog.testing.capture_logs() as logs:
-        await host.prepare("f1", "v7", data, wat.sha256(data), {"rate": 5, "name": "x"})
+        await host.prepare(spec(data, "v7", config={"rate": 5, "name": "x"}), data)
     out = "".join(e["line"] for e in logs if e["event"] == "flow output")
     env = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
     assert env == {"EDGE_FLOW_ID": "f1", "EDGE_FLOW_VERSION": "v7", "EDGE_DEVICE_ID": "dev1",

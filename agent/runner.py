@@ -1,0 +1,311 @@
+"""One running flow: its instance, its triggers, its event queue, its supervision.
+
+- Events (startup, interval ticks, commands, MQTT messages) go through a bounded
+  queue and are delivered one at a time, each under the per-call deadline, fuel
+  budget and an outer timeout (for blocking host calls).
+- Interval ticks are scheduled on the loop's clock without drift; a tick that is
+  still queued when the next is due is not queued twice (a slow flow skips ticks
+  rather than piling them up).
+- A trap restarts the flow in a fresh Store after a backoff (1 s, doubling, capped
+  at 60 s). ``max_failures`` traps within ``failure_window`` mark it ``broken``: it
+  stops and stays stopped until a new deployment or a restart command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import structlog
+
+from .errors import AgentError, SandboxError
+from .hostapi import EVENT_COMMAND, EVENT_INTERVAL, EVENT_MQTT, EVENT_STARTUP, FlowContext
+from .kvstore import KVStore
+from .manifest import CommandTrigger, IntervalTrigger, MqttTrigger, Permissions, StartupTrigger
+from .sandbox import FlowInstance, HostBindings, Limits, Runtime
+
+log = structlog.get_logger("agent.runner")
+
+QUEUE_SIZE = 256
+
+
+class Health(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    BROKEN = "broken"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: int
+    name: bytes
+    payload: bytes
+    #: Interval trigger name, for tick coalescing.
+    tick: str | None = None
+
+
+@dataclass
+class RunnerState:
+    """What the state report shows of a running flow."""
+
+    health: Health = Health.STARTING
+    restarts: int = 0
+    last_error: str | None = None
+    events: int = 0
+    events_dropped: int = 0
+    failures: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+
+
+@dataclass(frozen=True)
+class Supervision:
+    max_failures: int = 3
+    failure_window: float = 3600.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything needed to run one version of one flow."""
+
+    flow_id: str
+    version: str
+    sha256: str
+    kind: str
+    config: dict[str, Any]
+    triggers: tuple[Any, ...]
+    permissions: Permissions
+
+
+class FlowRunner:
+    def __init__(
+        self,
+        runtime: Runtime,
+        module: Any,
+        spec: RunSpec,
+        *,
+        device_id: str,
+        limits: Limits,
+        make_bindings: Callable[[FlowRunner], HostBindings],
+        context: FlowContext | None,
+        kv: KVStore | None,
+        data_dir: Any,
+        supervision: Supervision,
+        on_health: Callable[[FlowRunner], None],
+    ) -> None:
+        self.runtime = runtime
+        self.module = module
+        self.spec = spec
+        self.device_id = device_id
+        self.limits = limits
+        self.context = context
+        self.kv = kv
+        self.data_dir = data_dir
+        self.supervision = supervision
+        self.on_health = on_health
+        self.state = RunnerState()
+        self._make_bindings = make_bindings
+        self.instance: FlowInstance | None = None
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(QUEUE_SIZE)
+        self._queued_ticks: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.log = log.bind(flow_id=spec.flow_id, device_id=device_id, flow_version=spec.version)
+
+    @property
+    def flow_id(self) -> str:
+        return self.spec.flow_id
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    @property
+    def call_timeout(self) -> float:
+        # Epochs and fuel stop wasm code; this outer bound catches a guest stuck in
+        # a blocking host call (e.g. a WASI sleep), which neither can interrupt.
+        return self.limits.call_deadline_ms / 1000 * 2 + 1.0
+
+    def triggers(self, cls: type) -> list[Any]:
+        return [t for t in self.spec.triggers if isinstance(t, cls)]
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Instantiate, run start-up and the startup trigger. Raises on failure."""
+        inst = FlowInstance(
+            self.runtime,
+            self.module,
+            flow_id=self.spec.flow_id,
+            version=self.spec.version,
+            device_id=self.device_id,
+            limits=self.limits,
+            config=self.spec.config,
+            bindings=self._make_bindings(self),
+            data_dir=self.data_dir,
+        )
+        fut = asyncio.ensure_future(
+            self.runtime.run(inst.start, timeout=self.call_timeout, what="start-up")
+        )
+        try:
+            await asyncio.shield(fut)
+            for trig in self.triggers(StartupTrigger):
+                await self._deliver(inst, Event(EVENT_STARTUP, trig.name.encode(), b""))
+        except asyncio.CancelledError:
+            # Superseded while starting: the thread finishes on its own; drop the instance.
+            fut.add_done_callback(lambda _f: inst.close())
+            raise
+        except SandboxError:
+            inst.close()
+            raise
+        self.instance = inst
+
+    def activate(self) -> None:
+        """Start delivering trigger events (after the blue/green swap)."""
+        self._set_health(Health.RUNNING)
+        loop = asyncio.get_running_loop()
+        name = self.spec.flow_id
+        self._tasks.append(loop.create_task(self._worker(), name=f"flow-{name}-events"))
+        for trig in self.triggers(IntervalTrigger):
+            self._tasks.append(
+                loop.create_task(self._ticker(trig), name=f"flow-{name}-tick-{trig.name}")
+            )
+        if self.kv is not None:
+            self._tasks.append(loop.create_task(self._flusher(), name=f"flow-{name}-kv"))
+
+    def stop(self, health: Health = Health.STOPPED) -> None:
+        """Stop triggers and the instance; never blocks the event loop."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+        if self.instance is not None:
+            self.instance.close()
+            self.instance = None
+        if self.kv is not None:
+            try:
+                self.kv.flush()
+            except OSError as exc:
+                self.log.error("cannot persist flow storage", error=str(exc))
+        self._set_health(health)
+
+    # ------------------------------------------------------------ events
+    def offer(self, event: Event) -> bool:
+        """Queue an event; False (and counted) when the queue is full or the flow is down."""
+        if self.state.health not in (Health.RUNNING, Health.RESTARTING):
+            return False
+        if event.tick is not None:
+            if event.tick in self._queued_ticks:
+                return True  # the previous tick has not run yet: coalesce
+            self._queued_ticks.add(event.tick)
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            if event.tick is not None:
+                self._queued_ticks.discard(event.tick)
+            self.state.events_dropped += 1
+            return False
+        return True
+
+    def command(self, name: str, payload: bytes) -> bool:
+        if not any(t.command == name for t in self.triggers(CommandTrigger)):
+            return False
+        return self.offer(Event(EVENT_COMMAND, name.encode(), payload))
+
+    def mqtt_filters(self) -> list[MqttTrigger]:
+        return self.triggers(MqttTrigger)
+
+    def message(self, topic: str, payload: bytes) -> bool:
+        return self.offer(Event(EVENT_MQTT, topic.encode(), payload))
+
+    async def _ticker(self, trig: IntervalTrigger) -> None:
+        loop = asyncio.get_running_loop()
+        period = trig.ms / 1000
+        start = loop.time()
+        n = 0
+        while True:
+            n += 1
+            await asyncio.sleep(max(0.0, start + n * period - loop.time()))
+            behind = int((loop.time() - start) / period)
+            n = max(n, behind)  # after a long stall, don't fire a burst of missed ticks
+            self.offer(Event(EVENT_INTERVAL, trig.name.encode(), b"", tick=trig.name))
+
+    async def _flusher(self) -> None:
+        assert self.kv is not None
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.to_thread(self.kv.flush)
+            except OSError as exc:
+                self.log.error("cannot persist flow storage", error=str(exc))
+
+    async def _deliver(self, inst: FlowInstance, event: Event) -> None:
+        rc = await self.runtime.run(
+            lambda: inst.dispatch(event.kind, event.name, event.payload),
+            timeout=self.call_timeout,
+            what="edge_on_event",
+        )
+        self.state.events += 1
+        if rc != 0:
+            self.log.warning(
+                "flow event handler returned an error",
+                rc=rc,
+                event=event.name[:100].decode(errors="replace"),
+            )
+
+    async def _worker(self) -> None:
+        while True:
+            event = await self._queue.get()
+            if event.tick is not None:
+                self._queued_ticks.discard(event.tick)
+            inst = self.instance
+            if inst is None:
+                continue
+            try:
+                await self._deliver(inst, event)
+            except AgentError as exc:
+                await self._failed(str(exc))
+
+    # ------------------------------------------------------------ supervision
+    async def _failed(self, reason: str) -> None:
+        sup = self.supervision
+        now = time.monotonic()
+        self.state.failures.append(now)
+        recent = [t for t in self.state.failures if now - t <= sup.failure_window]
+        self.state.last_error = reason
+        if self.instance is not None:
+            self.instance.close()
+            self.instance = None
+        if len(recent) >= sup.max_failures:
+            self.log.error(
+                "flow broken: too many failures; not restarting",
+                error=reason,
+                failures=len(recent),
+                window_s=sup.failure_window,
+            )
+            self.stop(Health.BROKEN)
+            raise asyncio.CancelledError  # ends this worker task
+        delay = min(sup.backoff_max, sup.backoff_initial * 2 ** (len(recent) - 1))
+        self.log.warning(
+            "flow failed; restarting", error=reason, restart_in_s=delay, failures=len(recent)
+        )
+        self._set_health(Health.RESTARTING)
+        await asyncio.sleep(delay)
+        try:
+            await self.start()
+        except AgentError as exc:
+            await self._failed(f"restart failed: {exc}")
+            return
+        self.state.restarts += 1
+        self._set_health(Health.RUNNING)
+
+    def _set_health(self, health: Health) -> None:
+        if self.state.health != health:
+            self.state.health = health
+            with contextlib.suppress(Exception):
+                self.on_health(self)
