@@ -387,3 +387,53 @@ async def test_newer_document_does_not_cost_an_unchanged_install_an_attempt(
         d["flows"].get(f, {}).get("status") == "success" for f in ("A", "B")), timeout=30)
     assert state["flows"]["A"]["attempts"] == 1
     assert "aborted" not in statuses(op, "A")
+
+
+async def test_flow_triggers_over_mqtt(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any) -> None:
+    """Interval, command and mqtt triggers end to end, through the real broker."""
+    await running_agent()  # (op already subscribes to edge/dev1/#: no overlapping filter)
+    f = flow(artifact_server, "v1", wat.echo_flow(), triggers=[
+        {"type": "interval", "name": "tick", "ms": 100},
+        {"type": "command", "command": "ping"},
+        {"type": "mqtt", "topic": "sensors/+/temp"}])
+    op.publish(DESIRED, {"generation": 1, "flows": {"f1": f}})
+    state = await op.wait_for(STATE, flow_state("f1", status="success"))
+    assert state["flows"]["f1"]["runtime"] == {"health": "running", "restarts": 0,
+                                               "lastError": None}
+    await wait_until(lambda: len(op.messages("edge/dev1/flows/f1/count")) >= 3, what="ticks")
+    counts = [int.from_bytes(p, "little") for p in op.messages("edge/dev1/flows/f1/count")]
+    assert counts[:3] == [1, 2, 3]
+
+    op.publish("edge/dev1/command", {"name": "ping", "payload": {"a": 1}}, retain=False)
+    await wait_until(lambda: op.messages("edge/dev1/flows/f1/command"), what="command echo")
+    assert op.messages("edge/dev1/flows/f1/command") == [b'ping{"a": 1}']
+
+    op.publish("sensors/kitchen/temp", b"21.5", retain=False)
+    await wait_until(lambda: op.messages("edge/dev1/flows/f1/mqtt"), what="mqtt echo")
+    assert op.messages("edge/dev1/flows/f1/mqtt") == [b"sensors/kitchen/temp21.5"]
+
+
+async def test_broken_flow_is_reported_and_stays_stopped_until_redeployed(
+        op: Operator, artifact_server: ArtifactServer, make_config: Any) -> None:
+    cfg = make_config(sandbox={"call_deadline_ms": 1000, "restart_backoff_initial": 0.05,
+                               "max_failures": 3})
+    trig = [{"type": "interval", "ms": 30}]
+    async with Agent(cfg):
+        op.publish(DESIRED, {"generation": 1, "flows": {
+            "f1": flow(artifact_server, "v1", wat.edge_flow("unreachable"), triggers=trig)}})
+        state = await op.wait_for(STATE, lambda d: (d["flows"].get("f1", {}).get("runtime")
+                                                    or {}).get("health") == "broken")
+    f1 = state["flows"]["f1"]
+    assert f1["status"] == "success"  # the deployment succeeded; the flow then broke
+    assert f1["runtime"]["restarts"] == 2
+    assert "unreachable" in f1["runtime"]["lastError"]
+
+    async with Agent(cfg) as again:  # a restart does not resurrect a broken flow
+        assert "f1" not in again.host.running
+        await op.wait_for(STATE, lambda d: d["flows"]["f1"]["runtime"]["health"] == "broken")
+        op.publish(DESIRED, {"generation": 2, "flows": {
+            "f1": flow(artifact_server, "v2", wat.echo_flow(), triggers=trig)}})
+        await op.wait_for(STATE, lambda d: d["flows"]["f1"]["currentVersion"] == "v2"
+                          and d["flows"]["f1"]["runtime"]["health"] == "running")
+        assert again.host.running["f1"].version == "v2"

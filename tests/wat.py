@@ -131,3 +131,78 @@ def print_environ() -> bytes:
     (i32.store (i32.const 16) (i32.const 4096))
     (i32.store (i32.const 20) (i32.load (i32.const 4)))
     (drop (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))))""")
+
+
+_EDGE_IMPORTS = """
+  (import "edge" "publish" (func $publish (param i32 i32 i32 i32 i32) (result i32)))
+  (import "edge" "log" (func $log (param i32 i32 i32) (result i32)))
+  (import "edge" "kv_get" (func $kv_get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "edge" "kv_set" (func $kv_set (param i32 i32 i32 i32) (result i32)))
+  (import "edge" "kv_delete" (func $kv_delete (param i32 i32) (result i32)))
+  (import "edge" "time_ms" (func $time_ms (result i64)))
+  (import "edge" "config_get" (func $config_get (param i32 i32 i32) (result i32)))
+"""
+
+
+def edge_flow(on_event: str, strings: dict[int, str] | None = None, *, init: str = "",
+              extra: str = "") -> bytes:
+    """An edge-API flow. ``on_event`` is the body of
+    ``edge_on_event(kind, np, nl, pp, pl) -> i32`` (locals $a $b $i available);
+    ``strings`` puts data at fixed addresses. ``edge_alloc`` hands out one fixed
+    event buffer at 65536 (events are delivered one at a time)."""
+    data = "\n".join(f'  (data (i32.const {addr}) "{_escape(text)}")'
+                     for addr, text in (strings or {}).items())
+    return wasmtime.wat2wasm(f"""
+(module
+  {_EDGE_IMPORTS}
+  (memory (export "memory") 4)
+{data}
+  (func (export "_initialize") {init})
+  (func (export "edge_alloc") (param $n i32) (result i32)
+    (if (result i32) (i32.gt_u (local.get $n) (i32.const 196608))
+      (then (i32.const 0)) (else (i32.const 65536))))
+  (func (export "edge_on_event") (param $kind i32) (param $np i32) (param $nl i32)
+        (param $pp i32) (param $pl i32) (result i32) (local $a i32) (local $b i32) (local $i i32)
+    {on_event}
+    (i32.const 0))
+  {extra}
+)""")
+
+
+# Topics (relative to the flow's own area "~/") at fixed addresses, with their lengths.
+ECHO_STRINGS = {1024: "~/startup", 1040: "~/interval", 1056: "~/command", 1072: "~/mqtt",
+                1088: "count", 1104: "~/count", 1120: "~/rc"}
+
+
+def echo_flow() -> bytes:
+    """Publishes every event's name+payload to ~/<kind>; on interval events also
+    increments a persisted counter (kv "count") and publishes it (u32 LE) to ~/count."""
+    return edge_flow("""
+    (local.set $a (i32.const 1024)) (local.set $b (i32.const 9))
+    (if (i32.eq (local.get $kind) (i32.const 2)) (then (local.set $a (i32.const 1040))
+                                                    (local.set $b (i32.const 10))))
+    (if (i32.eq (local.get $kind) (i32.const 3)) (then (local.set $a (i32.const 1056))
+                                                    (local.set $b (i32.const 9))))
+    (if (i32.eq (local.get $kind) (i32.const 4)) (then (local.set $a (i32.const 1072))
+                                                    (local.set $b (i32.const 6))))
+    (drop (call $publish (local.get $a) (local.get $b) (local.get $np)
+                         (i32.add (local.get $nl) (local.get $pl)) (i32.const 1)))
+    (if (i32.eq (local.get $kind) (i32.const 2)) (then
+      (i32.store (i32.const 512) (i32.const 0))
+      (drop (call $kv_get (i32.const 1088) (i32.const 5) (i32.const 512) (i32.const 4)
+                          (i32.const 520)))
+      (i32.store (i32.const 512) (i32.add (i32.load (i32.const 512)) (i32.const 1)))
+      (drop (call $kv_set (i32.const 1088) (i32.const 5) (i32.const 512) (i32.const 4)))
+      (drop (call $publish (i32.const 1104) (i32.const 7) (i32.const 512) (i32.const 4)
+                           (i32.const 1)))))
+    """, ECHO_STRINGS)
+
+
+def rc_flow(call: str) -> bytes:
+    """On any event, runs ``call`` (an expression returning i32) and publishes its
+    result as i32 LE to ~/rc: to observe host API error codes from the guest side."""
+    return edge_flow(f"""
+    (i32.store (i32.const 600) {call})
+    (drop (call $publish (i32.const 1120) (i32.const 4) (i32.const 600) (i32.const 4)
+                         (i32.const 1)))
+    """, ECHO_STRINGS)
