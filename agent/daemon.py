@@ -39,6 +39,7 @@ log = structlog.get_logger("agent.daemon")
 
 #: Seconds each shutdown stage may take; they sum well below systemd's TimeoutStopSec.
 STOP_RECONCILE_S = 10.0
+STOP_FLOWS_S = 5.0
 STOP_OFFLINE_ACK_S = 2.0
 STOP_MQTT_S = 3.0
 
@@ -170,6 +171,7 @@ class Agent:
             await self._start_installed()
             await self.reconciler.persist()
             self.session.add_on_connect(self._on_connect)
+            self.session.add_on_disconnect(self._on_disconnect)
             self.session.subscribe(self.topics.desired, qos=1)
             self.session.subscribe(self.topics.command, qos=1)
             self.session.start()
@@ -196,7 +198,7 @@ class Agent:
                 tasks[0].cancel()
         finally:
             # Stage 2: stop flows; stage 3: persist; stage 4: offline status; stage 5: MQTT.
-            self.host.close_all()
+            await self._stage("stop flows", self.host.close_all(), STOP_FLOWS_S)
             with contextlib.suppress(Exception):
                 await self.reconciler.persist()
             if self.session.connected.is_set():
@@ -225,6 +227,10 @@ class Agent:
 
     def _on_connect(self) -> None:
         self.reporter.on_connect()
+        self.host.set_connected(True)
+
+    def _on_disconnect(self) -> None:
+        self.host.set_connected(False)
 
     def _runtime_info(self, flow_id: str) -> FlowRuntime | None:
         rec = self.reconciler.state.flows.get(flow_id)
@@ -319,7 +325,7 @@ class Agent:
                 rec.target = None
                 rec.last_updated = utc_now_iso()
                 return
-            self.host.activate(flow_id, runner)
+            await self.host.activate(flow_id, runner)
             log.info("flow started from local store", flow_id=flow_id, version=inst.version)
 
     async def _dispatch(self) -> None:
@@ -330,6 +336,7 @@ class Agent:
                     await self.reconciler.offer_desired(msg.payload)
                 elif msg.topic == self.topics.command:
                     self._command(msg.payload)
+                    self.host.route(msg.topic, msg.payload)  # EEA bundles get it raw
                 elif not self.host.route(msg.topic, msg.payload):
                     log.debug("message on unhandled topic", topic=msg.topic)
             except AgentError as exc:

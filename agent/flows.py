@@ -21,13 +21,20 @@ from typing import Any
 
 import structlog
 import wasmtime
-from paho.mqtt.client import topic_matches_sub
 
+from .eea import (
+    EEABindings,
+    EEAConfig,
+    EEAContext,
+    EEARunner,
+    check_interface_version,
+    is_eea_module,
+)
 from .errors import InstantiationError
 from .hostapi import EDGE_FUNCTIONS, FlowContext, define_edge_api
 from .kvstore import KVStore
 from .manifest import TopicPolicy
-from .runner import FlowRunner, Health, RunSpec, Supervision
+from .runner import FlowRunner, RunSpec, Supervision
 from .sandbox import FlowInstance, HostBindings, Limits, Runtime
 
 log = structlog.get_logger("agent.flows")
@@ -93,6 +100,8 @@ class FlowHost:
         self._kv: dict[str, KVStore] = {}
         self._subs: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The agent's broker connection, as EEA bundles are told.
+        self.connected = False
 
     # ------------------------------------------------------------ building runners
     def _flow_dir(self, flow_id: str) -> Path:
@@ -139,13 +148,61 @@ class FlowHost:
         """Compile and start a runner; the running version is untouched."""
         self._loop = asyncio.get_running_loop()
         module = await self.runtime.run(lambda: self.runtime.compile(data, spec.sha256))
+        if spec.kind == "eea" or is_eea_module(module):
+            runner: FlowRunner = self._eea_runner(spec, module, data)
+        else:
+            runner = self._edge_runner(spec, module)
+        await runner.start()
+        return runner
+
+    def _eea_runner(self, spec: RunSpec, module: Any, data: bytes) -> EEARunner:
+        check_interface_version(data)
+        flow_dir = self._flow_dir(spec.flow_id)
+        flow_dir.mkdir(parents=True, exist_ok=True)
+        extra = tuple(f"{self.device_base}/{f}" for f in spec.permissions.publish)
+        ctx = EEAContext(
+            flow_id=spec.flow_id,
+            device_id=self.device_id,
+            storage_path=flow_dir / "eea-storage.json",
+            publish=self._threadsafe_publish,
+            allowed_topics=(
+                f"losant/{self.device_id}/#",
+                f"{self.device_base}/flows/{spec.flow_id}/#",
+                *extra,
+            ),
+            config=eea_config(spec.config),
+        )
+
+        def make(_runner: FlowRunner) -> HostBindings:
+            ctx.memory.memory = None
+            return EEABindings(ctx)
+
+        runner = EEARunner(
+            self.runtime,
+            module,
+            spec,
+            device_id=self.device_id,
+            limits=self.limits,
+            make_bindings=make,
+            context=None,
+            kv=None,
+            data_dir=None,
+            supervision=self.supervision,
+            on_health=self.on_health,
+            eea=ctx,
+            extra_topics=(f"{self.device_base}/command",),
+        )
+        runner.connected = self.connected  # a bundle started while online is told so
+        return runner
+
+    def _edge_runner(self, spec: RunSpec, module: Any) -> FlowRunner:
         kv = self._kv_for(spec)
         ctx = self._context(spec, kv)
         data_dir = None
         if spec.permissions.data_dir:
             data_dir = self._flow_dir(spec.flow_id) / "data"
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        runner = FlowRunner(
+        return FlowRunner(
             self.runtime,
             module,
             spec,
@@ -158,42 +215,53 @@ class FlowHost:
             supervision=self.supervision,
             on_health=self.on_health,
         )
-        await runner.start()
-        return runner
 
     # ------------------------------------------------------------ running set
-    def activate(self, flow_id: str, runner: FlowRunner) -> FlowRunner | None:
+    async def activate(self, flow_id: str, runner: FlowRunner) -> FlowRunner | None:
         """Make ``runner`` the running one of ``flow_id``; returns the old one (stopped)."""
         old = self.running.get(flow_id)
         self.running[flow_id] = runner
         if old is not None:
-            self._stop(old)
+            await self._stop(old)
         runner.activate()
         for trig in runner.mqtt_filters():
             self._ref_sub(trig.topic, trig.qos)
         return old
 
-    def _stop(self, runner: FlowRunner, health: Health = Health.STOPPED) -> None:
+    async def _stop(self, runner: FlowRunner) -> None:
         for trig in runner.mqtt_filters():
             self._unref_sub(trig.topic)
-        runner.stop(health)
+        await runner.shutdown(self.limits.call_deadline_ms / 1000)
 
-    def remove(self, flow_id: str, *, purge: bool = False) -> bool:
+    async def remove(self, flow_id: str, *, purge: bool = False) -> bool:
         """Stop a flow; ``purge`` also deletes its storage and data directory."""
         runner = self.running.pop(flow_id, None)
         if runner is not None:
-            self._stop(runner)
+            await self._stop(runner)
         if purge:
             self._kv.pop(flow_id, None)
             shutil.rmtree(self._flow_dir(flow_id), ignore_errors=True)
         return runner is not None
 
-    def close_all(self) -> None:
-        for flow_id in list(self.running):
+    async def close_all(self) -> None:
+        """Stop every flow (EEA bundles get ``eea_shutdown`` first), concurrently."""
+
+        async def one(flow_id: str) -> None:
             try:
-                self.remove(flow_id)
+                await self.remove(flow_id)
             except Exception:  # shutdown goes on whatever one flow does
                 log.exception("error stopping flow", flow_id=flow_id)
+
+        await asyncio.gather(*(one(f) for f in list(self.running)))
+
+    def set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        for runner in self.running.values():
+            runner.connection(connected)
+
+    def direct_trigger(self, flow_id: str, trigger_id: str, payload: bytes) -> bool:
+        runner = self.running.get(flow_id)
+        return isinstance(runner, EEARunner) and runner.direct_trigger(trigger_id, payload)
 
     # ------------------------------------------------------------ routing
     def _ref_sub(self, topic: str, qos: int) -> None:
@@ -218,7 +286,7 @@ class FlowHost:
         """Deliver an MQTT message to every flow whose mqtt trigger filter matches."""
         delivered = []
         for flow_id, runner in sorted(self.running.items()):
-            if any(topic_matches_sub(t.topic, topic) for t in runner.mqtt_filters()):
+            if runner.accepts(topic):
                 runner.message(topic, payload)
                 delivered.append(flow_id)
         return delivered
@@ -233,3 +301,21 @@ class FlowHost:
             return None
         st = runner.state
         return {"health": st.health.value, "restarts": st.restarts, "lastError": st.last_error}
+
+
+def eea_config(config: dict[str, Any]) -> EEAConfig:
+    """EEA settings from a flow's ``config.eea`` (camelCase keys, all optional)."""
+    raw = config.get("eea") if isinstance(config.get("eea"), dict) else {}
+    assert isinstance(raw, dict)
+    names = {
+        "traceLevel": "trace_level",
+        "topicBuffer": "topic_buffer",
+        "payloadBuffer": "payload_buffer",
+        "queueSize": "queue_size",
+        "storageSize": "storage_size",
+        "storageIntervalMs": "storage_interval_ms",
+        "loopIntervalMs": "loop_interval_ms",
+    }
+    values = {py: int(raw[js]) for js, py in names.items() if isinstance(raw.get(js), int)}
+    values["loop_interval_ms"] = max(10, min(values.get("loop_interval_ms", 50), 100))
+    return EEAConfig(**values)

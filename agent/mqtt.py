@@ -106,6 +106,7 @@ class MqttSession:
         self._client_id = client_id
         self._will = will
         self._on_connect_cbs = list(on_connect)
+        self._on_disconnect_cbs: list[Callable[[], None]] = []
         self._rng = rng or random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -287,7 +288,7 @@ class MqttSession:
         # After a refused CONNACK the refusal is the useful reason: keep it.
         if not self._stop.is_set() and self._connected_once_in_this_round:
             self._note_error(f"disconnected from {self._cfg.broker}: {reason}")
-        self._call(self.connected.clear)
+        self._call(self._disconnected_on_loop)
 
     def _on_message(self, _client: paho.Client, _ud: Any, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -321,6 +322,19 @@ class MqttSession:
                 cb()
             except Exception:
                 log.exception("on-connect callback failed")
+
+    def _disconnected_on_loop(self) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was:
+            for cb in self._on_disconnect_cbs:
+                try:
+                    cb()
+                except Exception:
+                    log.exception("on-disconnect callback failed")
+
+    def add_on_disconnect(self, cb: Callable[[], None]) -> None:
+        self._on_disconnect_cbs.append(cb)
 
     def _deliver(self, msg: Message) -> None:
         sub = self._subs.get(msg.topic)

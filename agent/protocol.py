@@ -79,9 +79,11 @@ TERMINAL_STATUSES = frozenset(
 
 
 class ArtifactKind(StrEnum):
-    """What the artifact's bytes are. ``wasm``: a WASI preview 1 core module."""
+    """What the artifact's bytes are. ``wasm``: a WASI preview 1 core module (an EEA
+    bundle is detected by its imports too); ``eea``: a Losant EEA bundle."""
 
     WASM = "wasm"
+    EEA = "eea"
 
 
 _STRICT = ConfigDict(extra="forbid", populate_by_name=True)

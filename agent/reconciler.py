@@ -414,7 +414,7 @@ class Reconciler:
 
     async def _exec_remove(self, step: Remove, _chain: _Chain) -> None:
         rec = self.state.flows[step.flow_id]
-        self.host.remove(step.flow_id, purge=True)
+        await self.host.remove(step.flow_id, purge=True)
         rec.previous = rec.installed
         rec.installed = None
         log.info("flow removed", version=rec.previous.version if rec.previous else None)
@@ -501,7 +501,7 @@ class Reconciler:
     async def _activate(self, t: Target, chain: _Chain) -> None:
         assert chain.runner is not None
         rec = self.state.flows[t.flow_id]
-        old = self.host.activate(t.flow_id, chain.runner)
+        old = await self.host.activate(t.flow_id, chain.runner)
         if rec.installed is not None and rec.installed.sha256 != t.artifact.sha256:
             rec.previous = rec.installed
         rec.installed = Installed(

@@ -23,6 +23,7 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
+from paho.mqtt.client import topic_matches_sub
 
 from .errors import AgentError, SandboxError
 from .hostapi import EVENT_COMMAND, EVENT_INTERVAL, EVENT_MQTT, EVENT_STARTUP, FlowContext
@@ -155,8 +156,7 @@ class FlowRunner:
         )
         try:
             await asyncio.shield(fut)
-            for trig in self.triggers(StartupTrigger):
-                await self._deliver(inst, Event(EVENT_STARTUP, trig.name.encode(), b""))
+            await self._after_start(inst)
         except asyncio.CancelledError:
             # Superseded while starting: the thread finishes on its own; drop the instance.
             fut.add_done_callback(lambda _f: inst.close())
@@ -165,6 +165,27 @@ class FlowRunner:
             inst.close()
             raise
         self.instance = inst
+
+    async def _after_start(self, inst: FlowInstance) -> None:
+        """Kind-specific start-up after instantiation (here: the startup triggers)."""
+        for trig in self.triggers(StartupTrigger):
+            await self._deliver(inst, Event(EVENT_STARTUP, trig.name.encode(), b""))
+
+    def _extra_tasks(self) -> list[tuple[str, Any]]:
+        """Kind-specific background coroutines started by :meth:`activate`."""
+        return []
+
+    async def shutdown(self, timeout: float) -> None:
+        """A graceful stop (kinds that must flush something first override this)."""
+        self.stop()
+
+    def accepts(self, topic: str) -> bool:
+        """Whether an MQTT message on ``topic`` is for this flow."""
+        return any(topic_matches_sub(t.topic, topic) for t in self.mqtt_filters())
+
+    def connection(self, connected: bool) -> None:
+        """The agent's broker connection changed (kinds that care override this)."""
+        return
 
     def activate(self) -> None:
         """Start delivering trigger events (after the blue/green swap)."""
@@ -178,6 +199,8 @@ class FlowRunner:
             )
         if self.kv is not None:
             self._tasks.append(loop.create_task(self._flusher(), name=f"flow-{name}-kv"))
+        for label, coro in self._extra_tasks():
+            self._tasks.append(loop.create_task(coro, name=f"flow-{name}-{label}"))
 
     def stop(self, health: Health = Health.STOPPED) -> None:
         """Stop triggers and the instance; never blocks the event loop."""

@@ -19,12 +19,15 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import json
 import os
 import re
+import selectors
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -244,6 +247,97 @@ class Runtime:
             self._modules.pop(sha256, None)
 
 
+class _Pipe:
+    """One guest output stream: a pipe whose write end wasmtime opens as a file."""
+
+    def __init__(self, sink: _LineSink) -> None:
+        self.sink = sink
+        self.read_fd, write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        # wasmtime opens this path itself; our copy of the write end is not needed.
+        self.path = f"/proc/self/fd/{write_fd}"
+        self._write_fd: int | None = write_fd
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def opened(self) -> None:
+        if self._write_fd is not None:
+            os.close(self._write_fd)
+            self._write_fd = None
+
+    def drain(self) -> bool:
+        """Read what is there into the sink; False at end of stream (caller holds lock)."""
+        while not self.closed:
+            try:
+                data = os.read(self.read_fd, 65536)
+            except BlockingIOError:
+                return True
+            except OSError:
+                data = b""
+            if not data:
+                self.sink.flush()
+                return False
+            self.sink.write(data)
+        return False
+
+    def close(self) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.opened()
+                os.close(self.read_fd)
+
+
+class OutputPump:
+    """Reads every flow instance's stdout/stderr pipes on one thread.
+
+    Guest output does not use WasiConfig.stdout_custom: wasmtime drops that Python
+    callback asynchronously on its own (tokio) thread, which during interpreter
+    shutdown aborts the process. Plain pipes keep Python callbacks out of wasmtime
+    threads. The calling thread also drains a pipe after every guest call (under the
+    pipe's lock, so order is kept), so output is logged when the call returns; the
+    pump drains during long calls, so a chatty guest never blocks on a full pipe.
+    """
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread: threading.Thread | None = None
+
+    def open(self, sink: _LineSink) -> _Pipe:
+        pipe = _Pipe(sink)
+        with self._lock:
+            self._sel.register(pipe.read_fd, selectors.EVENT_READ, pipe)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="wasm-output", daemon=True)
+                self._thread.start()
+        os.write(self._wake_w, b"x")
+        return pipe
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                sel = self._sel
+            for key, _ in sel.select(timeout=1.0):
+                pipe = key.data
+                if pipe is None:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                    continue
+                with pipe.lock:
+                    alive = not pipe.closed and pipe.drain()
+                if not alive:
+                    with self._lock, contextlib.suppress(KeyError, ValueError):
+                        self._sel.unregister(key.fd)
+                    pipe.close()
+
+
+_pump = OutputPump()
+
+
 class _LineSink:
     """Turns a guest's stdout/stderr byte stream into log lines (bounded, rate-limited)."""
 
@@ -357,7 +451,9 @@ class FlowInstance:
         self.instance: wasmtime.Instance | None = None
         self._linker: wasmtime.Linker | None = None
         self._exports: dict[str, wasmtime.Func | None] = {}
+        self._pipes: list[_Pipe] = []
         self._device_id = device_id
+        _live.add(self)
 
     def check_imports(self) -> None:
         allowed = self.bindings.allowed_modules
@@ -397,8 +493,11 @@ class FlowInstance:
             ("EDGE_DEVICE_ID", self._device_id),
             ("EDGE_FLOW_CONFIG", json.dumps(self.config, separators=(",", ":"))),
         ]
-        wasi.stdout_custom = self._stdout.write
-        wasi.stderr_custom = self._stderr.write
+        self._pipes = [_pump.open(self._stdout), _pump.open(self._stderr)]
+        wasi.stdout_file = self._pipes[0].path
+        wasi.stderr_file = self._pipes[1].path
+        for pipe in self._pipes:
+            pipe.opened()
         if self.data_dir is not None:
             wasi.preopen_dir(str(self.data_dir), "/data")
         store.set_wasi(wasi)
@@ -423,8 +522,7 @@ class FlowInstance:
         startup = next((n for n in ("_initialize", "_start") if self._export(n)), None)
         if startup is not None:
             self._call_locked(startup)
-        self._stdout.flush()
-        self._stderr.flush()
+        self._drain_output()
 
     def export_item(self, name: str) -> Any:
         """Any export (memory, global, function) by name, or None. Caller holds the lock."""
@@ -488,8 +586,7 @@ class FlowInstance:
                     raise SandboxError(f"flow {self.flow_id} is stopped")
                 return self._call_locked(name, *args)
             finally:
-                self._stdout.flush()
-                self._stderr.flush()
+                self._drain_output()
                 if self._close_pending:
                     self._release_locked()
 
@@ -505,8 +602,7 @@ class FlowInstance:
                     raise SandboxError(f"flow {self.flow_id} is stopped")
                 return self._dispatch_locked(kind, name, payload)
             finally:
-                self._stdout.flush()
-                self._stderr.flush()
+                self._drain_output()
                 if self._close_pending:
                     self._release_locked()
 
@@ -549,11 +645,36 @@ class FlowInstance:
         finally:
             self._lock.release()
 
+    def _drain_output(self) -> None:
+        """Log what the guest wrote during the last call (see OutputPump)."""
+        for pipe in self._pipes:
+            with pipe.lock:
+                if not pipe.closed:
+                    pipe.drain()
+                    pipe.sink.flush()
+
     def _release_locked(self) -> None:
         self._close_pending = False
-        self._stdout.flush()
-        self._stderr.flush()
+        self._drain_output()
         self._exports.clear()
         self._linker = None
         self.instance = None
-        self.store = None
+        store, self.store = self.store, None
+        if store is not None:
+            # Free it now, deterministically: a Store freed later by the garbage
+            # collector during interpreter shutdown makes wasmtime's WASI thread call
+            # back into a finalizing Python and abort the process.
+            store.close()
+        _live.discard(self)
+
+
+#: Instances whose Store is not yet freed; closed by an atexit hook.
+_live: weakref.WeakSet[FlowInstance] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_instances() -> None:
+    """Free every Store while Python is still whole (see _release_locked)."""
+    for inst in list(_live):
+        with contextlib.suppress(Exception):
+            inst.close()

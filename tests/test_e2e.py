@@ -437,3 +437,23 @@ async def test_broken_flow_is_reported_and_stays_stopped_until_redeployed(
         await op.wait_for(STATE, lambda d: d["flows"]["f1"]["currentVersion"] == "v2"
                           and d["flows"]["f1"]["runtime"]["health"] == "running")
         assert again.host.running["f1"].version == "v2"
+
+
+@pytest.mark.parametrize("kind", ["eea", "wasm"])  # "wasm": detected from its imports
+async def test_eea_bundle_deployed_and_driven_over_mqtt(
+        operator: Operator, artifact_server: ArtifactServer, running_agent: Any,
+        kind: str) -> None:
+    op = operator
+    op.subscribe("edge/dev1/#")
+    op.subscribe("losant/dev1/#")
+    agent: Agent = await running_agent()
+    f = flow(artifact_server, "b1", wat.eea_bundle(), config={"eea": {"loopIntervalMs": 20}})
+    f["artifact"]["kind"] = kind
+    op.publish(DESIRED, {"generation": 1, "flows": {"f1": f}})
+    await op.wait_for(STATE, flow_state("f1", status="success"))
+    await wait_until(lambda: op.messages("losant/dev1/init"), what="eea_init's message")
+    await wait_until(lambda: op.messages("losant/dev1/conn") == [b"1"], what="connected")
+    op.publish("edge/dev1/command", {"name": "blink"}, retain=False)
+    await wait_until(lambda: op.messages("losant/dev1/echo"), what="the bundle's echo")
+    assert op.messages("losant/dev1/echo") == [b'edge/dev1/command {"name": "blink"}']
+    assert type(agent.host.running["f1"]).__name__ == "EEARunner"

@@ -58,7 +58,7 @@ class Host:
                        config=config, triggers=m.triggers,
                        permissions=m.permissions)
         runner = await self.host.prepare(spec, data)
-        self.host.activate(flow_id, runner)
+        await self.host.activate(flow_id, runner)
         return runner
 
 
@@ -77,7 +77,7 @@ async def h(tmp_path: Path) -> AsyncIterator[Host]:
         )
         box.append(Host(host))
         yield box[0]
-        host.close_all()
+        await host.close_all()
 
 
 def u32(data: bytes) -> int:
@@ -107,9 +107,9 @@ async def test_interval_counts_and_storage_survives_an_upgrade(h: Host) -> None:
 async def test_storage_is_persisted_and_purged_on_removal(h: Host, tmp_path: Path) -> None:
     await h.deploy(wat.echo_flow(), triggers=[{"type": "interval", "ms": 20}])
     await wait_until(lambda: len(h.on(f"{BASE}/flows/f1/count")) >= 2, what="ticks")
-    h.host.remove("f1")  # a stop flushes the store
+    await h.host.remove("f1")  # a stop flushes the store
     assert (tmp_path / "flows" / "f1" / "kv.json").exists()
-    h.host.remove("f1", purge=True)
+    await h.host.remove("f1", purge=True)
     assert not (tmp_path / "flows" / "f1").exists()
 
 
@@ -130,9 +130,9 @@ async def test_mqtt_trigger_subscribes_routes_and_unsubscribes(h: Host) -> None:
     assert h.host.route("sensors/a/humidity", b"40") == []
     await wait_until(lambda: h.on(f"{BASE}/flows/f2/mqtt"), what="delivery")
     assert h.on(f"{BASE}/flows/f1/mqtt") == [b"sensors/a/temp21.5"]
-    h.host.remove("f1")
+    await h.host.remove("f1")
     assert h.unsubscribed == []
-    h.host.remove("f2")
+    await h.host.remove("f2")
     assert h.unsubscribed == ["sensors/+/temp"]
 
 

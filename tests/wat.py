@@ -206,3 +206,131 @@ def rc_flow(call: str) -> bytes:
     (drop (call $publish (i32.const 1120) (i32.const 4) (i32.const 600) (i32.const 4)
                          (i32.const 1)))
     """, ECHO_STRINGS)
+
+
+_EEA_IMPORTS = """
+  (import "env" "eea_trace" (func $trace (param i32 i32 i32) (result i32)))
+  (import "env" "eea_send_message" (func $send (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "eea_storage_save" (func $save (param i32 i32) (result i32)))
+  (import "env" "eea_storage_read" (func $read (param i32 i32 i32) (result i32)))
+  (import "env" "eea_get_time" (func $time (param i32) (result i32)))
+  (import "env" "eea_sleep" (func $sleep (param i32) (result i32)))
+  (import "env" "eea_get_device_id" (func $devid (param i32 i32 i32) (result i32)))
+  (import "env" "eea_set_message_buffers" (func $bufs (param i32 i32 i32 i32) (result i32)))
+  (import "env" "eea_fn_not_provided" (func $missing (param i32) (result i32)))
+  (import "env" "eea_fn_base64_encode" (func $b64 (param i32 i32 i32 i32 i32) (result i32)))
+"""
+
+
+def eea_bundle(*, memory_import: bool = True, loop_body: str = "",
+               interface_version: str | None = None) -> bytes:
+    """An EEA-shaped bundle exercising the whole host interface.
+
+    Layout: topic buffer 1024 (256 B), payload buffer 2048 (4096 B), device id 8192
+    (u8 length at 8256), storage read buffer 8448 (u32 length at 8260), outgoing
+    messages assembled at 12288 (topic) and 13312 (payload). It sends:
+    ``losant/<id>/init`` at eea_init: "<storage> <missing-rc> <b64("hello")>";
+    ``losant/<id>/echo`` per message: "<topic> <payload>";
+    ``losant/<id>/direct`` per direct trigger: "<id> <payload>";
+    ``losant/<id>/conn`` per connection change: "0" or "1";
+    ``losant/<id>/config``: the trace level the host set, at eea_init.
+    eea_shutdown saves the last message payload as its storage.
+    """
+    memory = ('(import "env" "memory" (memory 2))' if memory_import
+              else '(memory (export "memory") 2)')
+    wasm = wasmtime.wat2wasm(f"""
+(module
+  {_EEA_IMPORTS}
+  {memory}
+  (global $trace_level (mut i32) (i32.const -1))
+  (global $last_len (mut i32) (i32.const 0))
+  (global $conn (mut i32) (i32.const -1))
+  (data (i32.const 16384) "losant/")
+  (data (i32.const 16400) "/init")
+  (data (i32.const 16416) "/echo")
+  (data (i32.const 16432) "/direct")
+  (data (i32.const 16448) "/conn")
+  (data (i32.const 16464) "/config")
+  (data (i32.const 16480) "hello")
+  (data (i32.const 16496) "eea_init ran")
+  ;; topic = "losant/" + device id + suffix, at 12288; returns its length
+  (func $topic (param $suffix i32) (param $slen i32) (result i32) (local $id i32)
+    (memory.copy (i32.const 12288) (i32.const 16384) (i32.const 7))
+    (local.set $id (i32.load8_u (i32.const 8256)))
+    (memory.copy (i32.const 12295) (i32.const 8192) (local.get $id))
+    (memory.copy (i32.add (i32.const 12295) (local.get $id)) (local.get $suffix) (local.get $slen))
+    (i32.add (i32.add (i32.const 7) (local.get $id)) (local.get $slen)))
+  ;; payload = a + " " + b at 13312; returns its length
+  (func $join (param $a i32) (param $al i32) (param $b i32) (param $bl i32) (result i32)
+    (memory.copy (i32.const 13312) (local.get $a) (local.get $al))
+    (i32.store8 (i32.add (i32.const 13312) (local.get $al)) (i32.const 32))
+    (memory.copy (i32.add (i32.const 13313) (local.get $al)) (local.get $b) (local.get $bl))
+    (i32.add (i32.add (local.get $al) (local.get $bl)) (i32.const 1)))
+  (func $send_to (param $suffix i32) (param $slen i32) (param $plen i32)
+    (drop (call $send (i32.const 12288) (call $topic (local.get $suffix) (local.get $slen))
+                      (i32.const 13312) (local.get $plen) (i32.const 1))))
+  (func (export "eea_config_set_trace_level") (param i32) (result i32)
+    (global.set $trace_level (local.get 0)) (i32.const 0))
+  (func (export "eea_config_set_storage_interval") (param i32) (result i32) (i32.const 0))
+  (func (export "eea_init") (result i32) (local $rc i32) (local $n i32)
+    (drop (call $bufs (i32.const 1024) (i32.const 256) (i32.const 2048) (i32.const 4096)))
+    (drop (call $devid (i32.const 8192) (i32.const 64) (i32.const 8256)))
+    (i32.store (i32.const 8260) (i32.const 0))
+    (drop (call $read (i32.const 8448) (i32.const 4096) (i32.const 8260)))
+    (drop (call $trace (i32.const 16496) (i32.const 12) (i32.const 2)))
+    ;; "<storage> <rc of the missing registered function> <base64 of hello>"
+    (local.set $rc (i32.add (i32.const 48) (call $missing (i32.const 7))))
+    (i32.store8 (i32.const 9000) (local.get $rc))
+    (drop (call $b64 (i32.const 16480) (i32.const 5) (i32.const 9001) (i32.const 64)
+                     (i32.const 9100)))
+    (local.set $n (call $join (i32.const 9000) (i32.const 1) (i32.const 9001)
+                              (i32.load (i32.const 9100))))
+    (memory.copy (i32.const 10000) (i32.const 13312) (local.get $n))
+    (call $send_to (i32.const 16400) (i32.const 5)
+      (call $join (i32.const 8448) (i32.load (i32.const 8260)) (i32.const 10000) (local.get $n)))
+    (i32.store8 (i32.const 13312) (i32.add (i32.const 48) (global.get $trace_level)))
+    (call $send_to (i32.const 16464) (i32.const 7) (i32.const 1))
+    (call $send_conn)
+    (i32.const 0))
+  (func (export "eea_loop") (param $now i64) (result i32)
+    (drop (call $time (i32.const 64)))
+    {loop_body}
+    (i32.const 0))
+  (func (export "eea_message_received") (param $tl i32) (param $pl i32) (result i32)
+    (memory.copy (i32.const 20000) (i32.const 2048) (local.get $pl))
+    (global.set $last_len (local.get $pl))
+    (call $send_to (i32.const 16416) (i32.const 5)
+      (call $join (i32.const 1024) (local.get $tl) (i32.const 2048) (local.get $pl)))
+    (i32.const 0))
+  (func (export "eea_direct_trigger") (param $il i32) (param $pl i32) (result i32)
+    (call $send_to (i32.const 16432) (i32.const 7)
+      (call $join (i32.const 1024) (local.get $il) (i32.const 2048) (local.get $pl)))
+    (i32.const 0))
+  ;; before eea_init the device id is unknown: remember, and report from eea_init
+  (func (export "eea_set_connection_status") (param $c i32) (result i32)
+    (global.set $conn (local.get $c))
+    (if (i32.load8_u (i32.const 8256)) (then (call $send_conn)))
+    (i32.const 0))
+  (func $send_conn
+    (i32.store8 (i32.const 13312) (i32.add (i32.const 48) (global.get $conn)))
+    (call $send_to (i32.const 16448) (i32.const 5) (i32.const 1)))
+  (func (export "eea_shutdown") (result i32)
+    (drop (call $save (i32.const 20000) (global.get $last_len)))
+    (i32.const 0))
+)""")
+    if interface_version is not None:
+        wasm = bytes(wasm) + custom_section("interfaceVersion", interface_version.encode())
+    return bytes(wasm)
+
+
+def custom_section(name: str, payload: bytes) -> bytes:
+    def leb(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    body = leb(len(name)) + name.encode() + payload
+    return b"\x00" + leb(len(body)) + body

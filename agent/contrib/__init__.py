@@ -1,0 +1,1 @@
+"""Optional extras shipped with edge-agent (e.g. example registered functions)."""
