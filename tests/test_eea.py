@@ -131,7 +131,7 @@ async def test_messages_to_other_topics_are_refused(h: Host) -> None:
 
 
 async def test_interface_version_other_than_1_0_0_is_refused(h: Host) -> None:
-    with pytest.raises(InstantiationError, match="interface version '2.0.0'"):
+    with pytest.raises(InstantiationError, match=r"interface version '2\.0\.0'"):
         await deploy(h, wat.eea_bundle(interface_version="2.0.0"))
     runner = await deploy(h, wat.eea_bundle(interface_version="1.0.0"), flow_id="ok")
     assert runner.state.health == Health.RUNNING
