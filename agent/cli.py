@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate and print the effective config")
     _add_config_flags(check)
     sub.add_parser("schema", help="print the JSON Schemas of the wire messages")
+    bundle = sub.add_parser("bundle", help="build or inspect a workflow bundle (.tar.gz)")
+    bsub = bundle.add_subparsers(dest="bundle_command", required=True)
+    build = bsub.add_parser("build", help="build a bundle from a directory with a manifest")
+    build.add_argument("dir", type=Path)
+    build.add_argument("-o", "--output", type=Path, required=True)
+    inspect = bsub.add_parser("inspect", help="verify a bundle and print what it holds")
+    inspect.add_argument("file", type=Path)
     demo = sub.add_parser("demo", help="run a local demonstration (broker, agent, deployment)")
     demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
     return parser
@@ -130,6 +138,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     os._exit(EXIT_OK)
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from .bundle import build_bundle, describe
+    from .errors import ArtifactError
+
+    try:
+        if args.bundle_command == "build":
+            manifest = build_bundle(args.dir, args.output)
+            sys.stdout.write(
+                f"{args.output}: {manifest.name} {manifest.version}, "
+                f"{len(manifest.modules)} module(s), "
+                f"sha256 {hashlib.sha256(args.output.read_bytes()).hexdigest()}\n"
+            )
+        else:
+            json.dump(describe(args.file.read_bytes()), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+    except (ArtifactError, OSError, ValueError) as exc:
+        sys.stderr.write(f"edge-agent: {exc}\n")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -141,6 +170,7 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "schema": cmd_schema,
     "demo": cmd_demo,
+    "bundle": cmd_bundle,
 }
 
 

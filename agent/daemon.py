@@ -30,7 +30,7 @@ from .mqtt import MqttSession, Will
 from .protocol import FlowRuntime, Status, utc_now_iso
 from .reconciler import Reconciler
 from .reporter import Reporter, offline_status
-from .runner import FlowRunner, Health, RunSpec, Supervision
+from .runner import FlowRunner, RunSpec, Supervision
 from .sandbox import Limits, Runtime
 from .state import FlowRecord, StateStore, recover
 from .topics import Topics
@@ -251,7 +251,7 @@ class Agent:
     def _on_health(self, runner: FlowRunner) -> None:
         rec = self.reconciler.state.flows.get(runner.flow_id)
         if rec is not None and self.host.running.get(runner.flow_id) is runner:
-            broken = runner.state.health == Health.BROKEN
+            broken = runner.broken
             if broken != rec.broken:
                 rec.broken = broken
                 rec.last_updated = utc_now_iso()

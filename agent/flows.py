@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 import wasmtime
 
+from .bundle import read_bundle
 from .eea import (
     EEABindings,
     EEAConfig,
@@ -34,7 +35,7 @@ from .errors import InstantiationError
 from .hostapi import EDGE_FUNCTIONS, FlowContext, define_edge_api
 from .kvstore import KVStore
 from .manifest import TopicPolicy
-from .runner import FlowRunner, RunSpec, Supervision
+from .runner import BundleRunner, FlowRunner, RunSpec, Supervision
 from .sandbox import FlowInstance, HostBindings, Limits, Runtime
 
 log = structlog.get_logger("agent.flows")
@@ -147,13 +148,40 @@ class FlowHost:
     async def prepare(self, spec: RunSpec, data: bytes) -> FlowRunner:
         """Compile and start a runner; the running version is untouched."""
         self._loop = asyncio.get_running_loop()
-        module = await self.runtime.run(lambda: self.runtime.compile(data, spec.sha256))
-        if spec.kind == "eea" or is_eea_module(module):
-            runner: FlowRunner = self._eea_runner(spec, module, data)
+        if spec.kind == "bundle":
+            runner: FlowRunner = await self._bundle_runner(spec, data)
         else:
-            runner = self._edge_runner(spec, module)
+            module = await self.runtime.run(lambda: self.runtime.compile(data, spec.sha256))
+            runner = self._module_runner(spec, module, data)
         await runner.start()
         return runner
+
+    def _module_runner(self, spec: RunSpec, module: Any, data: bytes) -> FlowRunner:
+        if spec.kind == "eea" or is_eea_module(module):
+            return self._eea_runner(spec, module, data)
+        return self._edge_runner(spec, module)
+
+    async def _bundle_runner(self, spec: RunSpec, data: bytes) -> BundleRunner:
+        bundle = await asyncio.to_thread(read_bundle, data)
+        parts: list[FlowRunner] = []
+        for entry in bundle.manifest.modules:
+            blob = bundle.modules[entry.name]
+            assert entry.sha256 is not None
+            part_spec = RunSpec(
+                flow_id=spec.flow_id,
+                version=spec.version,
+                sha256=entry.sha256,
+                kind=entry.kind,
+                config=bundle.module_config(entry),
+                triggers=entry.triggers,
+                permissions=bundle.manifest.permissions,
+                module=entry.name,
+            )
+            module = await self.runtime.run(
+                lambda b=blob, h=entry.sha256: self.runtime.compile(b, h)  # type: ignore[misc]
+            )
+            parts.append(self._module_runner(part_spec, module, blob))
+        return BundleRunner(spec, parts, self.on_health)
 
     def _eea_runner(self, spec: RunSpec, module: Any, data: bytes) -> EEARunner:
         check_interface_version(data)
@@ -163,7 +191,8 @@ class FlowHost:
         ctx = EEAContext(
             flow_id=spec.flow_id,
             device_id=self.device_id,
-            storage_path=flow_dir / "eea-storage.json",
+            storage_path=flow_dir
+            / (f"eea-storage.{spec.module}.json" if spec.module else "eea-storage.json"),
             publish=self._threadsafe_publish,
             allowed_topics=(
                 f"losant/{self.device_id}/#",
@@ -297,10 +326,7 @@ class FlowHost:
 
     def info(self, flow_id: str) -> dict[str, Any] | None:
         runner = self.running.get(flow_id)
-        if runner is None:
-            return None
-        st = runner.state
-        return {"health": st.health.value, "restarts": st.restarts, "lastError": st.last_error}
+        return runner.health_info() if runner is not None else None
 
 
 def eea_config(config: dict[str, Any]) -> EEAConfig:

@@ -80,10 +80,12 @@ TERMINAL_STATUSES = frozenset(
 
 class ArtifactKind(StrEnum):
     """What the artifact's bytes are. ``wasm``: a WASI preview 1 core module (an EEA
-    bundle is detected by its imports too); ``eea``: a Losant EEA bundle."""
+    bundle is detected by its imports too); ``eea``: a Losant EEA bundle; ``bundle``: a
+    workflow bundle (.tar.gz with a manifest and modules, see :mod:`agent.bundle`)."""
 
     WASM = "wasm"
     EEA = "eea"
+    BUNDLE = "bundle"
 
 
 _STRICT = ConfigDict(extra="forbid", populate_by_name=True)

@@ -27,6 +27,7 @@ import structlog
 
 from ._logging import capture
 from .artifacts import ArtifactStore, Fetcher
+from .bundle import read_bundle
 from .config import AgentConfig
 from .errors import AgentError, IntegrityError, ProtocolError, StateError
 from .flows import FlowHost
@@ -45,7 +46,14 @@ from .planner import (
     flow_id_of,
     plan,
 )
-from .protocol import DesiredState, RejectedDesired, Status, parse_desired, utc_now_iso
+from .protocol import (
+    ArtifactKind,
+    DesiredState,
+    RejectedDesired,
+    Status,
+    parse_desired,
+    utc_now_iso,
+)
 from .reporter import Reporter
 from .runner import FlowRunner, RunSpec
 from .state import FlowRecord, InFlight, Installed, PersistedState, StateStore
@@ -476,9 +484,22 @@ class Reconciler:
         sha = t.artifact.sha256
         if chain.path is None and not await asyncio.to_thread(self.artifacts.verify, sha):
             raise IntegrityError(f"stored artifact {sha[:12]}… is missing or corrupt")
-        chain.data = await asyncio.to_thread(self.artifacts.read, sha)
-        await self.host.runtime.run(lambda: self.host.runtime.validate(chain.data or b""))
-        log.info("artifact verified", sha256=sha, bytes=len(chain.data))
+        chain.data = data = await asyncio.to_thread(self.artifacts.read, sha)
+        runtime = self.host.runtime
+        if t.artifact.kind == ArtifactKind.BUNDLE:
+            bundle = await asyncio.to_thread(read_bundle, data)  # layout, limits, hashes
+            for blob in bundle.modules.values():
+                await runtime.run(lambda b=blob: runtime.validate(b))  # type: ignore[misc]
+            log.info(
+                "bundle verified",
+                sha256=sha,
+                bytes=len(data),
+                bundle=bundle.manifest.name,
+                modules=len(bundle.modules),
+            )
+            return
+        await runtime.run(lambda: runtime.validate(data))
+        log.info("artifact verified", sha256=sha, bytes=len(data))
 
     async def _exec_install(self, step: Install, chain: _Chain) -> None:
         t = step.target

@@ -84,6 +84,8 @@ class RunSpec:
     config: dict[str, Any]
     triggers: tuple[Any, ...]
     permissions: Permissions
+    #: The module's name when this runs one module of a bundle.
+    module: str | None = None
 
 
 class FlowRunner:
@@ -119,6 +121,8 @@ class FlowRunner:
         self._queued_ticks: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self.log = log.bind(flow_id=spec.flow_id, device_id=device_id, flow_version=spec.version)
+        if spec.module:
+            self.log = self.log.bind(module=spec.module)
 
     @property
     def flow_id(self) -> str:
@@ -133,6 +137,15 @@ class FlowRunner:
         # Epochs and fuel stop wasm code; this outer bound catches a guest stuck in
         # a blocking host call (e.g. a WASI sleep), which neither can interrupt.
         return self.limits.call_deadline_ms / 1000 * 2 + 1.0
+
+    def health_info(self) -> dict[str, Any]:
+        """What the state report shows under ``runtime``."""
+        st = self.state
+        return {"health": st.health.value, "restarts": st.restarts, "lastError": st.last_error}
+
+    @property
+    def broken(self) -> bool:
+        return self.state.health == Health.BROKEN
 
     def triggers(self, cls: type) -> list[Any]:
         return [t for t in self.spec.triggers if isinstance(t, cls)]
@@ -332,3 +345,102 @@ class FlowRunner:
             self.state.health = health
             with contextlib.suppress(Exception):
                 self.on_health(self)
+
+
+_HEALTH_ORDER = [Health.BROKEN, Health.RESTARTING, Health.STARTING, Health.RUNNING, Health.STOPPED]
+
+
+class BundleRunner(FlowRunner):
+    """The modules of one workflow bundle, run as one flow."""
+
+    def __init__(
+        self, spec: RunSpec, parts: list[FlowRunner], on_health: Callable[[FlowRunner], None]
+    ) -> None:
+        first = parts[0]
+        super().__init__(
+            first.runtime,
+            None,
+            spec,
+            device_id=first.device_id,
+            limits=first.limits,
+            make_bindings=lambda _r: first._make_bindings(first),
+            context=None,
+            kv=None,
+            data_dir=None,
+            supervision=first.supervision,
+            on_health=on_health,
+        )
+        self.parts = parts
+        for part in parts:
+            part.on_health = self._part_health
+
+    def _part_health(self, _part: FlowRunner) -> None:
+        with contextlib.suppress(Exception):
+            self.on_health(self)
+
+    def health_info(self) -> dict[str, Any]:
+        infos = [p.health_info() for p in self.parts]
+        health = min((i["health"] for i in infos), key=lambda h: _HEALTH_ORDER.index(Health(h)))
+        errors = [
+            f"{p.spec.module}: {i['lastError']}"
+            for p, i in zip(self.parts, infos, strict=True)
+            if i["lastError"]
+        ]
+        return {
+            "health": health,
+            "restarts": sum(i["restarts"] for i in infos),
+            "lastError": "; ".join(errors) or None,
+        }
+
+    @property
+    def broken(self) -> bool:
+        return any(p.broken for p in self.parts)
+
+    async def start(self) -> None:
+        started: list[FlowRunner] = []
+        try:
+            for part in self.parts:
+                await part.start()
+                started.append(part)
+        except BaseException:
+            for part in started:
+                part.stop()
+            raise
+
+    def activate(self) -> None:
+        for part in self.parts:
+            part.activate()
+        self._set_health(Health.RUNNING)
+
+    def stop(self, health: Health = Health.STOPPED) -> None:
+        for part in self.parts:
+            part.stop(health)
+        self._set_health(health)
+
+    async def shutdown(self, timeout: float) -> None:
+        for part in self.parts:
+            await part.shutdown(timeout)
+        self._set_health(Health.STOPPED)
+
+    def command(self, name: str, payload: bytes) -> bool:
+        delivered = False
+        for part in self.parts:  # every module with the trigger gets it: no short-circuit
+            delivered = part.command(name, payload) or delivered
+        return delivered
+
+    def mqtt_filters(self) -> list[MqttTrigger]:
+        return [t for p in self.parts for t in p.mqtt_filters()]
+
+    def accepts(self, topic: str) -> bool:
+        return any(p.accepts(topic) for p in self.parts)
+
+    def message(self, topic: str, payload: bytes) -> bool:
+        delivered = False
+        for part in self.parts:
+            if part.accepts(topic):
+                delivered = part.message(topic, payload) or delivered
+        return delivered
+
+    def connection(self, connected: bool) -> None:
+        for part in self.parts:
+            part.connection(connected)

@@ -457,3 +457,49 @@ async def test_eea_bundle_deployed_and_driven_over_mqtt(
     await wait_until(lambda: op.messages("losant/dev1/echo"), what="the bundle's echo")
     assert op.messages("losant/dev1/echo") == [b'edge/dev1/command {"name": "blink"}']
     assert type(agent.host.running["f1"]).__name__ == "EEARunner"
+
+
+async def test_workflow_bundle_deployed_over_mqtt(
+        op: Operator, artifact_server: ArtifactServer, running_agent: Any,
+        tmp_path: Any) -> None:
+    from agent.bundle import build_bundle
+
+    await running_agent()
+    src = tmp_path / "bundle"
+    src.mkdir()
+    (src / "ticker.wasm").write_bytes(wat.echo_flow())
+    (src / "manifest.json").write_text(json.dumps({
+        "name": "demo", "version": "1.0.0",
+        "modules": [{"name": "ticker", "file": "ticker.wasm",
+                     "triggers": [{"type": "command", "command": "hello"}]}]}))
+    build_bundle(src, tmp_path / "demo.tar.gz")
+    data = (tmp_path / "demo.tar.gz").read_bytes()
+    f = flow(artifact_server, "1.0.0", data)
+    f["artifact"]["kind"] = "bundle"
+    op.publish(DESIRED, {"generation": 1, "flows": {"gh": f}})
+    await op.wait_for(STATE, flow_state("gh", status="success", currentVersion="1.0.0"))
+    op.publish("edge/dev1/command", {"name": "hello", "payload": 1}, retain=False)
+    await wait_until(lambda: op.messages("edge/dev1/flows/gh/command"), what="the echo")
+    assert op.messages("edge/dev1/flows/gh/command") == [b"hello1"]
+
+    # a bundle whose module does not match its manifest fails; the running one stays
+    import gzip
+    import io
+    import tarfile
+
+    raw = gzip.decompress(data)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+    members["ticker.wasm"] = wat.reactor("tampered")
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb") as gz, tarfile.open(fileobj=gz, mode="w") as t:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            t.addfile(info, io.BytesIO(blob))
+    bad = flow(artifact_server, "1.0.1", buf.getvalue(), retries=0)
+    bad["artifact"]["kind"] = "bundle"
+    op.publish(DESIRED, {"generation": 2, "flows": {"gh": bad}})
+    state = await op.wait_for(STATE, flow_state("gh", status="failure"))
+    assert "sha256 mismatch" in state["flows"]["gh"]["error"]
+    assert state["flows"]["gh"]["currentVersion"] == "1.0.0"
