@@ -29,7 +29,7 @@ from agent.hostapi import (
     EDGE_ERR_QUOTA,
     EDGE_OK,
 )
-from agent.manifest import Manifest
+from agent.manifest import Manifest, Permissions
 from agent.runner import FlowRunner, Health, RunSpec, Supervision
 from agent.sandbox import Limits, Runtime
 
@@ -273,3 +273,37 @@ async def test_good_flow_keeps_its_interval_beside_a_spinning_flow(h: Host) -> N
     print(f"good flow: {len(stamps)} ticks in 2.5 s, max gap {max(gaps) * 1000:.0f} ms")
     assert len(stamps) >= 15
     assert max(gaps) < 0.35
+
+
+async def test_data_dir_is_opt_in_and_confined(h: Host, tmp_path: Path) -> None:
+    await h.deploy(wat.write_file("note.txt", "kept"), flow_id="nodir")
+    assert not (tmp_path / "flows" / "nodir" / "data").exists()  # off by default
+    await h.deploy(wat.write_file("note.txt", "kept"), flow_id="withdir",
+                   permissions={"dataDir": True})
+    assert (tmp_path / "flows" / "withdir" / "data" / "note.txt").read_text() == "kept"
+    await h.deploy(wat.write_file("../escape.txt", "x"), flow_id="escape",
+                   permissions={"dataDir": True})
+    assert not list(tmp_path.rglob("escape.txt"))
+
+
+async def test_compiled_modules_are_cached_on_disk(tmp_path: Path) -> None:
+    data = wat.echo_flow()
+    sha = wat.sha256(data)
+    cache = tmp_path / "cache"
+    async with Runtime(LIMITS, cache_dir=cache) as first:
+        first.compile(data, sha)
+        assert first.cache_hits == 0
+    assert len(list(cache.glob(f"{sha}.*.cwasm"))) == 1
+    assert cache.stat().st_mode & 0o777 == 0o700
+    async with Runtime(LIMITS, cache_dir=cache) as second:  # e.g. after a restart
+        module = second.compile(data, sha)
+        assert second.cache_hits == 1
+        host = FlowHost(second, LIMITS, "dev1", flows_dir=tmp_path / "flows")
+        runner = await host.prepare(
+            RunSpec(flow_id="f", version="v", sha256=sha, kind="wasm", config={}, triggers=(),
+                    permissions=Permissions()), data)
+        assert runner.instance is not None
+        assert runner.module is module
+        runner.stop()
+        assert second.forget_cached(keep=set()) == 1
+    assert not list(cache.glob("*.cwasm"))

@@ -334,3 +334,26 @@ def custom_section(name: str, payload: bytes) -> bytes:
 
     body = leb(len(name)) + name.encode() + payload
     return b"\x00" + leb(len(body)) + body
+
+
+def write_file(path: str, text: str) -> bytes:
+    """``_initialize`` opens ``path`` under the first preopened directory (fd 3),
+    creating it, and writes ``text``; the path_open errno is stored at address 300."""
+    return wasmtime.wat2wasm(f"""
+(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  {_FD_WRITE}
+  (memory (export "memory") 1)
+  (data (i32.const 100) "{_escape(path)}")
+  (data (i32.const 200) "{_escape(text)}")
+  (func (export "_initialize")
+    (i32.store (i32.const 300)
+      (call $open (i32.const 3) (i32.const 0) (i32.const 100) (i32.const {len(path)})
+                  (i32.const 1) (i64.const 0x1FFFFFFF) (i64.const 0x1FFFFFFF) (i32.const 0)
+                  (i32.const 400)))
+    (if (i32.eqz (i32.load (i32.const 300))) (then
+      (i32.store (i32.const 500) (i32.const 200))
+      (i32.store (i32.const 504) (i32.const {len(text)}))
+      (drop (call $fd_write (i32.load (i32.const 400)) (i32.const 500) (i32.const 1)
+                            (i32.const 508)))))))""")
