@@ -165,7 +165,10 @@ class Runtime:
         if timeout is None:
             return await fut
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            # (asyncio.timeout, not wait_for: no extra task per call. On expiry the
+            # awaited future is cancelled; a thread that is running finishes alone.)
+            async with asyncio.timeout(timeout):
+                return await fut
         except TimeoutError:
             raise FlowTrap(
                 f"{what} did not return within {timeout:.1f} s (blocked in a host call)",
@@ -452,6 +455,7 @@ class FlowInstance:
         self._linker: wasmtime.Linker | None = None
         self._exports: dict[str, wasmtime.Func | None] = {}
         self._pipes: list[_Pipe] = []
+        self._memory: Any = None
         self._device_id = device_id
         _live.add(self)
 
@@ -617,7 +621,9 @@ class FlowInstance:
             if self._export("edge_alloc") is None:
                 raise SandboxError(f"flow {self.flow_id} exports edge_on_event but no edge_alloc")
             ptr = int(self._call_locked("edge_alloc", size, arm=False)) & 0xFFFFFFFF
-            memory = self.export_item("memory")
+            if self._memory is None:
+                self._memory = self.export_item("memory")
+            memory = self._memory
             if ptr == 0 or not isinstance(memory, wasmtime.Memory):
                 raise FlowTrap("edge_alloc returned NULL (out of memory?)", code="alloc")
             if ptr + size > memory.data_len(self.store):
@@ -657,6 +663,7 @@ class FlowInstance:
         self._close_pending = False
         self._drain_output()
         self._exports.clear()
+        self._memory = None
         self._linker = None
         self.instance = None
         store, self.store = self.store, None
