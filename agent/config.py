@@ -177,6 +177,9 @@ class SandboxConfig(BaseModel):
         10_000_000_000,
         description="Deterministic CPU budget of one call (wasmtime fuel; 0 = unlimited).",
     )
+    max_sleep_ms: Annotated[int, Field(ge=0)] = Field(
+        0, description="Longest single WASI sleep of a flow (ms); 0 = call_deadline_ms."
+    )
     max_failures: Annotated[int, Field(ge=1, le=1000)] = Field(
         3, description="Traps within failure_window_s after which a flow is marked broken."
     )

@@ -50,6 +50,7 @@ def sandbox_limits(cfg: AgentConfig) -> Limits:
         call_deadline_ms=cfg.sandbox.call_deadline_ms,
         epoch_tick_ms=cfg.sandbox.epoch_tick_ms,
         fuel_per_call=cfg.sandbox.fuel_per_call,
+        max_sleep_ms=cfg.sandbox.max_sleep_ms,
     )
 
 

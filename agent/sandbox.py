@@ -27,6 +27,7 @@ import os
 import re
 import selectors
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -58,9 +59,15 @@ class Limits:
     epoch_tick_ms: int = 10
     #: Deterministic CPU budget of one call (wasmtime fuel units, ~1 per instruction).
     fuel_per_call: int = 10_000_000_000
+    #: Longest single WASI sleep (poll_oneoff on a clock); 0 means call_deadline_ms.
+    max_sleep_ms: int = 0
     table_elements: int = 100_000
     instances: int = 16
     tables: int = 16
+
+    @property
+    def sleep_cap_ms(self) -> int:
+        return self.max_sleep_ms or self.call_deadline_ms
 
     @property
     def deadline_ticks(self) -> int:
@@ -248,6 +255,70 @@ class Runtime:
     def forget(self, sha256: str) -> None:
         with self._modules_lock:
             self._modules.pop(sha256, None)
+
+
+_SUB_SIZE = 48
+_EVENT_SIZE = 32
+_CLOCK, _FD_READ, _FD_WRITE = 0, 1, 2
+_ERRNO_INVAL, _ERRNO_FAULT = 28, 21
+
+
+def define_bounded_poll(linker: wasmtime.Linker, cap_ms: int) -> None:
+    """Shadow WASI ``poll_oneoff`` so a guest's sleep is bounded.
+
+    Epoch interruption cannot stop a thread asleep in a host call, so a guest that
+    sleeps for an hour would hold a wasm worker thread for an hour. Here a clock
+    subscription sleeps at most ``cap_ms``; fd subscriptions (flows have no sockets
+    and no stdin) report ready at once. Never raises into wasmtime: errors are errno.
+    """
+    i32 = wasmtime.ValType.i32()
+
+    def poll(caller: Any, in_ptr: int, out_ptr: int, nsubs: int, nevents_ptr: int) -> int:
+        try:
+            memory = caller.get("memory")
+            if not isinstance(memory, wasmtime.Memory) or not 0 < nsubs <= 64:
+                return _ERRNO_INVAL
+            in_ptr &= 0xFFFFFFFF
+            out_ptr &= 0xFFFFFFFF
+            size = memory.data_len(caller)
+            if in_ptr + nsubs * _SUB_SIZE > size or out_ptr + nsubs * _EVENT_SIZE > size:
+                return _ERRNO_FAULT
+            raw = bytes(memory.read(caller, in_ptr, in_ptr + nsubs * _SUB_SIZE))
+            subs = [raw[i * _SUB_SIZE : (i + 1) * _SUB_SIZE] for i in range(nsubs)]
+            fds = [s for s in subs if s[8] in (_FD_READ, _FD_WRITE)]
+            fired = fds
+            if not fds:
+                waits = []
+                for sub in subs:
+                    clock = int.from_bytes(sub[16:20], "little")
+                    timeout = int.from_bytes(sub[24:32], "little")
+                    if int.from_bytes(sub[40:42], "little") & 1:  # absolute time
+                        now = time.time_ns() if clock == 0 else time.monotonic_ns()
+                        timeout = max(0, timeout - now)
+                    waits.append((timeout, sub))
+                shortest = min(t for t, _ in waits)
+                time.sleep(min(shortest / 1e9, cap_ms / 1000))
+                fired = [sub for t, sub in waits if t <= shortest]
+            out = bytearray()
+            for sub in fired:
+                event = bytearray(_EVENT_SIZE)
+                event[0:8] = sub[0:8]  # userdata
+                event[10] = sub[8]  # type
+                out += event
+            memory.write(caller, bytes(out), out_ptr)
+            memory.write(caller, len(fired).to_bytes(4, "little"), nevents_ptr & 0xFFFFFFFF)
+        except Exception:  # never raise into wasmtime
+            log.exception("poll_oneoff failed")
+            return _ERRNO_FAULT
+        return 0
+
+    linker.define_func(
+        "wasi_snapshot_preview1",
+        "poll_oneoff",
+        wasmtime.FuncType([i32] * 4, [i32]),
+        poll,
+        access_caller=True,
+    )
 
 
 class _Pipe:
@@ -507,6 +578,9 @@ class FlowInstance:
         store.set_wasi(wasi)
         linker = wasmtime.Linker(self.runtime.engine)
         linker.define_wasi()
+        linker.allow_shadowing = True
+        define_bounded_poll(linker, self.limits.sleep_cap_ms)
+        linker.allow_shadowing = False
         self.bindings.define(linker, store)
         self.store = store
         self._arm()

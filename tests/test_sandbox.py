@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -130,9 +131,14 @@ async def test_compiled_module_cache(host: FlowHost) -> None:
 
 
 async def test_blocking_host_call_is_bounded_and_never_freezes_the_loop(
-        host: FlowHost) -> None:
-    """A guest asleep in WASI poll_oneoff ignores epochs: the outer bound fires, and
-    neither the timeout nor the cleanup may block the event loop."""
+        tmp_path: Path) -> None:
+    """A guest asleep in a host call ignores epochs: the outer bound fires, and
+    neither the timeout nor the cleanup may block the event loop. (The sleep cap is
+    raised here so the sleep outlasts the outer bound.)"""
+    limits = Limits(memory_limit=4 * 1024 * 1024, call_deadline_ms=300, max_sleep_ms=10_000)
+    runtime = Runtime(limits, workers=2)
+    runtime.acquire()
+    host = FlowHost(runtime, limits, "dev1", flows_dir=tmp_path / "flows")
     gaps: list[float] = []
     loop = asyncio.get_running_loop()
 
@@ -151,6 +157,7 @@ async def test_blocking_host_call_is_bounded_and_never_freezes_the_loop(
         await asyncio.sleep(0.2)
     finally:
         hb.cancel()
+        await runtime.release()
     assert info.value.code == "deadline"
     assert max(gaps) < 0.5, f"event loop blocked for {max(gaps):.2f} s"
 
@@ -201,3 +208,13 @@ def test_process_exit_with_live_instances_is_clean(tmp_path: Path) -> None:
         assert "started" in res.stdout
         assert "panic" not in res.stderr, res.stderr[-2000:]
         assert res.returncode == 0
+
+
+async def test_wasi_sleep_is_capped_at_the_call_deadline(host: FlowHost) -> None:
+    """By default a WASI sleep (poll_oneoff on a clock) lasts at most the call
+    deadline (300 ms here), so a sleeping guest cannot hold a worker thread."""
+    started = time.monotonic()
+    runner = await prepare(host, wat.sleep_on_start(5000))
+    elapsed = time.monotonic() - started
+    assert runner.instance is not None  # start-up returned normally
+    assert 0.25 < elapsed < 2.0, elapsed
