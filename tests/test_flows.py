@@ -307,3 +307,13 @@ async def test_compiled_modules_are_cached_on_disk(tmp_path: Path) -> None:
         runner.stop()
         assert second.forget_cached(keep=set()) == 1
     assert not list(cache.glob("*.cwasm"))
+
+
+async def test_stdout_flood_is_rate_limited_and_the_flow_keeps_working(h: Host) -> None:
+    with structlog.testing.capture_logs() as logs:
+        runner = await h.deploy(wat.stdout_flood(20000), triggers=[{"type": "startup"}])
+    lines = [e for e in logs if e["event"] == "flow output"]
+    assert runner.context is not None
+    assert 0 < len(lines) <= 250
+    assert runner.context.counters.logs_dropped == 20000 - len(lines)
+    assert runner.state.health == Health.RUNNING

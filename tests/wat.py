@@ -145,7 +145,7 @@ _EDGE_IMPORTS = """
 
 
 def edge_flow(on_event: str, strings: dict[int, str] | None = None, *, init: str = "",
-              extra: str = "") -> bytes:
+              extra: str = "", imports: str = "") -> bytes:
     """An edge-API flow. ``on_event`` is the body of
     ``edge_on_event(kind, np, nl, pp, pl) -> i32`` (locals $a $b $i available);
     ``strings`` puts data at fixed addresses. ``edge_alloc`` hands out one fixed
@@ -154,6 +154,7 @@ def edge_flow(on_event: str, strings: dict[int, str] | None = None, *, init: str
                      for addr, text in (strings or {}).items())
     return wasmtime.wat2wasm(f"""
 (module
+  {imports}
   {_EDGE_IMPORTS}
   (memory (export "memory") 4)
 {data}
@@ -357,3 +358,15 @@ def write_file(path: str, text: str) -> bytes:
       (i32.store (i32.const 504) (i32.const {len(text)}))
       (drop (call $fd_write (i32.load (i32.const 400)) (i32.const 500) (i32.const 1)
                             (i32.const 508)))))))""")
+
+
+def stdout_flood(lines: int) -> bytes:
+    """An edge flow whose startup event writes ``lines`` lines to stdout."""
+    return edge_flow(f"""
+    (i32.store (i32.const 700) (i32.const 1024))
+    (i32.store (i32.const 704) (i32.const 9))
+    (loop $l
+      (drop (call $fd_write (i32.const 1) (i32.const 700) (i32.const 1) (i32.const 708)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $i) (i32.const {lines}))))""",
+                     {1024: "flooding\n"}, extra="", imports=_FD_WRITE)
