@@ -63,6 +63,8 @@ class RunnerState:
     events: int = 0
     events_dropped: int = 0
     failures: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    #: Failures by trap code (deadline, out_of_fuel, unreachable, ...), since start.
+    traps: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -305,13 +307,14 @@ class FlowRunner:
             try:
                 await self._deliver(inst, event)
             except AgentError as exc:
-                await self._failed(str(exc))
+                await self._failed(str(exc), getattr(exc, "code", "error"))
 
     # ------------------------------------------------------------ supervision
-    async def _failed(self, reason: str) -> None:
+    async def _failed(self, reason: str, code: str = "error") -> None:
         sup = self.supervision
         now = time.monotonic()
         self.state.failures.append(now)
+        self.state.traps[code] = self.state.traps.get(code, 0) + 1
         recent = [t for t in self.state.failures if now - t <= sup.failure_window]
         self.state.last_error = reason
         if self.instance is not None:
@@ -335,7 +338,7 @@ class FlowRunner:
         try:
             await self.start()
         except AgentError as exc:
-            await self._failed(f"restart failed: {exc}")
+            await self._failed(f"restart failed: {exc}", getattr(exc, "code", "error"))
             return
         self.state.restarts += 1
         self._set_health(Health.RUNNING)

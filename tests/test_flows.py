@@ -222,6 +222,7 @@ async def test_trapping_flow_is_restarted_then_marked_broken(h: Host) -> None:
     runner = await h.deploy(bad, triggers=[{"type": "interval", "ms": 20}])
     await wait_until(lambda: runner.state.health == Health.BROKEN, 10, "broken")
     assert runner.state.restarts == 2  # three failures: two restarts, then broken
+    assert runner.state.traps == {"unreachable": 3}
     assert "unreachable" in (runner.state.last_error or "")
     assert (("f1", Health.RESTARTING) in h.health)
     assert (("f1", Health.BROKEN) in h.health)
