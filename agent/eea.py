@@ -41,6 +41,7 @@ from paho.mqtt.client import topic_matches_sub
 from ._fsutil import atomic_write
 from .errors import AgentError, InstantiationError
 from .hostapi import I32, GuestMemory, TokenBucket
+from .manifest import MqttTrigger
 from .runner import Event, FlowRunner
 from .sandbox import FlowInstance
 
@@ -183,6 +184,7 @@ class EEAContext:
     publish: Callable[[str, bytes, int], None]
     allowed_topics: tuple[str, ...]
     config: EEAConfig = field(default_factory=EEAConfig)
+    publish_rate: float = 50.0
     memory: GuestMemory = field(default_factory=GuestMemory)
     buffers: tuple[int, int, int, int] | None = None
     sent: int = 0
@@ -193,7 +195,7 @@ class EEAContext:
     def __post_init__(self) -> None:
         self.log = log.bind(flow_id=self.flow_id, device_id=self.device_id)
         self._trace_bucket = TokenBucket(100, 200)
-        self._publish_bucket = TokenBucket(50, 100)
+        self._publish_bucket = TokenBucket(self.publish_rate, self.publish_rate * 2)
 
     def allow_output(self) -> bool:
         if self._trace_bucket.take():
@@ -299,7 +301,7 @@ class EEABindings:
             return ERROR
         if ctx.allow_output():
             fn = ctx.log.error if level == 1 else ctx.log.info
-            fn("eea trace", level=level, line=data.decode(errors="replace"))
+            fn("eea trace", trace_level=level, line=data.decode(errors="replace"))
         return OK
 
     def _eea_send_message(
@@ -417,6 +419,12 @@ class EEARunner(FlowRunner):
         self.connected = False
 
     async def _after_start(self, inst: FlowInstance) -> None:
+        odd = [t.type for t in self.spec.triggers if not isinstance(t, MqttTrigger)]
+        if odd:
+            raise InstantiationError(
+                f"an EEA bundle takes only mqtt triggers (it runs its own workflows' "
+                f"triggers); got {', '.join(odd)}"
+            )
         cfg = self.eea.config
         self.eea.buffers = None
 
@@ -494,8 +502,7 @@ class EEARunner(FlowRunner):
         elif event.kind == EV_CONNECTION:
             if inst.has_export("eea_set_connection_status"):
                 inst.call("eea_set_connection_status", event.payload[0])
-        else:
-            assert self.eea.buffers is not None
+        elif event.kind in (EV_MESSAGE, EV_DIRECT) and self.eea.buffers is not None:
             tptr, _, pptr, _ = self.eea.buffers
             export = "eea_message_received" if event.kind == EV_MESSAGE else "eea_direct_trigger"
             if not inst.has_export(export):

@@ -34,7 +34,7 @@ from .eea import (
 from .errors import InstantiationError
 from .hostapi import EDGE_FUNCTIONS, FlowContext, define_edge_api
 from .kvstore import KVStore
-from .manifest import TopicPolicy
+from .manifest import MqttTrigger, TopicPolicy, check_subscription
 from .runner import BundleRunner, FlowRunner, RunSpec, Supervision
 from .sandbox import FlowInstance, HostBindings, Limits, Runtime
 
@@ -148,6 +148,7 @@ class FlowHost:
     async def prepare(self, spec: RunSpec, data: bytes) -> FlowRunner:
         """Compile and start a runner; the running version is untouched."""
         self._loop = asyncio.get_running_loop()
+        self._check_triggers(spec.triggers)
         if spec.kind == "bundle":
             runner: FlowRunner = await self._bundle_runner(spec, data)
         else:
@@ -155,6 +156,14 @@ class FlowHost:
             runner = self._module_runner(spec, module, data)
         await runner.start()
         return runner
+
+    def _check_triggers(self, triggers: tuple[Any, ...]) -> None:
+        prefix, _, device = self.device_base.rpartition("/")
+        for trig in triggers:
+            if isinstance(trig, MqttTrigger):
+                problem = check_subscription(trig.topic, prefix or "edge", device)
+                if problem:
+                    raise InstantiationError(problem)
 
     def _module_runner(self, spec: RunSpec, module: Any, data: bytes) -> FlowRunner:
         if spec.kind == "eea" or is_eea_module(module):
@@ -167,6 +176,7 @@ class FlowHost:
         for entry in bundle.manifest.modules:
             blob = bundle.modules[entry.name]
             assert entry.sha256 is not None
+            self._check_triggers(entry.triggers)
             part_spec = RunSpec(
                 flow_id=spec.flow_id,
                 version=spec.version,
@@ -200,6 +210,7 @@ class FlowHost:
                 *extra,
             ),
             config=eea_config(spec.config),
+            publish_rate=spec.permissions.publish_rate,
         )
 
         def make(_runner: FlowRunner) -> HostBindings:
@@ -323,6 +334,14 @@ class FlowHost:
     @property
     def subscriptions(self) -> dict[str, int]:
         return dict(self._subs)
+
+    def module_digests(self) -> set[str]:
+        """sha256 of every module running (a bundle's modules included)."""
+        out: set[str] = set()
+        for runner in self.running.values():
+            parts = runner.parts if isinstance(runner, BundleRunner) else [runner]
+            out.update(p.spec.sha256 for p in parts)
+        return out
 
     def info(self, flow_id: str) -> dict[str, Any] | None:
         runner = self.running.get(flow_id)

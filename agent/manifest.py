@@ -115,15 +115,60 @@ class TopicPolicy:
         self.flow_base = f"{self.device_base}flows/{flow_id}/"
         extra = tuple(self.device_base + f for f in permissions.publish)
         self.allowed = (f"{self.flow_base}#", *extra)
+        self._cache: dict[str, str | None] = {}
+        #: The agent's own protocol topics: never writable by a flow, whatever is granted.
+        self.reserved = tuple(
+            self.device_base + t
+            for t in (
+                "desired",
+                "state",
+                "events",
+                "status",
+                "command",
+                "command/#",
+                "deployments/#",
+            )
+        )
 
     def resolve(self, topic: str) -> str | None:
-        """The absolute topic, or None if the flow may not publish there."""
+        """The absolute topic, or None if the flow may not publish there (cached: a
+        flow publishes to few topics, and this runs on every publish)."""
+        if topic in self._cache:
+            return self._cache[topic]
+        result = self._resolve(topic)
+        if len(self._cache) < 1024:
+            self._cache[topic] = result
+        return result
+
+    def _resolve(self, topic: str) -> str | None:
         if not topic or "+" in topic or "#" in topic or "\0" in topic or len(topic) > 512:
             return None
         full = self.flow_base + topic[2:] if topic.startswith("~/") else self.device_base + topic
         if full.endswith("/"):
             return None
+        if any(topic_matches_sub(f, full) for f in self.reserved):
+            return None
         return full if any(topic_matches_sub(f, full) for f in self.allowed) else None
+
+
+def check_subscription(topic_filter: str, prefix: str, device_id: str) -> str | None:
+    """Why an ``mqtt`` trigger may not subscribe to ``topic_filter``, or None if it may.
+
+    A flow may listen to anything on the broker except the whole broker (``#``,
+    ``+/#``, ``$SYS``) and other devices' agent topics under ``{prefix}/``.
+    """
+    levels = topic_filter.split("/")
+    if topic_filter.startswith("$") or levels[0] == "#" or levels[:2] == ["+", "#"]:
+        return f"mqtt trigger {topic_filter!r} is too broad"
+    plevels = prefix.split("/")
+    head = levels[: len(plevels)]
+    if all(a in (b, "+") for a, b in zip(head, plevels, strict=False)) and len(head) == len(
+        plevels
+    ):
+        rest = levels[len(plevels) :]
+        if not rest or rest[0] in ("#", "+") or rest[0] != device_id:
+            return f"mqtt trigger {topic_filter!r} reaches other devices' topics under {prefix}/"
+    return None
 
 
 class Manifest(BaseModel):

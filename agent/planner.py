@@ -185,7 +185,11 @@ def plan_flow(
             )
         ]
 
-    if rec is not None and installed_matches(rec.installed, spec):
+    if (
+        rec is not None
+        and installed_matches(rec.installed, spec)
+        and not (rec.broken and rec.target != target.key)
+    ):  # (a new deployment of the running version restarts a broken flow)
         if _status_is(rec, target.key, Status.SUCCESS, Status.ALREADY_INSTALLED):
             return []
         return [

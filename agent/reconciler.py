@@ -406,6 +406,8 @@ class Reconciler:
 
     # ------------------------------------------------------------ executors
     async def _exec_set_status(self, step: SetStatus, _chain: _Chain) -> None:
+        if step.status == Status.REMOVED:  # never installed: still drop what it left
+            await self.host.remove(step.flow_id, purge=True)
         self._transition(
             step.flow_id,
             step.status,
@@ -556,7 +558,7 @@ class Reconciler:
             return
         for sha in removed:
             self.host.runtime.forget(sha)
-        await asyncio.to_thread(self.host.runtime.forget_cached, keep)
+        await asyncio.to_thread(self.host.runtime.forget_cached, keep | self.host.module_digests())
         if removed:
             log.info("artifacts garbage-collected", count=len(removed))
 

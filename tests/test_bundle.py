@@ -192,6 +192,9 @@ async def test_two_modules_run_as_one_flow(h: Host) -> None:
     assert h.on(f"{BASE}/flows/gh/command") == [b'alarm"on"']
     assert runner.health_info() == {"health": "running", "restarts": 0, "lastError": None}
     assert [p.spec.module for p in runner.parts] == ["sensor", "alarm"]
+    # the modules' digests are kept by the compiled-module cache GC
+    assert h.host.module_digests() == {hashlib.sha256(SENSOR).hexdigest(),
+                                       hashlib.sha256(alarm).hexdigest()}
 
 
 async def test_a_broken_module_breaks_the_bundle(h: Host) -> None:

@@ -54,7 +54,7 @@ async def test_losant_sample_bundles_run(h: Host, name: str) -> None:
                                      for e in logs) >= 3, what="three eea_loop traces")
     traces = [e for e in logs if e["event"] == "eea trace"]
     assert traces[0]["line"] == "Hello World from WebAssembly!"
-    assert all(e["level"] == 2 and e["flow_id"] == "f1" for e in traces)
+    assert all(e["trace_level"] == 2 and e["flow_id"] == "f1" for e in traces)
     stamp = int(traces[-1]["line"].rsplit(":", 1)[1])
     assert abs(stamp - __import__("time").time() * 1000) < 60_000  # eea_loop gets epoch ms
     assert runner.state.health == Health.RUNNING
@@ -161,3 +161,14 @@ async def test_trapping_eea_loop_is_supervised(h: Host) -> None:
     await wait_until(lambda: runner.state.health == Health.BROKEN, 10, "broken")
     assert "eea_loop trapped" in (runner.state.last_error or "")
     assert runner.state.restarts == 2
+
+
+async def test_eea_bundles_take_only_mqtt_triggers(h: Host) -> None:
+    with pytest.raises(InstantiationError, match="only mqtt triggers"):
+        await deploy(h, wat.eea_bundle(), triggers=[{"type": "interval", "ms": 50}])
+    runner = await deploy(h, wat.eea_bundle(), flow_id="ok",
+                          triggers=[{"type": "mqtt", "topic": "sensors/+/temp"}])
+    assert h.host.route("sensors/a/temp", b"21") == ["ok"]
+    await wait_until(lambda: h.on("losant/dev1/echo"), what="the echo")
+    assert h.on("losant/dev1/echo") == [b"sensors/a/temp 21"]
+    assert runner.state.health == Health.RUNNING

@@ -146,6 +146,8 @@ PUB = "(call $publish (i32.const {t}) (i32.const {tl}) (i32.const 0) (i32.const 
     (PUB.format(t=1056, tl=9, q=2), EDGE_ERR_INVALID, {}),                      # qos 2
     (PUB.format(t=2000, tl=11, q=1), EDGE_ERR_DENIED, {}),                      # flows/other
     (PUB.format(t=2000, tl=11, q=1), EDGE_OK, {"publish": ["flows/other/#"]}),  # granted
+    (PUB.format(t=2100, tl=7, q=1), EDGE_ERR_DENIED, {"publish": ["#"]}),    # desired: never
+    (PUB.format(t=2200, tl=16, q=1), EDGE_ERR_DENIED, {"publish": ["#"]}),   # command/...
     ("(call $kv_get (i32.const 1088) (i32.const 5) (i32.const 0) (i32.const 4) (i32.const 8))",
      EDGE_ERR_NOT_FOUND, {}),
     ("(call $kv_set (i32.const 1088) (i32.const 5) (i32.const 0) (i32.const 2000))",
@@ -163,7 +165,8 @@ async def test_host_api_result_codes(h: Host, call: str, expected: int,
     data = wat.edge_flow(f"""
     (i32.store (i32.const 600) {call})
     (drop (call $publish (i32.const 1120) (i32.const 4) (i32.const 600) (i32.const 4)
-                         (i32.const 1)))""", {**wat.ECHO_STRINGS, 2000: "flows/other"})
+                         (i32.const 1)))""", {**wat.ECHO_STRINGS, 2000: "flows/other",
+                                  2100: "desired", 2200: "command/response"})
     runner = await h.deploy(data, triggers=[{"type": "startup"}], permissions=perms)
     assert [u32(p) for p in h.on(f"{BASE}/flows/f1/rc")] == [expected]
     if expected == EDGE_ERR_BOUNDS:
@@ -318,3 +321,28 @@ async def test_stdout_flood_is_rate_limited_and_the_flow_keeps_working(h: Host) 
     assert 0 < len(lines) <= 250
     assert runner.context.counters.logs_dropped == 20000 - len(lines)
     assert runner.state.health == Health.RUNNING
+
+
+@pytest.mark.parametrize(("topic_filter", "allowed"), [
+    ("sensors/+/temp", True),
+    ("edge/dev1/flows/other/#", True),
+    ("zigbee2mqtt/#", True),
+    ("#", False),
+    ("+/#", False),
+    ("$SYS/broker/load", False),
+    ("edge/#", False),
+    ("edge/+/desired", False),
+    ("edge/dev2/state", False),
+])
+async def test_mqtt_trigger_filters_are_checked(h: Host, topic_filter: str,
+                                                allowed: bool) -> None:
+    from agent.errors import InstantiationError
+
+    trig = [{"type": "mqtt", "topic": topic_filter}]
+    if allowed:
+        await h.deploy(wat.echo_flow(), triggers=trig)
+        assert h.subscribed == [topic_filter]
+    else:
+        with pytest.raises(InstantiationError, match="too broad|other devices"):
+            await h.deploy(wat.echo_flow(), triggers=trig)
+        assert h.subscribed == []
