@@ -16,12 +16,10 @@ from typing import Any
 import pytest
 import wat
 from conftest import wait_until
-from test_flows import BASE, LIMITS, Host
+from hosts import BASE, Host, recording_host
 
 from agent.bundle import BundleError, BundleLimits, build_bundle, describe, read_bundle
-from agent.flows import FlowHost
 from agent.runner import BundleRunner, Health, RunSpec, Supervision
-from agent.sandbox import Runtime
 
 
 def tar_gz(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
@@ -154,17 +152,9 @@ def test_cli_build_inspect_and_a_bad_bundle(tmp_path: Path) -> None:
 
 @pytest.fixture
 async def h(tmp_path: Path) -> AsyncIterator[Host]:
-    async with Runtime(LIMITS, workers=4) as runtime:
-        box: list[Host] = []
-        host = FlowHost(
-            runtime, LIMITS, "dev1", flows_dir=tmp_path / "flows", device_base=BASE,
-            supervision=Supervision(max_failures=2, failure_window=60, backoff_initial=0.05),
-            publish=lambda t, p, q: box[0].published.append((t, p, q)),
-            on_health=lambda r: box[0].health.append((r.flow_id, r.state.health)),
-        )
-        box.append(Host(host))
-        yield box[0]
-        await host.close_all()
+    sup = Supervision(max_failures=2, failure_window=60, backoff_initial=0.05)
+    async with recording_host(tmp_path, sup) as rec:
+        yield rec
 
 
 async def deploy_bundle(h: Host, data: bytes) -> BundleRunner:

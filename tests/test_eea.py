@@ -10,13 +10,11 @@ import pytest
 import structlog
 import wat
 from conftest import SHARED, wait_until
-from test_flows import BASE, LIMITS, Host
+from hosts import BASE, Host, recording_host
 
 from agent.eea import EEARunner, bundle_identifier, custom_sections, is_eea_module
 from agent.errors import InstantiationError
-from agent.flows import FlowHost
 from agent.runner import Health, Supervision
-from agent.sandbox import Runtime
 
 SAMPLES = SHARED / "eea-samples"
 SAMPLE_FILES = ["hello-world-memory-import.wasm", "hello-world-memory-export.wasm"]
@@ -25,17 +23,9 @@ FAST = {"eea": {"loopIntervalMs": 20}}
 
 @pytest.fixture
 async def h(tmp_path: Path) -> AsyncIterator[Host]:
-    async with Runtime(LIMITS, workers=4) as runtime:
-        box: list[Host] = []
-        host = FlowHost(
-            runtime, LIMITS, "dev1", flows_dir=tmp_path / "flows", device_base=BASE,
-            supervision=Supervision(max_failures=3, failure_window=60, backoff_initial=0.05),
-            publish=lambda t, p, q: box[0].published.append((t, p, q)),
-            on_health=lambda r: box[0].health.append((r.flow_id, r.state.health)),
-        )
-        box.append(Host(host))
-        yield box[0]
-        await host.close_all()
+    sup = Supervision(max_failures=3, failure_window=60, backoff_initial=0.05)
+    async with recording_host(tmp_path, sup) as rec:
+        yield rec
 
 
 async def deploy(h: Host, data: bytes, flow_id: str = "f1", **kw: Any) -> EEARunner:

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, wait_until
+from hosts import BASE, Host, recording_host
 from test_bundle import deploy_bundle
-from test_flows import BASE, LIMITS, Host
 
-from agent.flows import FlowHost
 from agent.runner import Supervision
-from agent.sandbox import Runtime
 
 EXAMPLES = REPO / "examples" / "flows"
 COUNTER = EXAMPLES / "counter" / "counter.wasm"
@@ -28,14 +26,8 @@ GREENHOUSE = EXAMPLES / "greenhouse.tar.gz"
 
 @pytest.fixture
 async def h(tmp_path: Path) -> AsyncIterator[Host]:
-    async with Runtime(LIMITS, workers=4) as runtime:
-        box: list[Host] = []
-        host = FlowHost(runtime, LIMITS, "dev1", flows_dir=tmp_path / "flows",
-                        device_base=BASE, supervision=Supervision(),
-                        publish=lambda t, p, q: box[0].published.append((t, p, q)))
-        box.append(Host(host))
-        yield box[0]
-        await host.close_all()
+    async with recording_host(tmp_path, Supervision()) as rec:
+        yield rec
 
 
 COUNTER_TRIGGERS = [{"type": "startup"}, {"type": "interval", "name": "tick", "ms": 30},

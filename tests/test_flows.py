@@ -17,6 +17,7 @@ import pytest
 import structlog
 import wat
 from conftest import wait_until
+from hosts import BASE, LIMITS, Host, recording_host
 
 from agent.errors import InstantiationError
 from agent.flows import FlowHost
@@ -29,55 +30,15 @@ from agent.hostapi import (
     EDGE_ERR_QUOTA,
     EDGE_OK,
 )
-from agent.manifest import Manifest, Permissions
-from agent.runner import FlowRunner, Health, RunSpec, Supervision
-from agent.sandbox import Limits, Runtime
-
-LIMITS = Limits(memory_limit=8 * 1024 * 1024, call_deadline_ms=300, epoch_tick_ms=10)
-BASE = "edge/dev1"
-
-
-class Host:
-    """A FlowHost plus what it published and subscribed."""
-
-    def __init__(self, host: FlowHost) -> None:
-        self.host = host
-        self.published: list[tuple[str, bytes, int]] = []
-        self.subscribed: list[str] = []
-        self.unsubscribed: list[str] = []
-        self.health: list[tuple[str, Health]] = []
-
-    def on(self, topic: str) -> list[bytes]:
-        return [p for t, p, _ in self.published if t == topic]
-
-    async def deploy(self, data: bytes, flow_id: str = "f1", version: str = "v1",
-                     **manifest: Any) -> FlowRunner:
-        config = manifest.pop("config", {})
-        m = Manifest.model_validate(manifest)
-        spec = RunSpec(flow_id=flow_id, version=version, sha256=wat.sha256(data), kind="wasm",
-                       config=config, triggers=m.triggers,
-                       permissions=m.permissions)
-        runner = await self.host.prepare(spec, data)
-        await self.host.activate(flow_id, runner)
-        return runner
+from agent.manifest import Permissions
+from agent.runner import Health, RunSpec
+from agent.sandbox import Runtime
 
 
 @pytest.fixture
 async def h(tmp_path: Path) -> AsyncIterator[Host]:
-    async with Runtime(LIMITS, workers=4) as runtime:
-        box: list[Host] = []
-        host = FlowHost(
-            runtime, LIMITS, "dev1", flows_dir=tmp_path / "flows", device_base=BASE,
-            supervision=Supervision(max_failures=3, failure_window=60, backoff_initial=0.05,
-                                    backoff_max=0.2),
-            publish=lambda t, p, q: box[0].published.append((t, p, q)),
-            subscribe=lambda t, q: box[0].subscribed.append(t),
-            unsubscribe=lambda t: box[0].unsubscribed.append(t),
-            on_health=lambda r: box[0].health.append((r.flow_id, r.state.health)),
-        )
-        box.append(Host(host))
-        yield box[0]
-        await host.close_all()
+    async with recording_host(tmp_path) as rec:
+        yield rec
 
 
 def u32(data: bytes) -> int:
