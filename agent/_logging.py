@@ -19,6 +19,9 @@ import structlog
 
 from .protocol import LogMessage, utc_now_iso
 
+#: Log lines kept per flow for ``agent.logs``.
+RECENT_LINES = 500
+
 _SKIP = frozenset({"event", "timestamp", "level", "flow_id", "device_id", "logger"})
 
 
@@ -28,6 +31,7 @@ class LogCapture:
     def __init__(self, max_lines: int = 500) -> None:
         self.max_lines = max_lines
         self._buffers: dict[tuple[str | None, str], deque[LogMessage]] = {}
+        self._recent: dict[tuple[str | None, str], deque[LogMessage]] = {}
         self._lock = threading.Lock()
 
     def start(self, device_id: str, flow_id: str, max_lines: int | None = None) -> None:
@@ -39,25 +43,33 @@ class LogCapture:
             buf = self._buffers.pop((device_id, flow_id), None)
         return list(buf) if buf else []
 
+    def recent(self, device_id: str, flow_id: str, lines: int) -> list[LogMessage]:
+        """The last ``lines`` log lines of a flow (kept always, up to RECENT_LINES)."""
+        with self._lock:
+            buf = self._recent.get((device_id, flow_id))
+            return list(buf)[-lines:] if buf else []
+
     def __call__(
         self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         flow_id = event_dict.get("flow_id")
-        if flow_id is None or not self._buffers:
+        if flow_id is None:
             return event_dict
         key = (event_dict.get("device_id"), str(flow_id))
+        extra = " ".join(f"{k}={v}" for k, v in event_dict.items() if k not in _SKIP)
+        line = LogMessage(
+            time=str(event_dict.get("timestamp") or utc_now_iso()),
+            level=method,
+            message=f"{event_dict.get('event', '')} {extra}".strip(),
+        )
         with self._lock:
             buf = self._buffers.get(key)
             if buf is not None:
-                extra = " ".join(f"{k}={v}" for k, v in event_dict.items() if k not in _SKIP)
-                text = str(event_dict.get("event", ""))
-                buf.append(
-                    LogMessage(
-                        time=str(event_dict.get("timestamp") or utc_now_iso()),
-                        level=method,
-                        message=f"{text} {extra}".strip(),
-                    )
-                )
+                buf.append(line)
+            recent = self._recent.get(key)
+            if recent is None:
+                recent = self._recent[key] = deque(maxlen=RECENT_LINES)
+            recent.append(line)
         return event_dict
 
 

@@ -210,6 +210,19 @@ class ReconcileConfig(BaseModel):
     )
 
 
+class CommandsConfig(BaseModel):
+    """Device commands on {prefix}/{deviceId}/command."""
+
+    model_config = _Strict
+
+    max_age_s: Annotated[float, Field(gt=0)] = Field(
+        300.0, description="Commands whose time is older than this are refused as stale (s)."
+    )
+    max_concurrent: Annotated[int, Field(ge=1, le=1000)] = Field(
+        32, description="Commands handled at the same time; more wait their turn."
+    )
+
+
 class LogConfig(BaseModel):
     """Logging (to stderr; under systemd, the journal)."""
 
@@ -240,6 +253,7 @@ class AgentConfig(BaseModel):
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)  # type: ignore[arg-type]
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)  # type: ignore[arg-type]
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)  # type: ignore[arg-type]
+    commands: CommandsConfig = Field(default_factory=CommandsConfig)  # type: ignore[arg-type]
     log: LogConfig = Field(default_factory=LogConfig)  # type: ignore[arg-type]
 
     @field_validator("device_id")

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from typing import Any
 
 import structlog
 
 from .artifacts import ArtifactStore, Fetcher, FetchLimits
+from .commands import CommandRouter
 from .config import AgentConfig
 from .errors import AgentError
 from .flows import FlowHost
 from .manifest import Manifest
-from .mqtt import MqttSession, Will
+from .mqtt import Message, MqttSession, Will
 from .protocol import FlowRuntime, Status, utc_now_iso
 from .reconciler import Reconciler
 from .reporter import Reporter, offline_status
@@ -167,6 +167,13 @@ class Agent:
         )
         self.reporter = reporter
         reporter.runtime_info = self._runtime_info
+        self.commands = CommandRouter(
+            self,
+            max_age_s=cfg.commands.max_age_s,
+            flow_timeout_s=cfg.sandbox.call_deadline_ms / 1000 * 2 + 5,
+        )
+        self._command_slots = asyncio.Semaphore(cfg.commands.max_concurrent)
+        self._command_tasks: set[asyncio.Task[None]] = set()
         self.runtime.acquire()
         try:
             await self._start_installed()
@@ -192,7 +199,7 @@ class Agent:
                 )
                 await self._stop.wait()
                 log.info("agent stopping")
-                for task in tasks[1:]:
+                for task in [*tasks[1:], *self._command_tasks]:
                     task.cancel()
                 # Stage 1: the reconciler stops at a safe point.
                 await self._stage("stop reconciler", self.reconciler.close(), STOP_RECONCILE_S)
@@ -259,19 +266,17 @@ class Agent:
                 self.reconciler.persist_soon()
         self.reporter.mark_dirty()
 
-    def _command(self, payload: bytes) -> None:
-        """Deliver a command ``{"name", "payload"}`` to flows with a matching trigger."""
-        try:
-            doc = json.loads(payload)
-            name = doc["name"]
-            if not isinstance(name, str) or not 1 <= len(name) <= 255:
-                raise TypeError("name must be a string of 1-255 characters")
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("malformed command ignored", error=str(exc))
-            return
-        body = json.dumps(doc.get("payload")).encode()
-        delivered = self.host.command(name, body)
-        log.info("command delivered", command=name, flows=delivered)
+    def _spawn_command(self, msg: Message) -> None:
+        """Handle a command in its own task (it may wait for flows), a bounded number
+        at a time; every command gets exactly one response."""
+
+        async def run() -> None:
+            async with self._command_slots:
+                await self.commands.handle(msg)
+
+        task = asyncio.get_running_loop().create_task(run(), name="command")
+        self._command_tasks.add(task)
+        task.add_done_callback(self._command_tasks.discard)
 
     async def _start_installed(self) -> None:
         """Start every installed flow from the local store, without the network.
@@ -286,6 +291,42 @@ class Agent:
             )
         )
 
+    async def _prepare_installed(self, flow_id: str, rec: FlowRecord) -> FlowRunner:
+        """A started runner for the installed version, from the local store."""
+        inst = rec.installed
+        if inst is None:
+            raise AgentError(f"flow {flow_id!r} has no installed version")
+        if not await asyncio.to_thread(self.reconciler.artifacts.verify, inst.sha256):
+            raise AgentError(f"installed artifact {inst.sha256[:12]}… missing or corrupt")
+        data = await asyncio.to_thread(self.reconciler.artifacts.read, inst.sha256)
+        manifest = Manifest.from_json(inst.manifest)
+        return await self.host.prepare(
+            RunSpec(
+                flow_id=flow_id,
+                version=inst.version,
+                sha256=inst.sha256,
+                kind=inst.kind,
+                config=inst.config,
+                triggers=manifest.triggers,
+                permissions=manifest.permissions,
+            ),
+            data,
+        )
+
+    async def restart_flow(self, flow_id: str) -> FlowRunner:
+        """Start the installed version afresh (clears ``broken``); for agent.restart-flow."""
+        rec = self.reconciler.state.flows.get(flow_id)
+        if rec is None or rec.installed is None:
+            raise AgentError(f"flow {flow_id!r} not found or not installed")
+        runner = await self._prepare_installed(flow_id, rec)
+        await self.host.activate(flow_id, runner)
+        rec.broken = False
+        rec.last_updated = utc_now_iso()
+        await self.reconciler.persist()
+        self.reporter.mark_dirty()
+        log.info("flow restarted on command", flow_id=flow_id, version=runner.version)
+        return runner
+
     async def _start_one(self, flow_id: str, rec: FlowRecord) -> None:
         inst = rec.installed
         if inst is not None and rec.broken:
@@ -297,22 +338,7 @@ class Agent:
             return
         if inst is not None:
             try:
-                if not await asyncio.to_thread(self.reconciler.artifacts.verify, inst.sha256):
-                    raise AgentError(f"installed artifact {inst.sha256[:12]}… missing or corrupt")
-                data = await asyncio.to_thread(self.reconciler.artifacts.read, inst.sha256)
-                manifest = Manifest.from_json(inst.manifest)
-                runner = await self.host.prepare(
-                    RunSpec(
-                        flow_id=flow_id,
-                        version=inst.version,
-                        sha256=inst.sha256,
-                        kind=inst.kind,
-                        config=inst.config,
-                        triggers=manifest.triggers,
-                        permissions=manifest.permissions,
-                    ),
-                    data,
-                )
+                runner = await self._prepare_installed(flow_id, rec)
             except AgentError as exc:
                 log.error(
                     "installed flow could not start; it will be installed again",
@@ -336,8 +362,7 @@ class Agent:
                 if msg.topic == self.topics.desired:
                     await self.reconciler.offer_desired(msg.payload)
                 elif msg.topic == self.topics.command:
-                    self._command(msg.payload)
-                    self.host.route(msg.topic, msg.payload)  # EEA bundles get it raw
+                    self._spawn_command(msg)
                 elif not self.host.route(msg.topic, msg.payload):
                     log.debug("message on unhandled topic", topic=msg.topic)
             except AgentError as exc:

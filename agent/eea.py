@@ -463,7 +463,7 @@ class EEARunner(FlowRunner):
     def message(self, topic: str, payload: bytes) -> bool:
         return self.offer(Event(EV_MESSAGE, topic.encode(), payload))
 
-    def command(self, name: str, payload: bytes) -> bool:
+    def command(self, name: str, payload: bytes, reply: Any = None) -> bool:
         return False  # EEA bundles get the raw command message through message()
 
     def direct_trigger(self, trigger_id: str, payload: bytes) -> bool:
@@ -473,12 +473,12 @@ class EEARunner(FlowRunner):
         self.connected = connected
         self.offer(Event(EV_CONNECTION, b"", b"\x01" if connected else b"\x00"))
 
-    async def _deliver(self, inst: FlowInstance, event: Event) -> None:
+    async def _deliver(self, inst: FlowInstance, event: Event) -> int:
         if event.kind in (EV_MESSAGE, EV_DIRECT):
             buffers = self.eea.buffers
             if buffers is None:
                 self.log.warning("EEA bundle registered no message buffers; message dropped")
-                return
+                return 1
             _tptr, tcap, _pptr, pcap = buffers
             if len(event.name) > tcap or len(event.payload) > pcap:
                 self.eea.dropped += 1
@@ -488,11 +488,12 @@ class EEARunner(FlowRunner):
                     bytes=len(event.payload),
                     buffer=pcap,
                 )
-                return
+                return 1
         await self.runtime.run(
             lambda: self._call(inst, event), timeout=self.call_timeout, what="EEA call"
         )
         self.state.events += 1
+        return 0
 
     def _call(self, inst: FlowInstance, event: Event) -> None:
         mem = self.eea.memory

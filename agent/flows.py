@@ -35,7 +35,7 @@ from .errors import InstantiationError
 from .hostapi import EDGE_FUNCTIONS, FlowContext, define_edge_api
 from .kvstore import KVStore
 from .manifest import MqttTrigger, TopicPolicy, check_subscription
-from .runner import BundleRunner, FlowRunner, RunSpec, Supervision
+from .runner import BundleRunner, FlowRunner, Outcome, RunSpec, Supervision
 from .sandbox import FlowInstance, HostBindings, Limits, Runtime
 
 log = structlog.get_logger("agent.flows")
@@ -318,9 +318,21 @@ class FlowHost:
         else:
             self._subs[topic] = count
 
-    def command(self, name: str, payload: bytes) -> list[str]:
-        """Deliver a command to every flow with a matching command trigger."""
-        return [fid for fid, r in sorted(self.running.items()) if r.command(name, payload)]
+    def command(
+        self, name: str, payload: bytes, replies: dict[str, asyncio.Future[Outcome]] | None = None
+    ) -> list[str]:
+        """Deliver a command to every flow with a matching command trigger. With
+        ``replies``, each delivered flow's outcome future is put there."""
+        delivered = []
+        for flow_id, runner in sorted(self.running.items()):
+            fut: asyncio.Future[Outcome] | None = None
+            if replies is not None:
+                fut = asyncio.get_running_loop().create_future()
+            if runner.command(name, payload, fut):
+                delivered.append(flow_id)
+                if replies is not None and fut is not None:
+                    replies[flow_id] = fut
+        return delivered
 
     def route(self, topic: str, payload: bytes) -> list[str]:
         """Deliver an MQTT message to every flow whose mqtt trigger filter matches."""

@@ -45,12 +45,26 @@ class Health(StrEnum):
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """How one event went: the handler's result code, or why it failed."""
+
+    rc: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.rc == 0
+
+
+@dataclass(frozen=True)
 class Event:
     kind: int
     name: bytes
     payload: bytes
     #: Interval trigger name, for tick coalescing.
     tick: str | None = None
+    #: Resolved with the event's :class:`Outcome` (commands need an answer).
+    reply: asyncio.Future[Outcome] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -250,10 +264,19 @@ class FlowRunner:
             return False
         return True
 
-    def command(self, name: str, payload: bytes) -> bool:
+    def command(
+        self, name: str, payload: bytes, reply: asyncio.Future[Outcome] | None = None
+    ) -> bool:
         if not any(t.command == name for t in self.triggers(CommandTrigger)):
             return False
-        return self.offer(Event(EVENT_COMMAND, name.encode(), payload))
+        event = Event(EVENT_COMMAND, name.encode(), payload, reply=reply)
+        if not self.offer(event) and reply is not None and not reply.done():
+            reply.set_result(
+                Outcome(
+                    error=f"flow {self.flow_id} is not accepting events ({self.state.health.value})"
+                )
+            )
+        return True
 
     def mqtt_filters(self) -> list[MqttTrigger]:
         return self.triggers(MqttTrigger)
@@ -282,7 +305,7 @@ class FlowRunner:
             except OSError as exc:
                 self.log.error("cannot persist flow storage", error=str(exc))
 
-    async def _deliver(self, inst: FlowInstance, event: Event) -> None:
+    async def _deliver(self, inst: FlowInstance, event: Event) -> int:
         rc = await self.runtime.run(
             lambda: inst.dispatch(event.kind, event.name, event.payload),
             timeout=self.call_timeout,
@@ -295,6 +318,7 @@ class FlowRunner:
                 rc=rc,
                 event=event.name[:100].decode(errors="replace"),
             )
+        return int(rc)
 
     async def _worker(self) -> None:
         while True:
@@ -303,11 +327,15 @@ class FlowRunner:
                 self._queued_ticks.discard(event.tick)
             inst = self.instance
             if inst is None:
+                _answer(event, Outcome(error=f"flow {self.flow_id} is not running"))
                 continue
             try:
-                await self._deliver(inst, event)
+                rc = await self._deliver(inst, event)
             except AgentError as exc:
+                _answer(event, Outcome(error=str(exc)))
                 await self._failed(str(exc), getattr(exc, "code", "error"))
+            else:
+                _answer(event, Outcome(rc=rc))
 
     # ------------------------------------------------------------ supervision
     async def _failed(self, reason: str, code: str = "error") -> None:
@@ -348,6 +376,11 @@ class FlowRunner:
             self.state.health = health
             with contextlib.suppress(Exception):
                 self.on_health(self)
+
+
+def _answer(event: Event, outcome: Outcome) -> None:
+    if event.reply is not None and not event.reply.done():
+        event.reply.set_result(outcome)
 
 
 _HEALTH_ORDER = [Health.BROKEN, Health.RESTARTING, Health.STARTING, Health.RUNNING, Health.STOPPED]
@@ -425,11 +458,28 @@ class BundleRunner(FlowRunner):
             await part.shutdown(timeout)
         self._set_health(Health.STOPPED)
 
-    def command(self, name: str, payload: bytes) -> bool:
-        delivered = False
-        for part in self.parts:  # every module with the trigger gets it: no short-circuit
-            delivered = part.command(name, payload) or delivered
-        return delivered
+    def command(
+        self, name: str, payload: bytes, reply: asyncio.Future[Outcome] | None = None
+    ) -> bool:
+        """Every module with the trigger gets it; the reply is the first failure, or
+        the last module's outcome."""
+        loop = asyncio.get_running_loop()
+        replies: list[asyncio.Future[Outcome]] = []
+        for part in self.parts:
+            fut: asyncio.Future[Outcome] = loop.create_future()
+            if part.command(name, payload, fut):
+                replies.append(fut)
+        if reply is not None and replies:
+            gathered = asyncio.gather(*replies)
+
+            def done(g: asyncio.Future[list[Outcome]]) -> None:
+                if reply.done():
+                    return
+                outcomes = g.result() if not g.cancelled() else [Outcome(error="cancelled")]
+                reply.set_result(next((o for o in outcomes if not o.ok), outcomes[-1]))
+
+            gathered.add_done_callback(done)
+        return bool(replies)
 
     def mqtt_filters(self) -> list[MqttTrigger]:
         return [t for p in self.parts for t in p.mqtt_filters()]

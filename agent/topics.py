@@ -33,6 +33,10 @@ class Topics:
         return f"{self.base}/command"
 
     @property
+    def command_response(self) -> str:
+        return f"{self.base}/command/response"
+
+    @property
     def status(self) -> str:
         return f"{self.base}/status"
 

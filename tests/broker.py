@@ -112,6 +112,7 @@ class Operator:
         self.broker = broker
         self.latest: dict[str, bytes] = {}
         self.history: list[tuple[str, bytes]] = []
+        self.correlation: dict[str, bytes | None] = {}
         self.cond = threading.Condition()
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
@@ -125,7 +126,21 @@ class Operator:
         with self.cond:
             self.latest[msg.topic] = bytes(msg.payload)
             self.history.append((msg.topic, bytes(msg.payload)))
+            props = getattr(msg, "properties", None)
+            self.correlation[msg.topic] = getattr(props, "CorrelationData", None)
             self.cond.notify_all()
+
+    def request(self, topic: str, doc: dict[str, Any] | bytes, response_topic: str,
+                correlation: bytes) -> None:
+        """Publish an MQTT 5 request with a response topic and correlation data."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = response_topic
+        props.CorrelationData = correlation
+        data = json.dumps(doc).encode() if isinstance(doc, dict) else doc
+        self.client.publish(topic, data, qos=1, properties=props).wait_for_publish(5)
 
     def connect(self) -> Operator:
         self.client.connect("127.0.0.1", self.broker.port)
