@@ -24,8 +24,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from . import __version__
@@ -203,18 +201,14 @@ class CommandRouter:
         }
         doc["result" if ok else "error"] = body
         doc["time"] = utc_now_iso()
-        props = None
         topic = self.agent.topics.command_response
+        correlation = None
         if msg.response_topic:
             topic = msg.response_topic
-            if msg.correlation_data is not None:
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.CorrelationData = msg.correlation_data
+            correlation = msg.correlation_data
         log.info("command handled", command=doc["name"], ok=ok, error=None if ok else body)
-        try:
-            self.agent.session.publish(topic, json.dumps(doc).encode(), qos=1, properties=props)
-        except (RuntimeError, ValueError) as exc:
-            log.warning("command response dropped", topic=topic, error=str(exc))
+        # Through the outbox: a response made while offline goes out after the reconnect.
+        self.agent.outbox.put(topic, json.dumps(doc).encode(), correlation=correlation)
 
     # ------------------------------------------------------------ built-ins
     async def _ping(self, _payload: Any) -> Any:

@@ -210,6 +210,22 @@ class ReconcileConfig(BaseModel):
     )
 
 
+class OutboxConfig(BaseModel):
+    """The offline outbox (QoS 1 messages persisted until the broker acknowledges them)."""
+
+    model_config = _Strict
+
+    max_messages: Annotated[int, Field(ge=10)] = Field(
+        50_000, description="Messages kept while offline; beyond it the oldest are dropped."
+    )
+    max_bytes: Annotated[int, Field(ge=65536)] = Field(
+        64 * _MIB, description="Payload bytes kept while offline; beyond it the oldest go."
+    )
+    drain_rate: Annotated[float, Field(gt=0)] = Field(
+        200.0, description="Messages per second sent when draining after a reconnect."
+    )
+
+
 class CommandsConfig(BaseModel):
     """Device commands on {prefix}/{deviceId}/command."""
 
@@ -253,6 +269,7 @@ class AgentConfig(BaseModel):
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)  # type: ignore[arg-type]
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)  # type: ignore[arg-type]
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)  # type: ignore[arg-type]
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]
     commands: CommandsConfig = Field(default_factory=CommandsConfig)  # type: ignore[arg-type]
     log: LogConfig = Field(default_factory=LogConfig)  # type: ignore[arg-type]
 

@@ -27,6 +27,7 @@ from .errors import AgentError
 from .flows import FlowHost
 from .manifest import Manifest
 from .mqtt import Message, MqttSession, Will
+from .outbox import Outbox, OutboxLimits
 from .protocol import FlowRuntime, Status, utc_now_iso
 from .reconciler import Reconciler
 from .reporter import Reporter, offline_status
@@ -122,9 +123,8 @@ class Agent:
         finally:
             waiter.cancel()
 
-    async def run(self) -> None:
-        """Run until :meth:`stop`; raises :class:`AgentError` if start-up fails."""
-        structlog.contextvars.bind_contextvars(device_id=self.cfg.device_id)
+    def _assemble(self) -> Fetcher:
+        """Build the agent's parts from its configuration and persisted state."""
         cfg = self.cfg
         state_store = StateStore(cfg.state_dir)
         state = state_store.load()
@@ -137,6 +137,17 @@ class Agent:
             will=Will(self.topics.status, offline_status()),
         )
         fetcher = Fetcher(artifacts, fetch_limits(cfg), mqtt_fetch=self.session.fetch_retained)
+        self.outbox = Outbox(
+            cfg.state_dir / "outbox.sqlite3",
+            OutboxLimits(
+                max_messages=cfg.outbox.max_messages,
+                max_bytes=cfg.outbox.max_bytes,
+                drain_rate=cfg.outbox.drain_rate,
+                batch=min(20, cfg.mqtt.max_inflight),
+            ),
+        )
+        if self.outbox.count:
+            log.info("outbox has messages from before the restart", queued=self.outbox.count)
         reporter = Reporter(
             self.session,
             self.topics,
@@ -144,6 +155,7 @@ class Agent:
             device_type=cfg.device_type,
             runtime=self.runtime.description,
             coalesce_ms=cfg.reconcile.state_coalesce_ms,
+            outbox=self.outbox,
         )
         self.host = FlowHost(
             self.runtime,
@@ -174,6 +186,14 @@ class Agent:
         )
         self._command_slots = asyncio.Semaphore(cfg.commands.max_concurrent)
         self._command_tasks: set[asyncio.Task[None]] = set()
+        return fetcher
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`; raises :class:`AgentError` if start-up fails."""
+        structlog.contextvars.bind_contextvars(device_id=self.cfg.device_id)
+        fetcher = self._assemble()
+        reporter = self.reporter
+        cfg = self.cfg
         self.runtime.acquire()
         try:
             await self._start_installed()
@@ -188,6 +208,10 @@ class Agent:
                     tg.create_task(self.reconciler.run_forever(), name="reconciler"),
                     tg.create_task(reporter.run(), name="reporter"),
                     tg.create_task(self._dispatch(), name="dispatcher"),
+                    tg.create_task(
+                        self.outbox.drain(self.session.publish, self.session.connected),
+                        name="outbox",
+                    ),
                 ]
                 self._ready.set()
                 log.info(
@@ -217,6 +241,7 @@ class Agent:
                     await self._stage("offline status", fut, STOP_OFFLINE_ACK_S)
             await self._stage("disconnect", self.session.stop(), STOP_MQTT_S)
             await fetcher.aclose()
+            self.outbox.close()
             await self.runtime.release()
             log.info("agent stopped")
 
@@ -250,9 +275,13 @@ class Agent:
         return None
 
     def _flow_publish(self, topic: str, payload: bytes, qos: int) -> None:
-        """A flow's message (already permission-checked), on the event loop."""
+        """A flow's message (already permission-checked), on the event loop: QoS 1 through
+        the outbox (kept while offline), QoS 0 straight out (dropped while offline)."""
+        if qos:
+            self.outbox.put(topic, payload)
+            return
         try:
-            self.session.publish(topic, payload, qos=qos)
+            self.session.publish(topic, payload, qos=0)
         except (RuntimeError, ValueError) as exc:
             log.warning("flow message dropped", topic=topic, error=str(exc))
 

@@ -253,6 +253,17 @@ class RejectedDesired(BaseModel):
     time: str
 
 
+class OutboxState(BaseModel):
+    """The offline outbox: messages waiting for the broker, and messages dropped when
+    it was full (since the state dir was created)."""
+
+    model_config = _LENIENT
+
+    queued: int
+    bytes: int
+    dropped: int
+
+
 class StateReport(BaseModel):
     """The agent's current state, published retained on ``{prefix}/{deviceId}/state``."""
 
@@ -262,6 +273,7 @@ class StateReport(BaseModel):
     generation: int | None = None
     flows: dict[str, FlowState] = Field(default_factory=dict)
     rejected: RejectedDesired | None = None
+    outbox: OutboxState | None = None
     time: str
     protocol: int = PROTOCOL_VERSION
 
@@ -296,6 +308,8 @@ class DeviceStatus(BaseModel):
     agent_version: str | None = Field(default=None, alias="agentVersion")
     device_type: str | None = Field(default=None, alias="deviceType")
     runtime: str | None = None
+    #: Messages the outbox dropped because it was full.
+    dropped: int | None = None
     time: str | None = None
 
 

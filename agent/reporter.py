@@ -16,6 +16,7 @@ import structlog
 
 from . import __version__
 from .mqtt import MqttSession
+from .outbox import Outbox
 from .protocol import (
     DeploymentLog,
     DeviceStatus,
@@ -23,6 +24,7 @@ from .protocol import (
     FlowRuntime,
     FlowState,
     LogMessage,
+    OutboxState,
     Progress,
     StateReport,
     Status,
@@ -50,8 +52,10 @@ class Reporter:
         device_type: str,
         runtime: str,
         coalesce_ms: int = 50,
+        outbox: Outbox | None = None,
     ) -> None:
         self.session = session
+        self.outbox = outbox
         self.topics = topics
         self.state = state
         self.device_type = device_type
@@ -83,6 +87,7 @@ class Reporter:
             generation=self.state.generation,
             flows=flows,
             rejected=self.state.rejected,
+            outbox=OutboxState(**self.outbox.info()) if self.outbox is not None else None,
             time=utc_now_iso(),
         )
 
@@ -91,7 +96,7 @@ class Reporter:
 
     def on_connect(self) -> None:
         """Birth message and a fresh state report after every (re)connect."""
-        self._publish(
+        self._direct(
             self.topics.status,
             dump(
                 DeviceStatus(
@@ -99,6 +104,7 @@ class Reporter:
                     agentVersion=__version__,
                     deviceType=self.device_type,
                     runtime=self.runtime,
+                    dropped=self.outbox.dropped if self.outbox is not None else None,
                     time=utc_now_iso(),
                 ),
                 exclude_none=True,
@@ -123,7 +129,7 @@ class Reporter:
             last = loop.time()
 
     def publish_state_now(self) -> None:
-        self._publish(self.topics.state, dump(self.snapshot()), retain=True)
+        self._publish(self.topics.state, dump(self.snapshot()), retain=True, coalesce="state")
         self.published += 1
 
     def event(self, flow_id: str, rec: FlowRecord, progress: Progress | None = None) -> None:
@@ -170,11 +176,19 @@ class Reporter:
             messages=lines,
             time=utc_now_iso(),
         )
-        self._publish(
-            self.topics.deployment_log(rec.deployment_id or flow_id), dump(doc), retain=True
-        )
+        topic = self.topics.deployment_log(rec.deployment_id or flow_id)
+        self._publish(topic, dump(doc), retain=True, coalesce=f"log:{topic}")
 
-    def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    def _publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, coalesce: str | None = None
+    ) -> None:
+        """QoS 1, through the outbox (persisted, in order) when there is one."""
+        if self.outbox is None:
+            self._direct(topic, payload, retain=retain)
+            return
+        self.outbox.put(topic, payload, retain=retain, coalesce=coalesce)
+
+    def _direct(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         try:
             self.session.publish(topic, payload, qos=1, retain=retain)
         except (RuntimeError, ValueError) as exc:  # queue full; a topic paho refuses
