@@ -4,8 +4,9 @@ Messages go into an SQLite table under the state dir (WAL journal: a killed proc
 loses nothing that was committed) and one drain task publishes them in order, a
 batch at a time (at most ``max_inflight``, so order holds), and deletes each row only
 when the broker has acknowledged it. While the broker is away, flows keep running
-and the outbox fills; after a reconnect it drains at a bounded rate, oldest first,
-before anything newer. A restart loses nothing that was in it.
+and the outbox fills; after a reconnect that backlog drains at a bounded rate
+(``drain_rate``), oldest first, before anything newer; live traffic is not paced.
+A restart loses nothing that was in it.
 
 Bounded by count and bytes: when full, the oldest messages are dropped, counted
 (persisted) and logged. Messages with a ``coalesce`` key (the state report, each
@@ -21,7 +22,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,8 @@ class Outbox:
         self._wake = asyncio.Event()
         self._last_drop_log = 0.0
         self.on_change: Callable[[], None] = lambda: None
+        #: How the drain paces itself (a test may observe it).
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -196,10 +199,16 @@ class Outbox:
     ) -> None:
         """Publish queued messages in order forever (the drain task)."""
         lim = self.limits
+        catching_up = False
         while True:
-            await connected.wait()
+            if not connected.is_set():
+                await connected.wait()
+                # What piled up while offline is sent at drain_rate; live traffic is not
+                # paced (its rate is bounded where it is produced).
+                catching_up = self.count > 0
             batch = self.peek(lim.batch)
             if not batch:
+                catching_up = False
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -233,8 +242,8 @@ class Outbox:
             ]
             self.ack(acked)
             pause = len(batch) / lim.drain_rate - (time.monotonic() - started)
-            if pause > 0:
-                await asyncio.sleep(pause)
+            if catching_up and pause > 0:
+                await self.sleep(pause)
 
     def info(self) -> dict[str, Any]:
         return {"queued": self.count, "bytes": self.bytes, "dropped": self.dropped}

@@ -162,3 +162,45 @@ def test_state_report_carries_outbox_counters() -> None:
                          outbox=OutboxState(queued=3, bytes=10, dropped=1))
     assert json.loads(report.model_dump_json(by_alias=True))["outbox"] == {
         "queued": 3, "bytes": 10, "dropped": 1}
+
+
+async def test_only_a_backlog_from_offline_is_paced(tmp_path: Path) -> None:
+    """Live traffic is not paced (drain_rate used to cap every response at 200/s and
+    add up to 5 ms to each); a backlog found at reconnect is."""
+    import asyncio
+
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay: float) -> None:
+        pauses.append(delay)
+        await real_sleep(0)
+
+    box = Outbox(tmp_path / "o.db", OutboxLimits(drain_rate=10.0, batch=5))
+    box.sleep = recording_sleep
+    sent: list[bytes] = []
+
+    def publish(topic: str, payload: bytes, **_: Any) -> asyncio.Future[None]:
+        sent.append(payload)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    connected = asyncio.Event()
+    connected.set()
+    drain = asyncio.create_task(box.drain(publish, connected))
+    for i in range(20):  # live: produced while connected
+        box.put("t", str(i).encode())
+        await real_sleep(0)
+    await wait_until(lambda: box.count == 0, what="live messages sent")
+    assert pauses == []
+    connected.clear()
+    box.put("t", b"first while offline")
+    await real_sleep(0.05)  # the drain loop notices it is offline
+    for i in range(19):  # a backlog built while offline
+        box.put("t", str(i).encode())
+    connected.set()
+    await wait_until(lambda: box.count == 0, what="the backlog sent")
+    drain.cancel()
+    assert len(pauses) >= 3  # 20 messages in batches of 5, paced at 10/s
+    assert len(sent) == 40
