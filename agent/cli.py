@@ -37,6 +37,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, help="state directory")
     p.add_argument("--log-format", choices=["console", "json"])
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--profile",
+        choices=["edge", "losant"],
+        help="losant: run as a Losant Embedded Edge Agent device ([losant] section)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,6 +56,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out.setdefault("log", {})["format"] = args.log_format
     if args.log_level:
         out.setdefault("log", {})["level"] = args.log_level
+    if args.profile:
+        out.setdefault("losant", {})["enabled"] = args.profile == "losant"
     return out
 
 

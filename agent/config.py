@@ -95,6 +95,11 @@ class MqttConfig(BaseModel):
     max_queued: Annotated[int, Field(ge=0)] = Field(
         10000, description="Outgoing messages paho may queue while offline (0 = unlimited)."
     )
+    persistent_session: bool = Field(
+        True,
+        description="Ask the broker to keep the session (MQTT 5 clean start off, "
+        "3.1.1 clean session off).",
+    )
 
     @field_validator("broker")
     @classmethod
@@ -226,6 +231,34 @@ class OutboxConfig(BaseModel):
     )
 
 
+class LosantConfig(BaseModel):
+    """The Losant MQTT profile: run as a Losant Embedded Edge Agent device."""
+
+    model_config = _Strict
+
+    enabled: bool = Field(False, description="Use the Losant profile (or --profile losant).")
+    broker: str = Field("mqtts://broker.losant.com:8883", description="Losant's MQTT broker.")
+    access_key: str | None = Field(None, description="Application access key (username).")
+    access_secret: SecretStr | None = Field(None, description="Access secret (password).")
+    access_secret_file: Path | None = Field(
+        None, description="File whose first line is the access secret; wins over access_secret."
+    )
+    ca_file: Path | None = Field(None, description="CA bundle for the broker; default: system CAs.")
+    trace_level: Annotated[int, Field(ge=0, le=2)] = Field(
+        2, description="EEA trace level announced in the hello message and set on bundles."
+    )
+    max_bundle_bytes: Annotated[int, Field(gt=0)] = Field(
+        16 * _MIB, description="Largest bundle accepted (after gzip decompression)."
+    )
+    window_s: Annotated[float, Field(gt=0)] = Field(15.0, description="Rate-limit window (s).")
+    per_topic: Annotated[int, Field(ge=1)] = Field(
+        30, description="Messages per window per topic (Losant's limit)."
+    )
+    per_connection: Annotated[int, Field(ge=1)] = Field(
+        300, description="Messages per window per connection (Losant's limit)."
+    )
+
+
 class CommandsConfig(BaseModel):
     """Device commands on {prefix}/{deviceId}/command."""
 
@@ -270,6 +303,7 @@ class AgentConfig(BaseModel):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)  # type: ignore[arg-type]
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)  # type: ignore[arg-type]
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]
+    losant: LosantConfig = Field(default_factory=LosantConfig)  # type: ignore[arg-type]
     commands: CommandsConfig = Field(default_factory=CommandsConfig)  # type: ignore[arg-type]
     log: LogConfig = Field(default_factory=LogConfig)  # type: ignore[arg-type]
 
@@ -286,11 +320,39 @@ class AgentConfig(BaseModel):
     def client_id(self) -> str:
         return self.mqtt.client_id or f"edge-agent-{self.device_id}"
 
+    def effective_mqtt(self) -> MqttConfig:
+        """The MQTT settings in force: the Losant profile overrides the [mqtt] section."""
+        los = self.losant
+        if not los.enabled:
+            return self.mqtt
+        secret = los.access_secret
+        if los.access_secret_file is not None:
+            try:
+                secret = SecretStr(los.access_secret_file.read_text().splitlines()[0])
+            except (OSError, IndexError) as exc:
+                raise ConfigError(
+                    str(los.access_secret_file), "losant.access_secret_file", f"cannot read: {exc}"
+                ) from None
+        return self.mqtt.model_copy(
+            update={
+                "broker": los.broker,
+                "client_id": self.device_id,
+                "username": los.access_key,
+                "password": secret,
+                "password_file": None,
+                "ca_file": los.ca_file,
+                "protocol": "3.1.1",
+                "persistent_session": False,
+            }
+        )
+
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data with secrets masked."""
         data = self.model_dump(mode="json")
         if self.mqtt.password is not None:
             data["mqtt"]["password"] = "********"  # noqa: S105 - a mask, not a password
+        if self.losant.access_secret is not None:
+            data["losant"]["access_secret"] = "********"  # noqa: S105
         return data
 
 

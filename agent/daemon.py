@@ -25,9 +25,12 @@ from .commands import CommandRouter
 from .config import AgentConfig
 from .errors import AgentError
 from .flows import FlowHost
+from .losant import MAX_MESSAGE as MAX_LOSANT_MESSAGE
+from .losant import LosantProfile
 from .manifest import Manifest
 from .mqtt import Message, MqttSession, Will
 from .outbox import Outbox, OutboxLimits
+from .pacer import PaceLimits, Pacer
 from .protocol import FlowRuntime, Status, utc_now_iso
 from .reconciler import Reconciler
 from .reporter import Reporter, offline_status
@@ -87,6 +90,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self.losant = LosantProfile(self) if cfg.losant.enabled else None
         self.reconciler: Reconciler
         self.session: MqttSession
         self.host: FlowHost
@@ -131,10 +135,24 @@ class Agent:
         for note in recover(state):
             log.info("recovered after restart", note=note)
         artifacts = ArtifactStore(cfg.state_dir / "artifacts")
+        mqtt_cfg = cfg.effective_mqtt()
         self.session = MqttSession(
-            cfg.mqtt,
-            cfg.client_id,
-            will=Will(self.topics.status, offline_status()),
+            mqtt_cfg,
+            mqtt_cfg.client_id or cfg.client_id,
+            # No last will on Losant's broker: it accepts only losant/{id}/... topics.
+            will=None if self.losant else Will(self.topics.status, offline_status()),
+        )
+        self.pacer = (
+            Pacer(
+                self.session.publish,
+                PaceLimits(
+                    window_s=cfg.losant.window_s,
+                    per_topic=cfg.losant.per_topic,
+                    per_connection=cfg.losant.per_connection,
+                ),
+            )
+            if self.losant
+            else None
         )
         fetcher = Fetcher(artifacts, fetch_limits(cfg), mqtt_fetch=self.session.fetch_retained)
         self.outbox = Outbox(
@@ -156,6 +174,7 @@ class Agent:
             runtime=self.runtime.description,
             coalesce_ms=cfg.reconcile.state_coalesce_ms,
             outbox=self.outbox,
+            silent=self.losant is not None,
         )
         self.host = FlowHost(
             self.runtime,
@@ -184,6 +203,8 @@ class Agent:
             max_age_s=cfg.commands.max_age_s,
             flow_timeout_s=cfg.sandbox.call_deadline_ms / 1000 * 2 + 5,
         )
+        if self.losant is not None:
+            self.reconciler.on_status = self.losant.on_status
         self._command_slots = asyncio.Semaphore(cfg.commands.max_concurrent)
         self._command_tasks: set[asyncio.Task[None]] = set()
         return fetcher
@@ -200,16 +221,28 @@ class Agent:
             await self.reconciler.persist()
             self.session.add_on_connect(self._on_connect)
             self.session.add_on_disconnect(self._on_disconnect)
-            self.session.subscribe(self.topics.desired, qos=1)
-            self.session.subscribe(self.topics.command, qos=1)
+            if self.losant is not None:
+                for topic in self.losant.subscriptions():
+                    self.session.subscribe(topic, qos=1)
+            else:
+                self.session.subscribe(self.topics.desired, qos=1)
+                self.session.subscribe(self.topics.command, qos=1)
             self.session.start()
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.reconciler.run_forever(), name="reconciler"),
                     tg.create_task(reporter.run(), name="reporter"),
                     tg.create_task(self._dispatch(), name="dispatcher"),
+                    *(
+                        [tg.create_task(self.pacer.run(), name="pacer")]
+                        if self.pacer is not None
+                        else []
+                    ),
                     tg.create_task(
-                        self.outbox.drain(self.session.publish, self.session.connected),
+                        self.outbox.drain(
+                            self.pacer.publish if self.pacer else self.session.publish,
+                            self.session.connected,
+                        ),
                         name="outbox",
                     ),
                 ]
@@ -261,6 +294,18 @@ class Agent:
     def _on_connect(self) -> None:
         self.reporter.on_connect()
         self.host.set_connected(True)
+        if self.losant is not None:
+            self.losant.hello()
+
+    def pacer_publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Publish now, or paced in the Losant profile; never raises."""
+        try:
+            if self.pacer is not None:
+                self.pacer.publish(topic, payload, qos=qos)
+            else:
+                self.session.publish(topic, payload, qos=qos)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("message dropped", topic=topic, error=str(exc))
 
     def _on_disconnect(self) -> None:
         self.host.set_connected(False)
@@ -277,13 +322,15 @@ class Agent:
     def _flow_publish(self, topic: str, payload: bytes, qos: int) -> None:
         """A flow's message (already permission-checked), on the event loop: QoS 1 through
         the outbox (kept while offline), QoS 0 straight out (dropped while offline)."""
+        if self.losant is not None and len(payload) > MAX_LOSANT_MESSAGE:
+            log.warning(
+                "message over Losant's 256 KB limit; dropped", topic=topic, bytes=len(payload)
+            )
+            return
         if qos:
             self.outbox.put(topic, payload)
             return
-        try:
-            self.session.publish(topic, payload, qos=0)
-        except (RuntimeError, ValueError) as exc:
-            log.warning("flow message dropped", topic=topic, error=str(exc))
+        self.pacer_publish(topic, payload, qos=0)
 
     def _on_health(self, runner: FlowRunner) -> None:
         rec = self.reconciler.state.flows.get(runner.flow_id)
@@ -388,9 +435,11 @@ class Agent:
         while True:
             msg = await self.session.messages.get()
             try:
-                if msg.topic == self.topics.desired:
+                if self.losant is not None and msg.topic == self.losant.flows_topic:
+                    await self.losant.on_bundle(msg.payload)
+                elif self.losant is None and msg.topic == self.topics.desired:
                     await self.reconciler.offer_desired(msg.payload)
-                elif msg.topic == self.topics.command:
+                elif self.losant is None and msg.topic == self.topics.command:
                     self._spawn_command(msg)
                 elif not self.host.route(msg.topic, msg.payload):
                     log.debug("message on unhandled topic", topic=msg.topic)

@@ -131,7 +131,7 @@ class MqttSession:
             CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
             protocol=paho.MQTTv5 if self.protocol5 else paho.MQTTv311,
-            clean_session=None if self.protocol5 else False,
+            clean_session=None if self.protocol5 else not self._cfg.persistent_session,
             reconnect_on_failure=False,
         )
         client.max_inflight_messages_set(self._cfg.max_inflight)
@@ -212,14 +212,16 @@ class MqttSession:
                     self._setup_tls()
                     tls_ready = True
                 props = None
-                if self.protocol5:
+                if self.protocol5 and self._cfg.persistent_session:
                     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                     props.SessionExpiryInterval = self._cfg.session_expiry
                 self._client.connect(
                     self._cfg.host,
                     self._cfg.port,
                     keepalive=self._cfg.keepalive,
-                    clean_start=False if self.protocol5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                    clean_start=(not self._cfg.persistent_session)
+                    if self.protocol5
+                    else paho.MQTT_CLEAN_START_FIRST_ONLY,
                     properties=props,
                 )
             except (OSError, ssl.SSLError, ValueError) as exc:

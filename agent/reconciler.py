@@ -99,6 +99,8 @@ class Reconciler:
         self._run_task: asyncio.Task[None] | None = None
         self._active: dict[str, str] = {}
         self._writer = _SerialWriter()
+        #: Called on every status change (the Losant profile says hello after a load).
+        self.on_status: Callable[[str, Status], None] = lambda _f, _s: None
         self._background: set[asyncio.Task[None]] = set()
         self.runs = 0
         self._executors: dict[type, Callable[[Any, _Chain], Awaitable[None]]] = {
@@ -274,6 +276,8 @@ class Reconciler:
             )
             self.reporter.event(flow_id, rec)
         self.reporter.mark_dirty()
+        if previous != status or created:
+            self.on_status(flow_id, status)
         return rec
 
     def persist_soon(self) -> None:

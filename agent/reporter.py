@@ -53,9 +53,12 @@ class Reporter:
         runtime: str,
         coalesce_ms: int = 50,
         outbox: Outbox | None = None,
+        silent: bool = False,
     ) -> None:
         self.session = session
         self.outbox = outbox
+        #: Publish nothing on the edge protocol topics (the Losant profile).
+        self.silent = silent
         self.topics = topics
         self.state = state
         self.device_type = device_type
@@ -183,12 +186,16 @@ class Reporter:
         self, topic: str, payload: bytes, *, retain: bool = False, coalesce: str | None = None
     ) -> None:
         """QoS 1, through the outbox (persisted, in order) when there is one."""
+        if self.silent:
+            return
         if self.outbox is None:
             self._direct(topic, payload, retain=retain)
             return
         self.outbox.put(topic, payload, retain=retain, coalesce=coalesce)
 
     def _direct(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if self.silent:
+            return
         try:
             self.session.publish(topic, payload, qos=1, retain=retain)
         except (RuntimeError, ValueError) as exc:  # queue full; a topic paho refuses
