@@ -250,7 +250,8 @@ class Agent:
                 log.info(
                     "agent started",
                     state_dir=str(cfg.state_dir),
-                    broker=cfg.mqtt.broker,
+                    broker=cfg.effective_mqtt().broker,
+                    profile="losant" if self.losant else "edge",
                     flows=len(self.host.running),
                     runtime=self.runtime.description,
                 )
@@ -266,7 +267,8 @@ class Agent:
             await self._stage("stop flows", self.host.close_all(), STOP_FLOWS_S)
             with contextlib.suppress(Exception):
                 await self.reconciler.persist()
-            if self.session.connected.is_set():
+            if self.losant is None and self.session.connected.is_set():  # (no edge topics
+                # on Losant: its broker disconnects a client that publishes retained)
                 with contextlib.suppress(Exception):
                     fut = self.session.publish(
                         self.topics.status, offline_status(utc_now_iso()), retain=True

@@ -1,14 +1,16 @@
 """Sliding-window publish pacing (Losant: 30 messages / 15 s per topic, 300 per connection).
 
-Messages are queued in order and released when both windows allow; nothing is
-dropped for pacing (the queue is bounded; past it the oldest waiting message goes,
-counted). The window arithmetic is a pure class with an injectable clock, so it is
-tested without waiting.
+Messages are queued and released when both windows allow, in order within each
+topic (MQTT's ordering guarantee); another topic's message may pass one that waits
+for its topic's window. Nothing is dropped for pacing (the queue is bounded; past
+it the oldest waiting message goes, counted). The window arithmetic is a pure class
+with an injectable clock, so it is tested without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -104,19 +106,36 @@ class Pacer:
         self._wake.set()
         return fut
 
+    def _next(self) -> tuple[_Item | None, float]:
+        """The first queued message that may go now, keeping order within each topic
+        (a chatty topic waiting for its window must not hold up the others); else how
+        long until one may."""
+        blocked: set[str] = set()
+        soonest = float("inf")
+        for item in self._queue:
+            if item.topic in blocked:
+                continue
+            wait = self.windows.wait_for(item.topic)
+            if wait <= 0:
+                return item, 0.0
+            blocked.add(item.topic)
+            soonest = min(soonest, wait)
+        return None, soonest
+
     async def run(self) -> None:
         while True:
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            item = self._queue[0]
-            wait = self.windows.wait_for(item.topic)
-            if wait > 0:
+            item, wait = self._next()
+            if item is None:
                 self.delayed += 1
-                await asyncio.sleep(wait)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
                 continue
-            self._queue.popleft()
+            self._queue.remove(item)
             self.windows.sent(item.topic)
             try:
                 inner = self._publish(
