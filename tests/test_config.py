@@ -151,3 +151,21 @@ def test_configuration_doc_is_generated_from_the_model() -> None:
     doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
     assert doc.read_text() == render(), (
         "docs/configuration.md is stale: run `python -m agent.configdoc > docs/configuration.md`")
+
+
+def test_losant_profile_flag_and_effective_mqtt(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t\n")
+    path = write(tmp_path, f'device_id = "gw1"\nstate_dir = "{tmp_path}"\n[losant]\n'
+                 f'access_key = "key-1"\naccess_secret_file = "{secret}"\n')
+    res = run_cli("check-config", "--config", str(path), "--profile", "losant")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["losant"]["enabled"] is True
+    cfg = load_config(path, environ={}, overrides={"losant": {"enabled": True}})
+    mqtt = cfg.effective_mqtt()
+    assert (mqtt.broker, mqtt.client_id, mqtt.username, mqtt.protocol) == (
+        "mqtts://broker.losant.com:8883", "gw1", "key-1", "3.1.1")
+    assert mqtt.persistent_session is False
+    assert mqtt.password is not None
+    assert mqtt.password.get_secret_value() == "s3cr3t"
+    assert load_config(path, environ={}).effective_mqtt() == load_config(path, environ={}).mqtt
