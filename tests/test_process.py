@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -185,3 +186,45 @@ def test_demo_command_converges() -> None:
     for version in ("v1", "v2"):
         assert f"hello      {version}        {version}        success" in res.stdout
     assert "removed" in res.stdout
+
+
+async def test_kill_9_while_offline_loses_nothing_from_the_outbox(
+        tmp_path: Path, broker: Broker, operator: Operator, agent_proc: AgentProcess) -> None:
+    """A flow publishes a sequence every 50 ms; the broker stops; the agent is killed
+    with SIGKILL while offline and started again; the broker returns: every number
+    arrives (first arrivals in order, no gap)."""
+    import sqlite3
+
+    from test_outbox import durable_operator, first_seen
+
+    watcher, got = durable_operator(broker, "kill9-watcher")
+    try:
+        operator.subscribe("edge/dev1/#")
+        agent_proc.start()
+        data = wat.echo_flow()
+        (tmp_path / "echo.wasm").write_bytes(data)
+        operator.publish(DESIRED, {"generation": 1, "flows": {"f1": {
+            "version": "v1", "triggers": [{"type": "interval", "ms": 50}],
+            "artifact": {"url": (tmp_path / "echo.wasm").as_uri(),
+                         "sha256": wat.sha256(data)}}}})
+        await wait_until(lambda: len(got) >= 3, 20, "messages while online")
+        broker.stop()
+        db = tmp_path / "state" / "outbox.sqlite3"
+
+        def queued() -> int:
+            with contextlib.closing(sqlite3.connect(db)) as con:
+                return int(con.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+        await wait_until(lambda: queued() >= 20, 20, "an outbox filling while offline")
+        agent_proc.signal(signal.SIGKILL)
+        assert agent_proc.wait() == -signal.SIGKILL
+        left = queued()
+        assert left >= 20  # committed rows survived the kill
+        agent_proc.start()
+        broker.start()
+        await wait_until(lambda: len(first_seen(got)) >= 3 + left, 30, "the backlog delivered")
+        numbers = first_seen(got)
+        assert numbers == list(range(1, len(numbers) + 1)), numbers
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
