@@ -23,6 +23,19 @@ LOSANT_LIKE = "retain_available false\nmax_packet_size 262144\n"
 
 
 # ---------------------------------------------------------------- the pacer
+def recording_publisher() -> tuple[list[tuple[str, bytes]], Any]:
+    """A publish function that records and acknowledges at once."""
+    sent: list[tuple[str, bytes]] = []
+
+    def publish(topic: str, payload: bytes, **_: Any) -> asyncio.Future[None]:
+        sent.append((topic, payload))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    return sent, publish
+
+
 def test_windows_per_topic_and_per_connection() -> None:
     now = [100.0]
     w = Windows(PaceLimits(window_s=15, per_topic=3, per_connection=5), clock=lambda: now[0])
@@ -41,13 +54,7 @@ def test_windows_per_topic_and_per_connection() -> None:
 
 
 async def test_pacer_keeps_order_and_drops_oldest_past_its_queue() -> None:
-    sent: list[tuple[str, bytes]] = []
-
-    def publish(topic: str, payload: bytes, **_: Any) -> asyncio.Future[None]:
-        sent.append((topic, payload))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
-        return fut
+    sent, publish = recording_publisher()
 
     pacer = Pacer(publish, PaceLimits(window_s=0.2, per_topic=2, per_connection=100, queue=5))
     futures = [pacer.publish("t", str(i).encode()) for i in range(7)]
@@ -197,13 +204,7 @@ async def test_losant_sample_bundle_over_toagent_flows(
 
 
 async def test_a_waiting_topic_does_not_hold_up_the_others() -> None:
-    sent: list[tuple[str, bytes]] = []
-
-    def publish(topic: str, payload: bytes, **_: Any) -> asyncio.Future[None]:
-        sent.append((topic, payload))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
-        return fut
+    sent, publish = recording_publisher()
 
     pacer = Pacer(publish, PaceLimits(window_s=60, per_topic=2, per_connection=100))
     for i in range(5):
