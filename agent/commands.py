@@ -20,7 +20,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
@@ -68,10 +68,16 @@ class DirectTriggerArgs(FlowRef):
 
 
 def _issued_at(value: str | float) -> float:
-    """Seconds since the epoch from ISO-8601 or epoch milliseconds."""
+    """Seconds since the epoch from ISO-8601 (UTC unless it says otherwise) or epoch
+    milliseconds (a number, or a string of digits)."""
     if isinstance(value, int | float):
         return float(value) / 1000
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    if value.strip().isdigit():
+        return float(value) / 1000
+    when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def _args(model: type[BaseModel], payload: Any) -> Any:
@@ -208,7 +214,9 @@ class CommandRouter:
             correlation = msg.correlation_data
         log.info("command handled", command=doc["name"], ok=ok, error=None if ok else body)
         # Through the outbox: a response made while offline goes out after the reconnect.
-        self.agent.outbox.put(topic, json.dumps(doc).encode(), correlation=correlation)
+        self.agent.outbox.put(
+            topic, json.dumps(doc, separators=(",", ":")).encode(), correlation=correlation
+        )
 
     # ------------------------------------------------------------ built-ins
     async def _ping(self, _payload: Any) -> Any:
@@ -266,6 +274,10 @@ class CommandRouter:
         if args.flow_id not in host.running:
             raise CommandError(f"flow {args.flow_id!r} not found or not running")
         body = json.dumps(args.payload).encode()
-        if not host.direct_trigger(args.flow_id, args.id, body):
+        if not host.is_eea(args.flow_id):
             raise CommandError(f"flow {args.flow_id!r} is not an EEA bundle")
+        if not host.direct_trigger(args.flow_id, args.id, body):
+            raise CommandError(
+                f"flow {args.flow_id!r} is not accepting events (broken, or its queue is full)"
+            )
         return {"flowId": args.flow_id, "id": args.id, "delivered": True}

@@ -353,6 +353,11 @@ class AgentConfig(BaseModel):
             data["mqtt"]["password"] = "********"  # noqa: S105 - a mask, not a password
         if self.losant.access_secret is not None:
             data["losant"]["access_secret"] = "********"  # noqa: S105
+        if self.losant.enabled:  # what the Losant profile puts in force instead of [mqtt]
+            eff = self.effective_mqtt().model_dump(mode="json")
+            if eff.get("password") is not None:
+                eff["password"] = "********"  # noqa: S105
+            data["effective_mqtt"] = eff
         return data
 
 

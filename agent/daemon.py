@@ -192,6 +192,11 @@ class Agent:
             subscribe=self.session.subscribe,
             unsubscribe=self.session.unsubscribe,
             on_health=self._on_health,
+            protected=frozenset(
+                self.losant.subscriptions()
+                if self.losant
+                else (self.topics.desired, self.topics.command)
+            ),
         )
         self.reconciler = Reconciler(
             cfg, state, state_store, self.host, artifacts, fetcher, reporter

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 import wasmtime
+from paho.mqtt.client import topic_matches_sub
 
 from .bundle import read_bundle
 from .eea import (
@@ -86,6 +87,7 @@ class FlowHost:
         subscribe: Callable[[str, int], None] | None = None,
         unsubscribe: Callable[[str], None] | None = None,
         on_health: Callable[[FlowRunner], None] | None = None,
+        protected: frozenset[str] = frozenset(),
     ) -> None:
         self.runtime = runtime
         self.limits = limits
@@ -97,6 +99,8 @@ class FlowHost:
         self._subscribe = subscribe
         self._unsubscribe = unsubscribe
         self.on_health = on_health or (lambda _r: None)
+        #: Topics the agent subscribes to itself: a flow never unsubscribes them.
+        self.protected = protected
         self.running: dict[str, FlowRunner] = {}
         self._kv: dict[str, KVStore] = {}
         self._subs: dict[str, int] = {}
@@ -159,9 +163,15 @@ class FlowHost:
 
     def _check_triggers(self, triggers: tuple[Any, ...]) -> None:
         prefix, _, device = self.device_base.rpartition("/")
+        control = (f"{self.device_base}/desired", f"{self.device_base}/command")
         for trig in triggers:
             if isinstance(trig, MqttTrigger):
                 problem = check_subscription(trig.topic, prefix or "edge", device)
+                if problem is None and any(topic_matches_sub(trig.topic, t) for t in control):
+                    problem = (
+                        f"mqtt trigger {trig.topic!r} reaches the device's own desired "
+                        "or command topic (use a command trigger for commands)"
+                    )
                 if problem:
                     raise InstantiationError(problem)
 
@@ -261,11 +271,11 @@ class FlowHost:
         """Make ``runner`` the running one of ``flow_id``; returns the old one (stopped)."""
         old = self.running.get(flow_id)
         self.running[flow_id] = runner
+        for trig in runner.mqtt_filters():  # before the old version lets go of them
+            self._ref_sub(trig.topic, trig.qos)
         if old is not None:
             await self._stop(old)
         runner.activate()
-        for trig in runner.mqtt_filters():
-            self._ref_sub(trig.topic, trig.qos)
         return old
 
     async def _stop(self, runner: FlowRunner) -> None:
@@ -299,6 +309,9 @@ class FlowHost:
         for runner in self.running.values():
             runner.connection(connected)
 
+    def is_eea(self, flow_id: str) -> bool:
+        return isinstance(self.running.get(flow_id), EEARunner)
+
     def direct_trigger(self, flow_id: str, trigger_id: str, payload: bytes) -> bool:
         runner = self.running.get(flow_id)
         return isinstance(runner, EEARunner) and runner.direct_trigger(trigger_id, payload)
@@ -306,14 +319,14 @@ class FlowHost:
     # ------------------------------------------------------------ routing
     def _ref_sub(self, topic: str, qos: int) -> None:
         self._subs[topic] = self._subs.get(topic, 0) + 1
-        if self._subs[topic] == 1 and self._subscribe is not None:
+        if self._subs[topic] == 1 and self._subscribe is not None and topic not in self.protected:
             self._subscribe(topic, qos)
 
     def _unref_sub(self, topic: str) -> None:
         count = self._subs.get(topic, 0) - 1
         if count <= 0:
             self._subs.pop(topic, None)
-            if self._unsubscribe is not None:
+            if self._unsubscribe is not None and topic not in self.protected:
                 self._unsubscribe(topic)
         else:
             self._subs[topic] = count

@@ -85,7 +85,6 @@ class Outbox:
         self.sent = 0
         self._wake = asyncio.Event()
         self._last_drop_log = 0.0
-        self.on_change: Callable[[], None] = lambda: None
         #: How the drain paces itself (a test may observe it).
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
@@ -134,7 +133,6 @@ class Outbox:
         if dropped:
             self._note_dropped(dropped)
         self._wake.set()
-        self.on_change()
 
     def _enforce_limits(self) -> int:
         lim = self.limits
@@ -192,7 +190,6 @@ class Outbox:
         self.count -= int(rows[0])
         self.bytes -= int(rows[1])
         self.sent += int(rows[0])
-        self.on_change()
 
     async def drain(
         self, publish: Callable[..., asyncio.Future[None]], connected: asyncio.Event

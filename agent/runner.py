@@ -316,7 +316,7 @@ class FlowRunner:
             self.log.warning(
                 "flow event handler returned an error",
                 rc=rc,
-                event=event.name[:100].decode(errors="replace"),
+                trigger=event.name[:100].decode(errors="replace"),
             )
         return int(rc)
 
@@ -334,6 +334,9 @@ class FlowRunner:
             except AgentError as exc:
                 _answer(event, Outcome(error=str(exc)))
                 await self._failed(str(exc), getattr(exc, "code", "error"))
+            except Exception as exc:  # a bug here must not end this flow's worker silently
+                self.log.exception("internal error delivering an event")
+                _answer(event, Outcome(error=f"internal error: {exc!r}"))
             else:
                 _answer(event, Outcome(rc=rc))
 

@@ -50,10 +50,12 @@ async def agent(op: Operator, artifact_server: ArtifactServer, make_config: Any)
             "bad": flow(artifact_server, "v1", wat.edge_flow(
                 "(if (i32.eq (local.get $kind) (i32.const 3)) (then unreachable))"),
                 triggers=[{"type": "command", "command": "bad.boom"}]),
+            "seven": flow(artifact_server, "v1", wat.edge_flow("(return (i32.const 7))"),
+                          triggers=[{"type": "command", "command": "seven.rc"}]),
             "eea": flow(artifact_server, "b1", wat.eea_bundle(),
                         config={"eea": {"loopIntervalMs": 20}}),
         }})
-        await op.wait_for(STATE, lambda d: len(d["flows"]) == 3 and all(
+        await op.wait_for(STATE, lambda d: len(d["flows"]) == 4 and all(
             f["status"] == "success" for f in d["flows"].values()))
         yield a
 
@@ -73,7 +75,7 @@ async def test_report_flows_logs_reconcile(op: Operator, agent: Agent) -> None:
 
     flows = (await ask(op, {"name": "agent.flows"}, "f1"))["result"]["flows"]
     by_id = {f["flowId"]: f for f in flows}
-    assert set(by_id) == {"echo", "bad", "eea"}
+    assert set(by_id) == {"echo", "bad", "eea", "seven"}
     assert by_id["echo"]["currentVersion"] == "v1"
     assert by_id["echo"]["health"] == "running"
 
@@ -177,3 +179,23 @@ async def test_direct_trigger_reaches_an_eea_bundle(op: Operator, agent: Agent) 
     assert r["ok"] is True
     await wait_until(lambda: op.messages("losant/dev1/direct"), what="the direct trigger")
     assert op.messages("losant/dev1/direct") == [b'wf-1 {"v": 1}']
+
+
+async def test_non_zero_result_is_an_error_and_the_flow_keeps_working(
+        op: Operator, agent: Agent) -> None:
+    """A handler returning non-zero gives ok=false (it once ended the flow's event
+    worker through a structlog keyword clash, so later commands got no answer)."""
+    for i in range(3):
+        r = await ask(op, {"name": "seven.rc"}, f"rc{i}")
+        assert r["ok"] is False
+        assert r["error"] == "command failed in flow(s) seven: edge_on_event returned 7"
+
+
+async def test_times_as_digit_strings_and_naive_iso_are_read(
+        op: Operator, agent: Agent) -> None:
+    old_ms = str(int((time.time() - 900) * 1000))
+    assert "stale" in (await ask(op, {"name": "agent.ping", "time": old_ms}, "t1"))["error"]
+    naive = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 900))  # UTC, no Z
+    assert "stale" in (await ask(op, {"name": "agent.ping", "time": naive}, "t2"))["error"]
+    now = str(int(time.time() * 1000))
+    assert (await ask(op, {"name": "agent.ping", "time": now}, "t3"))["ok"] is True

@@ -160,7 +160,11 @@ def test_losant_profile_flag_and_effective_mqtt(tmp_path: Path) -> None:
                  f'access_key = "key-1"\naccess_secret_file = "{secret}"\n')
     res = run_cli("check-config", "--config", str(path), "--profile", "losant")
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["losant"]["enabled"] is True
+    out = json.loads(res.stdout)
+    assert out["losant"]["enabled"] is True
+    assert out["effective_mqtt"]["username"] == "key-1"
+    assert out["effective_mqtt"]["password"] == "********"
+    assert "s3cr3t" not in res.stdout
     cfg = load_config(path, environ={}, overrides={"losant": {"enabled": True}})
     mqtt = cfg.effective_mqtt()
     assert (mqtt.broker, mqtt.client_id, mqtt.username, mqtt.protocol) == (

@@ -294,6 +294,9 @@ async def test_stdout_flood_is_rate_limited_and_the_flow_keeps_working(h: Host) 
     ("edge/#", False),
     ("edge/+/desired", False),
     ("edge/dev2/state", False),
+    ("edge/dev1/command", False),   # the device's own control topics: use command triggers
+    ("edge/dev1/+", False),
+    ("edge/dev1/desired", False),
 ])
 async def test_mqtt_trigger_filters_are_checked(h: Host, topic_filter: str,
                                                 allowed: bool) -> None:
@@ -304,6 +307,20 @@ async def test_mqtt_trigger_filters_are_checked(h: Host, topic_filter: str,
         await h.deploy(wat.echo_flow(), triggers=trig)
         assert h.subscribed == [topic_filter]
     else:
-        with pytest.raises(InstantiationError, match=r"too broad|other devices"):
+        with pytest.raises(InstantiationError, match=r"too broad|other devices|own desired"):
             await h.deploy(wat.echo_flow(), triggers=trig)
         assert h.subscribed == []
+
+
+async def test_the_agents_own_subscriptions_are_never_released_by_a_flow(
+        tmp_path: Path) -> None:
+    from hosts import recording_host
+
+    async with recording_host(tmp_path) as rec:
+        rec.host.protected = frozenset({"losant/dev1/command"})
+        trig = [{"type": "mqtt", "topic": "losant/dev1/command"}]
+        await rec.deploy(wat.echo_flow(), triggers=trig)
+        await rec.deploy(wat.echo_flow(), version="v2", triggers=trig)  # an upgrade
+        await rec.host.remove("f1")
+        assert rec.subscribed == []  # the agent subscribes to it itself
+        assert rec.unsubscribed == []
