@@ -106,12 +106,27 @@ def cmd_schema(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _run_agent(cfg: Any) -> None:
+async def _run_agent(cfg: Any, args: argparse.Namespace | None = None) -> None:
     from .daemon import Agent
 
     loop = asyncio.get_running_loop()
     agent = Agent(cfg)
     signals = 0
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        try:
+            new = _load(args) if args is not None else cfg
+        except ConfigError as exc:  # keep running with what we have
+            sys.stderr.write(f"edge-agent: reload refused: config error: {exc}\n")
+            agent.notifier.ready(agent._status_line())
+            return
+        await agent.reload(new)
+
+    def on_hup() -> None:
+        task = loop.create_task(reload(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     def on_signal(signame: str) -> None:
         nonlocal signals
@@ -123,6 +138,7 @@ async def _run_agent(cfg: Any) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     async with agent:
         await agent.stopped()
 
@@ -133,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     configure_logging(cfg.log.level, cfg.log.format)
     try:
-        asyncio.run(_run_agent(cfg))
+        asyncio.run(_run_agent(cfg, args))
     except AgentError as exc:
         sys.stderr.write(f"edge-agent: {exc}\n")
         return EXIT_FAILURE

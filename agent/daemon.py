@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from ._logging import configure_logging
 from .artifacts import ArtifactStore, Fetcher, FetchLimits
 from .commands import CommandRouter
 from .config import AgentConfig
@@ -36,6 +37,7 @@ from .reconciler import Reconciler
 from .reporter import Reporter, offline_status
 from .runner import FlowRunner, RunSpec, Supervision
 from .sandbox import Limits, Runtime
+from .sdnotify import Notifier
 from .state import FlowRecord, StateStore, recover
 from .topics import Topics
 
@@ -79,7 +81,13 @@ class Agent:
     each agent creates its own.
     """
 
-    def __init__(self, cfg: AgentConfig, *, runtime: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        runtime: Runtime | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.runtime = runtime or Runtime(
@@ -91,6 +99,8 @@ class Agent:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self.losant = LosantProfile(self) if cfg.losant.enabled else None
+        self.notifier = notifier or Notifier()
+        self._reconciler_task: asyncio.Task[None] | None = None
         self.reconciler: Reconciler
         self.session: MqttSession
         self.host: FlowHost
@@ -251,7 +261,11 @@ class Agent:
                         name="outbox",
                     ),
                 ]
+                self._reconciler_task = tasks[0]
+                if self.notifier.watchdog_interval:
+                    tasks.append(tg.create_task(self._watchdog(), name="watchdog"))
                 self._ready.set()
+                self.notifier.ready(self._status_line())
                 log.info(
                     "agent started",
                     state_dir=str(cfg.state_dir),
@@ -262,6 +276,7 @@ class Agent:
                 )
                 await self._stop.wait()
                 log.info("agent stopping")
+                self.notifier.stopping()
                 for task in [*tasks[1:], *self._command_tasks]:
                     task.cancel()
                 # Stage 1: the reconciler stops at a safe point.
@@ -298,9 +313,65 @@ class Agent:
                 "shutdown stage done", stage=name, ms=round((time.monotonic() - started) * 1000, 1)
             )
 
+    def _status_line(self) -> str:
+        connected = self.session.connected.is_set()
+        broker = self.cfg.effective_mqtt().broker
+        return (
+            f"{'connected to' if connected else 'connecting to'} {broker}; "
+            f"{len(self.host.running)} flow(s) running; outbox {self.outbox.count} queued"
+        )
+
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog while the loop and the reconciler are healthy: this
+        task not running (a blocked loop) or a dead reconciler stops the pings."""
+        interval = self.notifier.watchdog_interval or 10.0
+        while True:
+            await asyncio.sleep(interval)
+            task = self._reconciler_task
+            if task is not None and not task.done():
+                self.notifier.watchdog()
+            else:
+                log.error("reconciler is not running; withholding the watchdog ping")
+
+    async def reload(self, cfg: AgentConfig) -> None:
+        """Apply a new configuration without stopping flows (SIGHUP)."""
+        self.notifier.reloading()
+        old = self.cfg
+        if (cfg.device_id, cfg.state_dir, cfg.losant.enabled) != (
+            old.device_id,
+            old.state_dir,
+            old.losant.enabled,
+        ):
+            log.warning("device_id, state_dir and the profile change only with a restart")
+            cfg = cfg.model_copy(
+                update={
+                    "device_id": old.device_id,
+                    "state_dir": old.state_dir,
+                    "losant": old.losant,
+                }
+            )
+        configure_logging(cfg.log.level, cfg.log.format)
+        self.cfg = cfg
+        self.reconciler.cfg = cfg
+        self.host.limits = sandbox_limits(cfg)
+        self.commands.max_age_s = cfg.commands.max_age_s
+        self.outbox.limits = OutboxLimits(
+            max_messages=cfg.outbox.max_messages,
+            max_bytes=cfg.outbox.max_bytes,
+            drain_rate=cfg.outbox.drain_rate,
+            batch=min(20, cfg.mqtt.max_inflight),
+        )
+        new_mqtt, old_mqtt = cfg.effective_mqtt(), old.effective_mqtt()
+        if new_mqtt != old_mqtt:
+            log.info("MQTT settings changed; reconnecting", broker=new_mqtt.broker)
+            await self.session.reconfigure(new_mqtt, new_mqtt.client_id or cfg.client_id)
+        log.info("configuration reloaded")
+        self.notifier.ready(self._status_line())
+
     def _on_connect(self) -> None:
         self.reporter.on_connect()
         self.host.set_connected(True)
+        self.notifier.status(self._status_line())
         if self.losant is not None:
             self.losant.hello()
 
@@ -316,6 +387,7 @@ class Agent:
 
     def _on_disconnect(self) -> None:
         self.host.set_connected(False)
+        self.notifier.status(self._status_line())
 
     def _runtime_info(self, flow_id: str) -> FlowRuntime | None:
         rec = self.reconciler.state.flows.get(flow_id)

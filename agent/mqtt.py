@@ -414,6 +414,18 @@ class MqttSession:
             if owned:
                 self.unsubscribe(topic)
 
+    async def reconfigure(self, cfg: MqttConfig, client_id: str) -> None:
+        """Reconnect with new settings (a config reload): subscriptions are kept and made
+        again on the new connection; QoS 1 messages in flight are sent again by the
+        outbox, which deletes nothing unacknowledged."""
+        await self.stop()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._cfg = cfg
+        self._client_id = client_id
+        self._client = self._make_client()
+        self.start()
+
     def wake(self) -> None:
         """Cut a reconnect backoff short (used after configuration changes)."""
         self._wake.set()
