@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+# shellcheck disable=SC2054  # -Wl,-z,stack-size=... is one linker argument, commas and all
 CC=("$PY" -m ziglang cc --target=wasm32-wasi -mexec-model=reactor -O2 -s
     -Wl,-z,stack-size=1048576 -Iinclude)
 "${CC[@]}" counter/counter.c -o counter/counter.wasm
