@@ -178,6 +178,8 @@ class CommandRouter:
             outcome = fut.result()
             if outcome.ok:
                 flows[flow_id] = {"ok": True, "rc": outcome.rc}
+                if outcome.result is not None:
+                    flows[flow_id]["result"] = _result_value(outcome.result)
             else:
                 error = outcome.error or f"edge_on_event returned {outcome.rc}"
                 flows[flow_id] = {"ok": False, "error": error}
@@ -281,3 +283,12 @@ class CommandRouter:
                 f"flow {args.flow_id!r} is not accepting events (broken, or its queue is full)"
             )
         return {"flowId": args.flow_id, "id": args.id, "delivered": True}
+
+
+def _result_value(data: bytes) -> Any:
+    """A flow's response: JSON when it parses as JSON, else the text."""
+    text = data.decode("utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -473,12 +473,12 @@ class EEARunner(FlowRunner):
         self.connected = connected
         self.offer(Event(EV_CONNECTION, b"", b"\x01" if connected else b"\x00"))
 
-    async def _deliver(self, inst: FlowInstance, event: Event) -> int:
+    async def _deliver(self, inst: FlowInstance, event: Event) -> tuple[int, bytes | None]:
         if event.kind in (EV_MESSAGE, EV_DIRECT):
             buffers = self.eea.buffers
             if buffers is None:
                 self.log.warning("EEA bundle registered no message buffers; message dropped")
-                return 1
+                return 1, None
             _tptr, tcap, _pptr, pcap = buffers
             if len(event.name) > tcap or len(event.payload) > pcap:
                 self.eea.dropped += 1
@@ -488,12 +488,12 @@ class EEARunner(FlowRunner):
                     bytes=len(event.payload),
                     buffer=pcap,
                 )
-                return 1
+                return 1, None
         await self.runtime.run(
             lambda: self._call(inst, event), timeout=self.call_timeout, what="EEA call"
         )
         self.state.events += 1
-        return 0
+        return 0, None
 
     def _call(self, inst: FlowInstance, event: Event) -> None:
         mem = self.eea.memory

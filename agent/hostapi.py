@@ -17,6 +17,8 @@ Imports (module ``edge``), all returning i32 status (0 = ok, < 0 = error) except
     kv_delete(key_ptr, key_len) -> i32
     time_ms() -> i64                                        ms since the Unix epoch
     config_get(out_ptr, out_cap, out_len_ptr) -> i32        the flow's config JSON
+    respond(body_ptr, body_len) -> i32      while handling a command: its result (UTF-8,
+                                            JSON or text, <= 64 KiB; the last call wins)
 
 Exports a flow provides to receive trigger events::
 
@@ -65,6 +67,7 @@ ERROR_NAMES = {
 }
 
 MAX_PAYLOAD = 256 * 1024
+MAX_RESPONSE = 64 * 1024
 MAX_LOG_LINE = 4096
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -76,7 +79,7 @@ EVENT_MQTT = 4
 
 #: The functions of the ``edge`` import module (flow ABI v1).
 EDGE_FUNCTIONS = frozenset(
-    {"publish", "log", "kv_get", "kv_set", "kv_delete", "time_ms", "config_get"}
+    {"publish", "log", "kv_get", "kv_set", "kv_delete", "time_ms", "config_get", "respond"}
 )
 
 I32 = wasmtime.ValType.i32()
@@ -151,6 +154,10 @@ class FlowContext:
     log_rate: float = 100.0
     memory: GuestMemory = field(default_factory=GuestMemory)
     counters: FlowCounters = field(default_factory=FlowCounters)
+    #: Set by the runner around a command's ``edge_on_event`` (one event at a time).
+    in_command: bool = False
+    #: What the flow passed to ``respond`` while handling the current command.
+    response: bytes | None = None
 
     def __post_init__(self) -> None:
         self._publish_bucket = TokenBucket(self.publish_rate, self.publish_rate * 2)
@@ -295,6 +302,21 @@ def define_edge_api(  # noqa: PLR0915 - one small closure per host function
             return EDGE_ERR_BUFFER
         return EDGE_OK if mem.write(caller, optr, data) else _bad("config_get")
 
+    def respond(caller: Any, ptr: int, length: int) -> int:
+        if not ctx.in_command:
+            return EDGE_ERR_INVALID  # only a command has someone to answer
+        if length > MAX_RESPONSE:
+            return EDGE_ERR_TOO_LARGE
+        data = mem.read(caller, ptr, length)
+        if data is None:
+            return _bad("respond")
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return EDGE_ERR_INVALID
+        ctx.response = data
+        return EDGE_OK
+
     log_.__name__ = "log"
     table: list[tuple[str, Callable[..., int], list[wasmtime.ValType], list[wasmtime.ValType]]] = [
         ("publish", publish, [I32] * 5, [I32]),
@@ -304,6 +326,7 @@ def define_edge_api(  # noqa: PLR0915 - one small closure per host function
         ("kv_delete", kv_delete, [I32] * 2, [I32]),
         ("time_ms", time_ms, [], [I64]),
         ("config_get", config_get, [I32] * 3, [I32]),
+        ("respond", respond, [I32] * 2, [I32]),
     ]
     for name, fn, params, results in table:
         linker.define_func(

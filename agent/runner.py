@@ -50,6 +50,8 @@ class Outcome:
 
     rc: int | None = None
     error: str | None = None
+    #: What a command's handler passed to ``edge.respond`` (UTF-8).
+    result: bytes | None = None
 
     @property
     def ok(self) -> bool:
@@ -305,12 +307,20 @@ class FlowRunner:
             except OSError as exc:
                 self.log.error("cannot persist flow storage", error=str(exc))
 
-    async def _deliver(self, inst: FlowInstance, event: Event) -> int:
-        rc = await self.runtime.run(
-            lambda: inst.dispatch(event.kind, event.name, event.payload),
-            timeout=self.call_timeout,
-            what="edge_on_event",
-        )
+    async def _deliver(self, inst: FlowInstance, event: Event) -> tuple[int, bytes | None]:
+        ctx = self.context
+
+        def call() -> int:
+            if ctx is None:
+                return inst.dispatch(event.kind, event.name, event.payload)
+            ctx.in_command, ctx.response = event.kind == EVENT_COMMAND, None
+            try:
+                return inst.dispatch(event.kind, event.name, event.payload)
+            finally:
+                ctx.in_command = False
+
+        rc = await self.runtime.run(call, timeout=self.call_timeout, what="edge_on_event")
+        response = ctx.response if ctx is not None else None
         self.state.events += 1
         if rc != 0:
             self.log.warning(
@@ -318,7 +328,7 @@ class FlowRunner:
                 rc=rc,
                 trigger=event.name[:100].decode(errors="replace"),
             )
-        return int(rc)
+        return int(rc), response
 
     async def _worker(self) -> None:
         while True:
@@ -330,7 +340,7 @@ class FlowRunner:
                 _answer(event, Outcome(error=f"flow {self.flow_id} is not running"))
                 continue
             try:
-                rc = await self._deliver(inst, event)
+                rc, result = await self._deliver(inst, event)
             except AgentError as exc:
                 _answer(event, Outcome(error=str(exc)))
                 await self._failed(str(exc), getattr(exc, "code", "error"))
@@ -338,7 +348,7 @@ class FlowRunner:
                 self.log.exception("internal error delivering an event")
                 _answer(event, Outcome(error=f"internal error: {exc!r}"))
             else:
-                _answer(event, Outcome(rc=rc))
+                _answer(event, Outcome(rc=rc, result=result))
 
     # ------------------------------------------------------------ supervision
     async def _failed(self, reason: str, code: str = "error") -> None:

@@ -199,3 +199,36 @@ async def test_times_as_digit_strings_and_naive_iso_are_read(
     assert "stale" in (await ask(op, {"name": "agent.ping", "time": naive}, "t2"))["error"]
     now = str(int(time.time() * 1000))
     assert (await ask(op, {"name": "agent.ping", "time": now}, "t3"))["ok"] is True
+
+
+async def test_a_flow_answers_a_command_with_edge_respond(
+        op: Operator, artifact_server: ArtifactServer, agent: Agent) -> None:
+    """``edge.respond`` puts the handler's answer in the response: JSON as JSON. Outside
+    a command it is refused (EDGE_ERR_INVALID), and over 64 KiB too large."""
+    op.publish(DESIRED, {"generation": 2, "flows": {
+        "answer": flow(artifact_server, "v1", wat.edge_flow(
+            "(drop (call $respond (local.get $pp) (local.get $pl)))"),
+            triggers=[{"type": "command", "command": "answer.echo"}]),
+        "probe": flow(artifact_server, "v1", wat.rc_flow(
+            "(call $respond (i32.const 0) (select (i32.const 70000) (i32.const 4)"
+            " (i32.eq (local.get $kind) (i32.const 3))))"),
+            triggers=[{"type": "startup"}, {"type": "command", "command": "probe.big"}])}})
+    await op.wait_for(STATE, lambda d: d["generation"] == 2 and all(
+        f["status"] == "success" for f in d["flows"].values() if f.get("desiredVersion")))
+    r = await ask(op, {"name": "answer.echo", "payload": {"temp": 21.5, "ok": [1, 2]}}, "a1")
+    assert r["ok"] is True
+    assert r["result"]["flows"]["answer"] == {
+        "ok": True, "rc": 0, "result": {"temp": 21.5, "ok": [1, 2]}}
+    r = await ask(op, {"name": "answer.echo", "payload": "plain words"}, "a2")
+    assert r["result"]["flows"]["answer"]["result"] == "plain words"
+
+    # startup: not a command -> EDGE_ERR_INVALID (-8); a 70000-byte answer -> TOO_LARGE (-2)
+    await wait_until(lambda: op.messages("edge/dev1/flows/probe/rc"), what="startup rc")
+    assert int.from_bytes(op.messages("edge/dev1/flows/probe/rc")[0], "little",
+                          signed=True) == -8
+    r = await ask(op, {"name": "probe.big"}, "p1")
+    assert r["ok"] is True
+    assert "result" not in r["result"]["flows"]["probe"]
+    await wait_until(lambda: len(op.messages("edge/dev1/flows/probe/rc")) == 2, what="rc 2")
+    assert int.from_bytes(op.messages("edge/dev1/flows/probe/rc")[1], "little",
+                          signed=True) == -2

@@ -141,6 +141,7 @@ _EDGE_IMPORTS = """
   (import "edge" "kv_delete" (func $kv_delete (param i32 i32) (result i32)))
   (import "edge" "time_ms" (func $time_ms (result i64)))
   (import "edge" "config_get" (func $config_get (param i32 i32 i32) (result i32)))
+  (import "edge" "respond" (func $respond (param i32 i32) (result i32)))
 """
 
 

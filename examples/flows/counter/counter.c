@@ -6,8 +6,8 @@
  *   {"type": "command", "command": "counter.get"}
  *   {"type": "command", "command": "counter.reset"}
  * Publishes ~/count ("<n>") on every tick, and ~/reply ({"count": n, "command": "..."})
- * to each command. The counter is kept in the flow's storage: it survives restarts
- * and upgrades.
+ * to each command, which is also the command's response (edge_respond). The counter is
+ * kept in the flow's storage: it survives restarts and upgrades.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,6 +46,7 @@ int32_t edge_on_event(int32_t kind, const char *name, int32_t name_len, const ch
         snprintf(buf, sizeof buf, "{\"count\": %u, \"command\": \"%.*s\"}", (unsigned)count,
                  (int)name_len, name);
         edge_publish_str("~/reply", buf, 1);
+        edge_respond_str(buf);
     }
     return EDGE_OK;
 }

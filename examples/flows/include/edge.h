@@ -57,6 +57,9 @@ EDGE_IMPORT("kv_delete") int32_t edge_kv_delete(const char *key, int32_t key_len
 EDGE_IMPORT("time_ms") int64_t edge_time_ms(void);
 /* The flow's config (the desired entry's "config"), as JSON. */
 EDGE_IMPORT("config_get") int32_t edge_config_get(void *out, int32_t out_cap, uint32_t *out_len);
+/* While handling EDGE_EVENT_COMMAND: the command's result, returned to whoever sent it
+ * (UTF-8, JSON or text, at most 64 KiB; the last call wins). EDGE_ERR_INVALID otherwise. */
+EDGE_IMPORT("respond") int32_t edge_respond(const char *body, int32_t body_len);
 
 /* Convenience wrappers for NUL-terminated strings. */
 static inline size_t edge_strlen_(const char *s) { size_t n = 0; while (s[n]) n++; return n; }
@@ -66,6 +69,9 @@ static inline int32_t edge_publish_str(const char *topic, const char *payload, i
 }
 static inline int32_t edge_log_str(int32_t level, const char *msg) {
     return edge_log(level, msg, (int32_t)edge_strlen_(msg));
+}
+static inline int32_t edge_respond_str(const char *body) {
+    return edge_respond(body, (int32_t)edge_strlen_(body));
 }
 
 #endif /* EDGE_H */
