@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .protocol import ID_PATTERN, is_valid_id
@@ -159,6 +167,23 @@ class ArtifactsConfig(BaseModel):
     min_free_space: Annotated[int, Field(ge=0)] = Field(
         16 * _MIB, description="Bytes to leave free on the state disk after a download."
     )
+    trusted_keys: list[Path] = Field(
+        default_factory=list,
+        description="PEM files of the ed25519 public keys whose artifact signatures are "
+        "trusted (list the old and the new key while rotating). Empty: signatures are "
+        "not checked.",
+    )
+    require_signature: bool = Field(
+        False,
+        description="Refuse artifacts without a valid signature by a trusted key "
+        "(the flow gets status failure).",
+    )
+
+    @model_validator(mode="after")
+    def _keys_when_required(self) -> ArtifactsConfig:
+        if self.require_signature and not self.trusted_keys:
+            raise ValueError("require_signature needs at least one key in trusted_keys")
+        return self
 
 
 class SandboxConfig(BaseModel):

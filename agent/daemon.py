@@ -38,6 +38,7 @@ from .reporter import Reporter, offline_status
 from .runner import FlowRunner, RunSpec, Supervision
 from .sandbox import Limits, Runtime
 from .sdnotify import Notifier
+from .signing import Trust
 from .state import FlowRecord, StateStore, recover
 from .topics import Topics
 
@@ -209,7 +210,16 @@ class Agent:
             ),
         )
         self.reconciler = Reconciler(
-            cfg, state, state_store, self.host, artifacts, fetcher, reporter
+            cfg,
+            state,
+            state_store,
+            self.host,
+            artifacts,
+            fetcher,
+            reporter,
+            trust=Trust.from_files(
+                cfg.artifacts.trusted_keys, require=cfg.artifacts.require_signature
+            ),
         )
         self.reporter = reporter
         reporter.runtime_info = self._runtime_info
@@ -333,8 +343,13 @@ class Agent:
             else:
                 log.error("reconciler is not running; withholding the watchdog ping")
 
-    async def reload(self, cfg: AgentConfig) -> None:
-        """Apply a new configuration without stopping flows (SIGHUP)."""
+    async def reload(self, cfg: AgentConfig, trust: Trust | None = None) -> None:
+        """Apply a new configuration without stopping flows (SIGHUP). ``trust`` is the
+        signature policy loaded from ``cfg`` (loaded here when not given)."""
+        if trust is None:
+            trust = Trust.from_files(
+                cfg.artifacts.trusted_keys, require=cfg.artifacts.require_signature
+            )
         self.notifier.reloading()
         old = self.cfg
         if (cfg.device_id, cfg.state_dir, cfg.losant.enabled) != (
@@ -353,6 +368,8 @@ class Agent:
         configure_logging(cfg.log.level, cfg.log.format)
         self.cfg = cfg
         self.reconciler.cfg = cfg
+        if trust.policy != self.reconciler.trust.policy:
+            self.reconciler.set_trust(trust)
         self.host.limits = sandbox_limits(cfg)
         self.commands.max_age_s = cfg.commands.max_age_s
         self.outbox.limits = OutboxLimits(

@@ -92,6 +92,15 @@ _STRICT = ConfigDict(extra="forbid", populate_by_name=True)
 _LENIENT = ConfigDict(extra="ignore", populate_by_name=True)
 
 
+class ArtifactSignature(BaseModel):
+    """An ed25519 signature over the artifact's SHA-256 digest (see :mod:`agent.signing`)."""
+
+    model_config = _STRICT
+
+    key_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] = Field(alias="keyId")
+    sig: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{86}==$")]
+
+
 class ArtifactRef(BaseModel):
     """Where a flow version's bytes are and how to check them."""
 
@@ -101,6 +110,7 @@ class ArtifactRef(BaseModel):
     sha256: Sha256Hex
     size: Annotated[int, Field(gt=0)] | None = None
     kind: ArtifactKind = ArtifactKind.WASM
+    signature: ArtifactSignature | None = None
 
     @field_validator("url")
     @classmethod
@@ -238,6 +248,9 @@ class FlowState(BaseModel):
     status: Status
     error: str | None = None
     attempts: int = 0
+    #: With status ``failure``: when the next attempt starts; None: no retry is coming
+    #: (retries spent, or a failure that retrying cannot fix) until desired changes.
+    retry_at: str | None = Field(default=None, alias="retryAt")
     deployment_id: str | None = Field(default=None, alias="deploymentId")
     last_updated: str = Field(alias="lastUpdated")
     runtime: FlowRuntime | None = None

@@ -56,6 +56,7 @@ from .protocol import (
 )
 from .reporter import Reporter
 from .runner import FlowRunner, RunSpec
+from .signing import Trust
 from .state import FlowRecord, InFlight, Installed, PersistedState, StateStore
 
 log = structlog.get_logger("agent.reconciler")
@@ -85,8 +86,10 @@ class Reconciler:
         artifacts: ArtifactStore,
         fetcher: Fetcher,
         reporter: Reporter,
+        trust: Trust | None = None,
     ) -> None:
         self.cfg = cfg
+        self.trust = trust or Trust({})
         self.state = state
         self.store = store
         self.host = host
@@ -117,10 +120,29 @@ class Reconciler:
         if self.state.desired_raw is None:
             return None
         try:
-            return parse_desired(self.state.desired_raw.encode(), max_bytes=1 << 30)
+            desired = parse_desired(self.state.desired_raw.encode(), max_bytes=1 << 30)
         except ProtocolError as exc:  # cannot happen for a document we accepted
             log.error("persisted desired document unreadable", error=str(exc))
             return None
+        return self._admit(desired)
+
+    def _admit(self, desired: DesiredState) -> DesiredState:
+        """Apply the signature policy: an entry whose artifact it refuses becomes an
+        invalid entry (status ``failure``, no retries; the running version keeps running)."""
+        for flow_id, spec in list(desired.flows.items()):
+            if spec.artifact is None:
+                continue
+            reason = self.trust.check(spec.artifact)
+            if reason is not None:
+                del desired.flows[flow_id]
+                desired.invalid[flow_id] = reason
+        return desired
+
+    def set_trust(self, trust: Trust) -> None:
+        """A new signature policy (configuration reload): re-judge the desired state."""
+        self.trust = trust
+        self.desired = self._parse_persisted()
+        self.trigger()
 
     # ------------------------------------------------------------ desired in
     async def offer_desired(self, payload: bytes) -> bool:
@@ -129,7 +151,7 @@ class Reconciler:
             self._reject(None, "empty desired document (retained message cleared); ignored")
             return False
         try:
-            desired = parse_desired(payload, self.cfg.reconcile.desired_max_bytes)
+            desired = self._admit(parse_desired(payload, self.cfg.reconcile.desired_max_bytes))
         except ProtocolError as exc:
             self._reject(None, str(exc))
             return False
@@ -399,7 +421,11 @@ class Reconciler:
         else:
             log.error("deployment failed; retries spent", error=reason, attempt=rec.attempts)
         rec = self._transition(
-            flow_id, Status.FAILURE, error=reason, inflight=None, next_retry_at=time.time() + delay
+            flow_id,
+            Status.FAILURE,
+            error=reason,
+            inflight=None,
+            next_retry_at=time.time() + delay if left > 0 else None,
         )
         try:
             await self.persist()

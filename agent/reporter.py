@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import structlog
 
@@ -79,6 +80,7 @@ class Reporter:
                 status=rec.status,
                 error=rec.error,
                 attempts=rec.attempts,
+                retryAt=_iso(rec.next_retry_at) if rec.status == Status.FAILURE else None,
                 deploymentId=rec.deployment_id,
                 lastUpdated=rec.last_updated,
                 runtime=self.runtime_info(flow_id),
@@ -200,3 +202,9 @@ class Reporter:
             self.session.publish(topic, payload, qos=1, retain=retain)
         except (RuntimeError, ValueError) as exc:  # queue full; a topic paho refuses
             log.warning("publish dropped", topic=topic, error=str(exc))
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
