@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, fleet_cli
 from .errors import AgentError, ConfigError
 
 EXIT_OK = 0
@@ -61,6 +61,26 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _add_sim(sub: Any) -> None:
+    p = sub.add_parser("sim", help="run a simulated fleet of real agents in one process")
+    p.add_argument("--devices", type=int, required=True, help="how many (ids sim-0001...)")
+    p.add_argument("--first", type=int, default=1, help="number of the first device id")
+    p.add_argument("--config", type=Path, help="base agent config (TOML) for every device")
+    p.add_argument("--broker", help="mqtt://host:port (default: the config's)")
+    p.add_argument("--prefix", help="topic prefix (default: edge)")
+    p.add_argument("--device-type", help="device type of every simulated device")
+    p.add_argument(
+        "--state-root",
+        type=Path,
+        help="directory for the devices' state (kept; a rerun resumes it). "
+        "Default: a temporary directory, removed at exit",
+    )
+    p.add_argument("--log-level", default="warning", help="(default: warning)")
+    p.add_argument(
+        "--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -82,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", type=Path)
     demo = sub.add_parser("demo", help="run a local demonstration (broker, agent, deployment)")
     demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
+    fleet_cli.add_parser(sub)
+    _add_sim(sub)
     return parser
 
 
@@ -92,7 +114,10 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .signing import Trust
+
     cfg = _load(args)
+    Trust.from_files(cfg.artifacts.trusted_keys, require=cfg.artifacts.require_signature)
     json.dump(cfg.masked(), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return EXIT_OK
@@ -108,6 +133,7 @@ def cmd_schema(_args: argparse.Namespace) -> int:
 
 async def _run_agent(cfg: Any, args: argparse.Namespace | None = None) -> None:
     from .daemon import Agent
+    from .signing import Trust
 
     loop = asyncio.get_running_loop()
     agent = Agent(cfg)
@@ -117,11 +143,14 @@ async def _run_agent(cfg: Any, args: argparse.Namespace | None = None) -> None:
     async def reload() -> None:
         try:
             new = _load(args) if args is not None else cfg
+            trust = Trust.from_files(
+                new.artifacts.trusted_keys, require=new.artifacts.require_signature
+            )
         except ConfigError as exc:  # keep running with what we have
             sys.stderr.write(f"edge-agent: reload refused: config error: {exc}\n")
             agent.notifier.ready(agent._status_line())
             return
-        await agent.reload(new)
+        await agent.reload(new, trust)
 
     def on_hup() -> None:
         task = loop.create_task(reload(), name="reload")
@@ -188,12 +217,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(keep=args.keep)
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    from .sim import run
+
+    return run(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "check-config": cmd_check_config,
     "schema": cmd_schema,
     "demo": cmd_demo,
     "bundle": cmd_bundle,
+    "fleet": fleet_cli.run,
+    "sim": cmd_sim,
 }
 
 
