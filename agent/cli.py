@@ -100,8 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", type=Path, required=True)
     inspect = bsub.add_parser("inspect", help="verify a bundle and print what it holds")
     inspect.add_argument("file", type=Path)
-    demo = sub.add_parser("demo", help="run a local demonstration (broker, agent, deployment)")
+    demo = sub.add_parser(
+        "demo", help="run a local demonstration (broker, simulated fleet, phased rollout)"
+    )
     demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
+    demo.add_argument("--broker", help="use this broker (default: a private Mosquitto)")
     fleet_cli.add_parser(sub)
     _add_sim(sub)
     return parser
@@ -214,7 +217,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
-    return demo_main(keep=args.keep)
+    return demo_main(keep=args.keep, broker=args.broker)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

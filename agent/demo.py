@@ -1,54 +1,42 @@
-"""``edge-agent demo``: a local demonstration that needs nothing but Mosquitto.
+"""``edge-agent demo``: a fleet deployment, locally, with nothing but Mosquitto.
 
-It starts a private Mosquitto on a free port, an HTTP server for artifacts, and
-the agent as a real ``edge-agent run`` process; then, as an operator would, it
-publishes desired documents (deploy v1, upgrade to v2, remove) and prints the
-agent's retained state as it converges. Everything runs in a temp directory that
-is removed at the end (``--keep`` keeps it).
+It starts a private Mosquitto on a free port (or uses ``--broker``), runs a small
+simulated fleet (real agents, ``edge-agent sim``), and then, as an operator would,
+runs ``edge-agent fleet`` commands: a phased rollout of the counter example, the
+fleet converging (``fleet get``), a command to the flow and its answer, and a
+replace of the version, converging again. It finishes by itself and removes what
+it created (``--keep`` keeps the temp directory).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
-import hashlib
 import http.server
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-import wasmtime
-from paho.mqtt.enums import CallbackAPIVersion
+from .config import AgentConfig, MqttConfig
 
-DEVICE = "demo-device"
-PREFIX = "edge"
-
-
-def example_flow(version: str) -> bytes:
-    """A WASI reactor whose start-up prints a greeting (compiled from WAT)."""
-    msg = f"hello from the demo flow {version}\n"
-    escaped = "".join(c if c.isalnum() or c in " .-" else f"\\{ord(c):02x}" for c in msg)
-    return bytes(
-        wasmtime.wat2wasm(f"""
-(module
-  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 64) "{escaped}")
-  (func (export "_initialize")
-    (i32.store (i32.const 0) (i32.const 64))
-    (i32.store (i32.const 4) (i32.const {len(msg)}))
-    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))""")
-    )
+DEVICES = 5
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "flows"
+COUNTER_MANIFEST = {
+    "triggers": [
+        {"type": "interval", "name": "tick", "ms": 1000},
+        {"type": "command", "command": "counter.get"},
+        {"type": "command", "command": "counter.reset"},
+    ]
+}
 
 
 def _free_port() -> int:
@@ -107,157 +95,194 @@ def http_server(root: Path) -> Iterator[int]:
         server.server_close()
 
 
-class _Watcher:
-    """Operator-side MQTT client that keeps the latest message per topic."""
-
-    def __init__(self, port: int) -> None:
-        self.latest: dict[str, bytes] = {}
-        self.events: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="edge-demo-operator")
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe(f"{PREFIX}/{DEVICE}/#", qos=1)
-        self.client.loop_start()
-
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        with self.cond:
-            self.latest[msg.topic] = bytes(msg.payload)
-            if msg.topic.endswith("/events"):
-                self.events.append(json.loads(msg.payload))
-            self.cond.notify_all()
-
-    def publish_desired(self, doc: dict[str, Any]) -> None:
-        topic = f"{PREFIX}/{DEVICE}/desired"
-        self.client.publish(topic, json.dumps(doc), qos=1, retain=True).wait_for_publish(5)
-
-    def wait_state(self, check: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
-        topic = f"{PREFIX}/{DEVICE}/state"
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                raw = self.latest.get(topic)
-                if raw:
-                    doc: dict[str, Any] = json.loads(raw)
-                    if check(doc):
-                        return doc
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(f"state did not converge within {timeout} s: {raw!r}")
-                self.cond.wait(left)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+def versioned(wasm: bytes, version: str) -> bytes:
+    """The same module with a custom section naming ``version``: other bytes (another
+    sha256, a real new artifact), same behaviour."""
+    name = b"edge-demo-version"
+    body = bytes([len(name)]) + name + version.encode()
+    return wasm + b"\x00" + _leb128(len(body)) + body
 
 
-def _print_state(title: str, state: dict[str, Any], started: float) -> None:
-    print(f"\n== {title}  (converged in {time.monotonic() - started:.2f} s)")
-    print(f"   device {state['deviceId']}  generation {state['generation']}")
-    print(f"   {'flow':<10} {'desired':<9} {'current':<9} {'status':<18} attempts")
-    for flow_id, f in state["flows"].items():
-        print(
-            f"   {flow_id:<10} {f['desiredVersion'] or '-':<9} {f['currentVersion'] or '-':<9} "
-            f"{f['status']:<18} {f['attempts']}"
+def _leb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class _Fleet:
+    """The simulated fleet, on its own thread and event loop."""
+
+    def __init__(self, broker: str, root: Path) -> None:
+        self.broker = broker
+        self.root = root
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+        self.summary = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="demo-fleet", daemon=True)
+
+    def __enter__(self) -> _Fleet:
+        self._thread.start()
+        self.started.wait(60)
+        if self.error is not None:
+            raise RuntimeError(f"the simulated fleet did not start: {self.error}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 - reported by __enter__
+            self.error = exc
+            self.started.set()
+
+    async def _main(self) -> None:
+        from .sim import Simulation
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        base = AgentConfig.model_validate(
+            {
+                "device_id": "demo",
+                "device_type": "demo-gateway",
+                "state_dir": str(self.root),
+                "mqtt": {"broker": self.broker, "reconnect_min": 0.1},
+                "log": {"level": "error"},
+            }
         )
+        async with Simulation(base, DEVICES, self.root) as sim:
+            up = await sim.wait_connected(20)
+            self.summary = (
+                f"{up} simulated devices sim-0001...sim-{DEVICES:04d} online "
+                f"({sim.memory_per_device() / 1024:.0f} KiB of memory each)"
+            )
+            self.started.set()
+            await self._stop.wait()
 
 
-def main(keep: bool = False) -> int:
+def _fleet(broker: str, *argv: str) -> None:
+    """Run and show one ``edge-agent fleet`` command, as a user would type it."""
+    from .cli import main as cli_main
+
+    shown = " ".join(a if a and " " not in a else json.dumps(a) for a in argv)
+    print(f"\n$ edge-agent fleet {shown}", flush=True)
+    rc = cli_main(["fleet", *argv, "--broker", broker])
+    sys.stdout.flush()
+    if rc != 0:
+        raise RuntimeError(f"edge-agent fleet {argv[0]} exited with {rc}")
+
+
+def _wait_converged(broker: str, flow: str, version: str, timeout: float = 30.0) -> float:
+    from .fleet import FleetClient, table_rows
+
+    started = time.monotonic()
+    with FleetClient(MqttConfig.model_validate({"broker": broker})) as client:
+        while time.monotonic() - started < timeout:
+            client.settle(quiet=0.1)
+            rows = [r for r in table_rows(client.devices().values()) if r["flowId"] == flow]
+            if len(rows) == DEVICES and all(
+                r["currentVersion"] == version and r["status"] == "success" for r in rows
+            ):
+                return time.monotonic() - started
+            time.sleep(0.2)
+    raise RuntimeError(f"the fleet did not converge on {flow} {version} in {timeout:g} s")
+
+
+def main(keep: bool = False, broker: str | None = None) -> int:
+    from ._logging import configure_logging
+
+    configure_logging("warning")  # the agents' own log lines would drown the story
+    started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
     print(f"edge-agent demo: working in {work}")
-    artifacts = work / "www"
-    artifacts.mkdir()
-    agent_log = work / "agent.log"
     try:
-        with mosquitto_server(work) as mqtt_port, http_server(artifacts) as http_port:
-            print(
-                f"  broker: mqtt://127.0.0.1:{mqtt_port}   artifacts: http://127.0.0.1:{http_port}"
-            )
-            config = work / "agent.toml"
-            config.write_text(
-                f'device_id = "{DEVICE}"\ndevice_type = "demo"\nstate_dir = "{work / "state"}"\n'
-                f'[mqtt]\nbroker = "mqtt://127.0.0.1:{mqtt_port}"\n'
-            )
-            with agent_log.open("wb") as logf:
-                agent = subprocess.Popen(
-                    [sys.executable, "-m", "agent", "run", "--config", str(config)],
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                )
-            watcher = _Watcher(mqtt_port)
-            try:
-                _demo_steps(watcher, artifacts, http_port)
-            finally:
-                watcher.close()
-                agent.send_signal(signal.SIGTERM)
-                code = agent.wait(20)
-                print(
-                    f"\nagent stopped (exit {code}); its log: {agent_log}"
-                    if keep
-                    else f"\nagent stopped (exit {code})"
-                )
-    except Exception as exc:  # noqa: BLE001 - any failure ends the demo, with the agent's log
+        counter = (EXAMPLES / "counter" / "counter.wasm").read_bytes()
+    except OSError:
+        print(
+            f"demo failed: the counter example is not at {EXAMPLES} (run from the repository)",
+            file=sys.stderr,
+        )
+        return 1
+    (work / "counter-1.0.0.wasm").write_bytes(counter)
+    (work / "counter-1.1.0.wasm").write_bytes(versioned(counter, "1.1.0"))
+    (work / "counter.json").write_text(json.dumps(COUNTER_MANIFEST, indent=1))
+    try:
+        with contextlib.ExitStack() as stack:
+            if broker is None:
+                port = stack.enter_context(mosquitto_server(work))
+                broker = f"mqtt://127.0.0.1:{port}"
+                print(f"  started a private Mosquitto: {broker}")
+            fleet = stack.enter_context(_Fleet(broker, work / "devices"))
+            print(f"  {fleet.summary}")
+            _steps(broker, work)
+    except Exception as exc:  # noqa: BLE001 - any failure ends the demo with its reason
         print(f"demo failed: {exc}", file=sys.stderr)
-        if agent_log.exists():
-            print("--- agent log (last lines) ---", file=sys.stderr)
-            print("\n".join(agent_log.read_text().splitlines()[-30:]), file=sys.stderr)
         return 1
     else:
-        print("demo finished: desired and current state converged at every step.")
+        print(
+            f"\ndemo finished in {time.monotonic() - started:.1f} s: the fleet converged on "
+            "every release."
+        )
         return 0
     finally:
-        if not keep:
+        if keep:
+            print(f"kept {work}")
+        else:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _demo_steps(watcher: _Watcher, artifacts: Path, http_port: int) -> None:
-    def artifact(version: str) -> dict[str, Any]:
-        data = example_flow(version)
-        sha = hashlib.sha256(data).hexdigest()
-        (artifacts / f"hello-{version}.wasm").write_bytes(data)
-        return {
-            "url": f"http://127.0.0.1:{http_port}/hello-{version}.wasm",
-            "sha256": sha,
-            "size": len(data),
-        }
+def _steps(broker: str, work: Path) -> None:
+    print("\n== 1. a phased rollout: 20% of the fleet, then 60%, then all; stop on a failure")
+    _fleet(
+        broker,
+        "rollout",
+        "--flow",
+        "counter",
+        "--version",
+        "1.0.0",
+        "--artifact",
+        str(work / "counter-1.0.0.wasm"),
+        "--manifest",
+        str(work / "counter.json"),
+        "--phase",
+        "20%",
+        "--phase",
+        "60%",
+        "--phase",
+        "100%",
+        "--max-failures",
+        "0",
+    )
+    _fleet(broker, "get", "--flow", "counter")
 
-    def flow_is(version: str | None, status: str) -> Callable[[dict[str, Any]], bool]:
-        return lambda d: (
-            d["flows"].get("hello", {}).get("status") == status
-            and (d["flows"]["hello"]["currentVersion"] == version)
-        )
+    print("\n== 2. a command to the flow on one device; the flow answers (edge_respond)")
+    time.sleep(1.2)  # let the counter tick once
+    _fleet(broker, "command", "--device", "sim-0003", "--name", "counter.get")
 
-    steps: list[tuple[str, dict[str, Any], Callable[[dict[str, Any]], bool]]] = [
-        (
-            "deploy hello v1",
-            {
-                "generation": 1,
-                "flows": {
-                    "hello": {"version": "v1", "artifact": artifact("v1"), "deploymentId": "demo-1"}
-                },
-            },
-            flow_is("v1", "success"),
-        ),
-        (
-            "upgrade hello to v2 (blue/green)",
-            {
-                "generation": 2,
-                "flows": {
-                    "hello": {"version": "v2", "artifact": artifact("v2"), "deploymentId": "demo-2"}
-                },
-            },
-            flow_is("v2", "success"),
-        ),
-        (
-            "remove hello (blank version)",
-            {"generation": 3, "flows": {"hello": {"version": ""}}},
-            flow_is(None, "removed"),
-        ),
-    ]
-    for title, doc, check in steps:
-        print(f"\n-> publish desired generation {doc['generation']}: {title}")
-        started = time.monotonic()
-        watcher.publish_desired(doc)
-        state = watcher.wait_state(check, timeout=30)
-        _print_state(title, state, started)
-    print("\nstatus events seen:", ", ".join(e["status"] for e in watcher.events))
+    print("\n== 3. replace 1.0.0 by 1.1.0 everywhere (blue/green on each device)")
+    _fleet(
+        broker,
+        "replace",
+        "--flow",
+        "counter",
+        "--old-version",
+        "1.0.0",
+        "--new-version",
+        "1.1.0",
+        "--artifact",
+        str(work / "counter-1.1.0.wasm"),
+    )
+    took = _wait_converged(broker, "counter", "1.1.0")
+    print(f"\n(converged in {took:.1f} s)")
+    _fleet(broker, "get", "--flow", "counter")
+    _fleet(broker, "stats", "--flow", "counter", "--version", "1.1.0")
+    _fleet(broker, "command", "--device", "sim-0003", "--name", "counter.get")
+    print("(the count went on across the upgrade: a flow's storage survives new versions)")

@@ -285,6 +285,15 @@ def _entry(
     return entry
 
 
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = 160  # piped: don't squeeze the columns into 80
+    return console
+
+
 def _duration(text: str) -> float:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)?", text.strip())
     if not m:
@@ -400,7 +409,6 @@ def cmd_get(args: argparse.Namespace) -> int:
         json.dump({"count": len(rows), "totalCount": total, "items": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} of {total} flow deployments")
@@ -408,10 +416,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in rows:
         table.add_row(*(str(r[c]) if r[c] is not None else "-" for c in COLUMNS))
-    console = Console()
-    if not console.is_terminal:
-        console.width = 160  # piped: don't squeeze the columns into 80
-    console.print(table)
+    _console().print(table)
     return 0
 
 
@@ -452,10 +457,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    console = Console()
+    console = _console()
     with _client(args) as client:
         client.settle()
         artifact = _artifact(client, args)

@@ -178,14 +178,29 @@ async def test_wrong_credentials_clear_error_and_keeps_running(
 
 
 def test_demo_command_converges() -> None:
-    """The README's demonstration runs end to end and cleans up after itself."""
+    """The README's demonstration runs end to end, tells its story, and cleans up."""
+    import re
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("edge-agent-demo-*"))
     res = subprocess.run([sys.executable, "-m", "agent", "demo"], capture_output=True, text=True,
                          timeout=120, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "demo finished" in res.stdout
-    for version in ("v1", "v2"):
-        assert f"hello      {version}        {version}        success" in res.stdout
-    assert "removed" in res.stdout
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    assert "demo finished" in out
+    assert "5 simulated devices sim-0001...sim-0005 online" in out
+    assert "phase 3/3" in out
+    assert "complete: 5 device(s) succeeded" in out
+    for version in ("1.0.0", "1.1.0"):  # the fleet table, converged on each version
+        rows = re.findall(rf"sim-000\d .*counter .*{re.escape(version)} .*{re.escape(version)}"
+                          r" .*success", out)
+        assert len(rows) == 5, out
+    counts = [int(c) for c in re.findall(r'"result": \{"count": (\d+), "command": '
+                                         r'"counter.get"\}', out)]
+    assert len(counts) == 2
+    assert counts[1] >= counts[0]  # storage survived the upgrade
+    assert '"success": 5' in out
+    assert set(Path(tempfile.gettempdir()).glob("edge-agent-demo-*")) == before
 
 
 async def test_kill_9_while_offline_loses_nothing_from_the_outbox(
