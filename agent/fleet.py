@@ -78,6 +78,8 @@ class Artifact:
 class _Latest:
     messages: dict[str, bytes] = field(default_factory=dict)
     last_change: float = 0.0
+    #: When a desired document last arrived (the read-modify-write waits on these only).
+    last_desired: float = 0.0
 
 
 class FleetClient:
@@ -142,14 +144,18 @@ class FleetClient:
                 self._watch[msg.topic].append(bytes(msg.payload))
             self._latest.messages[msg.topic] = bytes(msg.payload)
             self._latest.last_change = time.monotonic()
+            if msg.topic.endswith("/desired"):
+                self._latest.last_desired = self._latest.last_change
             self._cond.notify_all()
 
-    def settle(self, quiet: float = 0.3, limit: float = 5.0) -> None:
-        """Wait until the retained messages stopped arriving (quiet for ``quiet`` s)."""
+    def settle(self, quiet: float = 0.3, limit: float = 5.0, *, desired_only: bool = False) -> None:
+        """Wait until the retained messages stopped arriving (quiet for ``quiet`` s);
+        ``desired_only``: until no desired document arrived for that long."""
         start = time.monotonic()
         with self._cond:
             while time.monotonic() - start < limit:
-                since = time.monotonic() - max(self._latest.last_change, start)
+                last = self._latest.last_desired if desired_only else self._latest.last_change
+                since = time.monotonic() - max(last, start)
                 if since >= quiet:
                     return
                 self._cond.wait(quiet - since)
@@ -223,7 +229,9 @@ class FleetClient:
             for info in infos:
                 info.wait_for_publish(30)
             self._wait_echo({topic: payload for topic, payload, _ in sent.values()})
-            self.settle(quiet=0.2, limit=2.0)  # a concurrent write may land just after ours
+            # A concurrent write may land just after ours: wait for desired documents to
+            # stop arriving (the devices' state reports are not what we wait for).
+            self.settle(quiet=0.2, limit=2.0, desired_only=True)
             pending = []
             for device_id, (topic, payload, generation) in sent.items():
                 if self._latest.messages.get(topic) == payload:
