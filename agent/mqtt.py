@@ -4,11 +4,16 @@ Design (measured pitfalls are in the comments where they bite):
 
 - paho runs on one thread owned by this class (``mqtt-<client id>``). That thread
   connects (connect and TLS set-up block, so they never run on the event loop),
-  drives ``client.loop()``, and reconnects with jittered, capped exponential backoff.
+  drives the socket with :mod:`selectors` (epoll) and paho's ``loop_read`` /
+  ``loop_write`` / ``loop_misc``, and reconnects with jittered, capped exponential
+  backoff. Not ``client.loop()``: it uses ``select()``, which fails on a file
+  descriptor >= 1024, and paho turns that into a silent "connection lost" forever
+  (found with 500 simulated agents in one process; any busy process can get there).
 - paho callbacks only copy data and hand it to the event loop with
   ``call_soon_threadsafe``; long work in a paho callback has deadlocked paho.
 - Only the network thread touches the socket: a no-op ``on_socket_register_write``
-  hook stops paho from writing on the publishing thread (see ``_make_client``).
+  hook stops paho from writing on the publishing thread (see ``_make_client``); the
+  thread that queued a packet pokes the network thread through a socketpair.
 - ``publish()`` is called on the event loop thread. Its completion future is
   registered in the same synchronous step, before any ``on_publish`` the network
   thread might already have queued for that mid can run on the loop.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import selectors
 import socket
 import ssl
 import threading
@@ -112,6 +118,9 @@ class MqttSession:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # The network thread's wake-up line (opened by start(), closed by stop()).
+        self._poke_r: socket.socket | None = None
+        self._poke_w: socket.socket | None = None
         self._subs: dict[str, _Sub] = {}
         self._pending: dict[int, asyncio.Future[None]] = {}
         self.messages: asyncio.Queue[Message] = asyncio.Queue()
@@ -176,6 +185,9 @@ class MqttSession:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._poke_r, self._poke_w = socket.socketpair()
+        self._poke_r.setblocking(False)
+        self._poke_w.setblocking(False)
         self._thread = threading.Thread(
             target=self._run, name=f"mqtt-{self._client_id}", daemon=True
         )
@@ -187,6 +199,7 @@ class MqttSession:
         self._wake.set()
         with contextlib.suppress(Exception):
             self._client.disconnect()
+        self._poke()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout)
             if not self._thread.is_alive():
@@ -194,6 +207,7 @@ class MqttSession:
                 # timing in a reference cycle is arbitrary: close them now.
                 with contextlib.suppress(Exception):
                     self._client._reset_sockets()
+                self._close_poke()
         for fut in self._pending.values():
             fut.cancel()
         self._pending.clear()
@@ -243,14 +257,75 @@ class MqttSession:
 
     def _loop_until_disconnected(self) -> None:
         self._connected_once_in_this_round = False
-        while not self._stop.is_set():
-            rc = self._client.loop(timeout=0.5)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                break
-        if self._stop.is_set():
-            # Flush the DISCONNECT that stop() queued.
-            with contextlib.suppress(Exception):
-                self._client.loop(timeout=0.2)
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        sock = self._client.socket()
+        if sock is None or self._poke_r is None:
+            return
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._poke_r, selectors.EVENT_READ)
+            registered = selectors.EVENT_READ
+            sel.register(sock, registered)
+            while not self._stop.is_set():
+                want = selectors.EVENT_READ
+                if self._client.want_write():
+                    want |= selectors.EVENT_WRITE
+                if want != registered:
+                    sel.modify(sock, want)
+                    registered = want
+                rc = self._step(sel, sock, 0.5)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+            if self._stop.is_set():
+                # Flush the DISCONNECT that stop() queued.
+                with contextlib.suppress(Exception):
+                    self._client.loop_write()
+                return
+        if not self._connected_once_in_this_round:
+            # The socket opened but no CONNACK came: say so (it used to be silent).
+            self._note_error(
+                f"connection to {self._cfg.broker} lost before the broker accepted it: "
+                f"{paho.error_string(rc)}"
+            )
+
+    def _step(self, sel: selectors.BaseSelector, sock: Any, timeout: float) -> MQTTErrorCode:
+        """One turn of the network loop: what ``client.loop()`` does, on ``sel``."""
+        client = self._client
+        pending = sock.pending() if hasattr(sock, "pending") else 0  # TLS-buffered bytes
+        try:
+            ready = sel.select(0.0 if pending else timeout)
+        except (OSError, ValueError):
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        readable = pending > 0
+        writable = False
+        for key, events in ready:
+            if key.fileobj is self._poke_r:
+                with contextlib.suppress(OSError):
+                    self._poke_r.recv(4096)
+                writable = True  # something was queued: try to send it now
+            else:
+                readable = readable or bool(events & selectors.EVENT_READ)
+                writable = writable or bool(events & selectors.EVENT_WRITE)
+        if readable:
+            rc = client.loop_read()
+            if rc or client.socket() is None:
+                return rc
+        if writable:
+            rc = client.loop_write()
+            if rc or client.socket() is None:
+                return rc
+        return client.loop_misc()
+
+    def _poke(self) -> None:
+        """Wake the network thread: a packet was queued from another thread."""
+        if self._poke_w is not None:
+            with contextlib.suppress(OSError):  # full (already poked) or closed
+                self._poke_w.send(b"\0")
+
+    def _close_poke(self) -> None:
+        for sock in (self._poke_r, self._poke_w):
+            if sock is not None:
+                sock.close()
+        self._poke_r = self._poke_w = None
 
     def _note_error(self, text: str) -> None:
         # The first occurrence of a problem is a warning; identical repeats during
@@ -362,6 +437,7 @@ class MqttSession:
             self._subs[topic] = _Sub(qos)
         if self.connected.is_set():
             self._client.subscribe(topic, qos=qos)
+            self._poke()
 
     def unsubscribe(self, topic: str) -> None:
         sub = self._subs.pop(topic, None)
@@ -370,6 +446,7 @@ class MqttSession:
                 waiter.cancel()
             if self.connected.is_set():
                 self._client.unsubscribe(topic)
+                self._poke()
 
     def publish(
         self,
@@ -388,6 +465,7 @@ class MqttSession:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        self._poke()
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise RuntimeError(f"publish to {topic} refused: {paho.error_string(info.rc)}")
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
+import resource
 from typing import Any
 
 import pytest
@@ -110,3 +112,53 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
         assert all(ceiling * 0.5 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 1  # jittered
     assert backoff_delay(10_000, 0.5, 30.0, rng) <= 30.0
+
+
+async def test_connects_when_its_socket_gets_a_file_descriptor_above_1024(
+        broker: Broker, operator: Operator) -> None:
+    """A busy process (500 simulated agents did it) hands out descriptors >= 1024, where
+    select() fails; paho's own loop() then reported "connection lost" forever, with no
+    log line. The session's epoll loop connects, publishes and receives normally."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1300: cannot reach fd 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        operator.subscribe("t/high-fd/out")
+        operator.publish("t/high-fd/in", b"down")  # retained: no race with our SUBSCRIBE
+        async with MqttSession(cfg(broker), "high-fd-client") as session:
+            session.subscribe("t/high-fd/in")
+            await asyncio.wait_for(session.connected.wait(), 5)
+            sock = session._client.socket()
+            assert sock is not None
+            assert sock.fileno() > 1024
+            await asyncio.wait_for(session.publish("t/high-fd/out", b"up"), 5)
+            msg = await asyncio.wait_for(session.messages.get(), 5)
+        assert msg.payload == b"down"
+        await wait_until(lambda: operator.messages("t/high-fd/out"), 5, "the publish")
+        assert operator.messages("t/high-fd/out") == [b"up"]
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_connection_dropped_before_connack_is_reported() -> None:
+    """Something that accepts TCP and hangs up (a wrong port, a broker at its connection
+    limit): the session says so instead of retrying in silence."""
+    server = await asyncio.start_server(_hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conf = MqttConfig.model_validate(
+        {"broker": f"mqtt://127.0.0.1:{port}", "reconnect_min": 0.05, "reconnect_max": 0.2})
+    async with server, MqttSession(conf, "dropped-client") as session:
+        await wait_until(lambda: session.last_error is not None, 5, "an error")
+        assert "lost before the broker accepted it" in (session.last_error or "")
+        assert not session.connected.is_set()
+
+
+async def _hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    await writer.wait_closed()
