@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__, fleet_cli
+from . import __version__, _signals, fleet_cli
 from .errors import AgentError, ConfigError
 
 EXIT_OK = 0
@@ -140,7 +140,6 @@ async def _run_agent(cfg: Any, args: argparse.Namespace | None = None) -> None:
 
     loop = asyncio.get_running_loop()
     agent = Agent(cfg)
-    signals = 0
     reloads: set[asyncio.Task[None]] = set()
 
     async def reload() -> None:
@@ -160,19 +159,18 @@ async def _run_agent(cfg: Any, args: argparse.Namespace | None = None) -> None:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    def on_signal(signame: str) -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            sys.stderr.write(f"edge-agent: second {signame}, exiting at once\n")
-            os._exit(EXIT_FAILURE)
-        agent.stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    async with agent:
-        await agent.stopped()
+    stop_signals = frozenset({signal.SIGTERM, signal.SIGINT})
+    restore = _signals.install(
+        loop,
+        {signal.SIGTERM: agent.stop, signal.SIGINT: agent.stop, signal.SIGHUP: on_hup},
+        second_exits=stop_signals,
+        exit_code=EXIT_FAILURE,
+    )
+    try:
+        async with agent:
+            await agent.stopped()
+    finally:
+        restore()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

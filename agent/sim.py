@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from . import _signals
 from .config import AgentConfig, load_config
 from .daemon import Agent, sandbox_limits
 from .errors import AgentError, ConfigError
@@ -147,9 +148,11 @@ def _base_config(args: argparse.Namespace) -> AgentConfig:
 
 async def _main(args: argparse.Namespace, base: AgentConfig, root: Path) -> int:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    _signals.install(
+        asyncio.get_running_loop(),
+        {signal.SIGINT: stop.set, signal.SIGTERM: stop.set},
+        second_exits=frozenset({signal.SIGINT, signal.SIGTERM}),
+    )
     started = time.monotonic()
     async with Simulation(base, args.devices, root, first=args.first) as sim:
         up = await sim.wait_connected(timeout=max(30.0, args.devices / 20))
