@@ -12,7 +12,6 @@ on behalf of ``mqtt`` triggers (reference-counted across flows).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import structlog
 import wasmtime
 from paho.mqtt.client import topic_matches_sub
 
+from ._handoff import Handoff, post_or_drop
 from .bundle import read_bundle
 from .eea import (
     EEABindings,
@@ -105,6 +105,7 @@ class FlowHost:
         self._kv: dict[str, KVStore] = {}
         self._subs: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handoff: Handoff | None = None
         #: The agent's broker connection, as EEA bundles are told.
         self.connected = False
 
@@ -122,11 +123,8 @@ class FlowHost:
         return kv
 
     def _threadsafe_publish(self, topic: str, payload: bytes, qos: int) -> None:
-        loop = self._loop
-        if loop is None or self._publish is None:
-            return
-        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            loop.call_soon_threadsafe(self._publish, topic, payload, qos)
+        if self._publish is not None:
+            post_or_drop(self._handoff, self._publish, topic, payload, qos)
 
     def _context(self, spec: RunSpec, kv: KVStore) -> FlowContext:
         return FlowContext(
@@ -151,7 +149,9 @@ class FlowHost:
 
     async def prepare(self, spec: RunSpec, data: bytes) -> FlowRunner:
         """Compile and start a runner; the running version is untouched."""
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._handoff = loop, Handoff(loop)
         self._check_triggers(spec.triggers)
         if spec.kind == "bundle":
             runner: FlowRunner = await self._bundle_runner(spec, data)

@@ -9,8 +9,9 @@ Design (measured pitfalls are in the comments where they bite):
   backoff. Not ``client.loop()``: it uses ``select()``, which fails on a file
   descriptor >= 1024, and paho turns that into a silent "connection lost" forever
   (found with 500 simulated agents in one process; any busy process can get there).
-- paho callbacks only copy data and hand it to the event loop with
-  ``call_soon_threadsafe``; long work in a paho callback has deadlocked paho.
+- paho callbacks only copy data and hand it to the event loop through a
+  :class:`~agent._handoff.Handoff` (one loop wake-up per batch, not per message);
+  long work in a paho callback has deadlocked paho.
 - Only the network thread touches the socket: a no-op ``on_socket_register_write``
   hook stops paho from writing on the publishing thread (see ``_make_client``); the
   thread that queued a packet pokes the network thread through a socketpair.
@@ -44,6 +45,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from ._handoff import Handoff, post_or_drop
 from .config import MqttConfig
 
 log = structlog.get_logger("agent.mqtt")
@@ -115,6 +117,7 @@ class MqttSession:
         self._on_disconnect_cbs: list[Callable[[], None]] = []
         self._rng = rng or random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handoff: Handoff | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -185,6 +188,7 @@ class MqttSession:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._handoff = Handoff(self._loop)
         self._poke_r, self._poke_w = socket.socketpair()
         self._poke_r.setblocking(False)
         self._poke_w.setblocking(False)
@@ -254,9 +258,11 @@ class MqttSession:
             self._wake.clear()
 
     _connected_once_in_this_round = False
+    _connack_in_this_round = False
 
     def _loop_until_disconnected(self) -> None:
         self._connected_once_in_this_round = False
+        self._connack_in_this_round = False
         rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         sock = self._client.socket()
         if sock is None or self._poke_r is None:
@@ -280,7 +286,7 @@ class MqttSession:
                 with contextlib.suppress(Exception):
                     self._client.loop_write()
                 return
-        if not self._connected_once_in_this_round:
+        if not self._connack_in_this_round:
             # The socket opened but no CONNACK came: say so (it used to be silent).
             self._note_error(
                 f"connection to {self._cfg.broker} lost before the broker accepted it: "
@@ -339,15 +345,13 @@ class MqttSession:
             log.warning("mqtt connection problem", error=text)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # loop closing during shutdown
-                loop.call_soon_threadsafe(fn, *args)
+        post_or_drop(self._handoff, fn, *args)
 
     # paho callbacks: network thread, keep them tiny.
     def _on_connect(
         self, client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
+        self._connack_in_this_round = True
         if reason.is_failure:
             hint = ""
             if "authori" in str(reason).lower() or "password" in str(reason).lower():
