@@ -66,6 +66,11 @@ class KVStore:
             self._dirty = self._dirty or found
             return found
 
+    @property
+    def dirty(self) -> bool:
+        """Unsaved changes (a plain read: a stale answer only delays the next flush)."""
+        return self._dirty
+
     def flush(self) -> bool:
         """Write if dirty (blocking). Returns whether it wrote."""
         with self._lock:
