@@ -125,6 +125,13 @@ class Runtime:
         self.cache_hits = 0
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wasm")
         self._ticker: asyncio.Task[None] | None = None
+        # Calls on worker threads that have not returned yet (a call whose run() timed
+        # out still counts until its thread is done: the epoch must keep ticking to
+        # interrupt it). The ticker sleeps while this is 0, so an idle agent does not
+        # wake 100 times a second.
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._work: asyncio.Event | None = None
         self._modules: dict[str, wasmtime.Module] = {}
         self._modules_lock = threading.Lock()
         self._users = 0
@@ -144,6 +151,7 @@ class Runtime:
         """Start the ticker on first use (several agents may share one runtime)."""
         self._users += 1
         if self._ticker is None:
+            self._work = asyncio.Event()
             self._ticker = asyncio.get_running_loop().create_task(
                 self._tick(), name="wasm-epoch-ticker"
             )
@@ -161,14 +169,48 @@ class Runtime:
 
     async def _tick(self) -> None:
         interval = self.limits.epoch_tick_ms / 1000
+        assert self._work is not None
         while True:
+            if self._busy == 0:
+                self._work.clear()
+                await self._work.wait()
             await asyncio.sleep(interval)
             self.engine.increment_epoch()
 
+    @property
+    def busy(self) -> int:
+        """Calls running on worker threads (including ones whose caller gave up)."""
+        return self._busy
+
+    def _done(self) -> None:
+        with self._busy_lock:
+            self._busy -= 1
+
+    def _submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Submit ``fn`` to a worker, counted in :attr:`busy` until its thread is done
+        (or it is cancelled before it started)."""
+        with self._busy_lock:
+            self._busy += 1
+        if self._work is not None:
+            self._work.set()  # on the loop thread, like the ticker that clears it
+
+        def job() -> T:
+            try:
+                return fn()
+            finally:
+                self._done()
+
+        try:
+            cfut = self._pool.submit(job)
+        except BaseException:  # shut down
+            self._done()
+            raise
+        cfut.add_done_callback(lambda f: self._done() if f.cancelled() else None)
+        return asyncio.wrap_future(cfut)
+
     async def run(self, fn: Callable[[], T], timeout: float | None = None, what: str = "call") -> T:
         """Run ``fn`` on a wasm worker thread, bounded by ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, fn)
+        fut = self._submit(fn)
         if timeout is None:
             return await fut
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import structlog
 import wat
+from conftest import wait_until
 
 from agent.errors import FlowTrap, InstantiationError, InvalidModule
 from agent.flows import FlowHost
@@ -218,3 +220,22 @@ async def test_wasi_sleep_is_capped_at_the_call_deadline(host: FlowHost) -> None
     elapsed = time.monotonic() - started
     assert runner.instance is not None  # start-up returned normally
     assert 0.25 < elapsed < 2.0, elapsed
+
+
+async def test_epoch_ticker_sleeps_while_no_wasm_runs_and_ticks_until_a_call_ends() -> None:
+    """An idle agent must not wake 100 times a second; a call whose caller gave up
+    (run() timed out) keeps the epoch ticking until its thread is really done."""
+    async with Runtime(LIMITS, workers=1) as runtime:
+        assert runtime._work is not None
+        await asyncio.sleep(0.05)
+        assert runtime.busy == 0
+        assert not runtime._work.is_set()  # the ticker waits for work
+        gate = threading.Event()
+        with pytest.raises(FlowTrap):
+            await runtime.run(lambda: gate.wait(5), timeout=0.05, what="blocked")
+        assert runtime.busy == 1  # the thread still runs: keep ticking
+        assert runtime._work.is_set()
+        gate.set()
+        await wait_until(lambda: runtime.busy == 0, 5, "the thread to finish")
+        await asyncio.sleep(0.05)
+        assert not runtime._work.is_set()
