@@ -85,6 +85,9 @@ class Will:
 class _Sub:
     qos: int
     waiters: list[asyncio.Future[bytes]] = field(default_factory=list)
+    #: Refusals in a row (SUBACK failure codes): the retry backs off with them.
+    refusals: int = 0
+    retry: asyncio.TimerHandle | None = None
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -125,6 +128,8 @@ class MqttSession:
         self._poke_r: socket.socket | None = None
         self._poke_w: socket.socket | None = None
         self._subs: dict[str, _Sub] = {}
+        self._sub_lock = threading.Lock()
+        self._sub_mids: dict[int, str] = {}
         self._pending: dict[int, asyncio.Future[None]] = {}
         self.messages: asyncio.Queue[Message] = asyncio.Queue()
         self.connected = asyncio.Event()
@@ -166,6 +171,7 @@ class MqttSession:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _setup_tls(self) -> None:
@@ -368,8 +374,25 @@ class MqttSession:
             return
         self._connected_once_in_this_round = True
         for topic, sub in list(self._subs.items()):
-            client.subscribe(topic, qos=sub.qos)
+            self._send_subscribe(topic, sub.qos)
         self._call(self._connected_on_loop)
+
+    def _send_subscribe(self, topic: str, qos: int) -> None:
+        """SUBSCRIBE, remembering the topic by message id to read the SUBACK."""
+        with self._sub_lock:
+            _rc, mid = self._client.subscribe(topic, qos=qos)
+            if mid is not None:
+                self._sub_mids[mid] = topic
+
+    def _on_subscribe(
+        self, _client: paho.Client, _ud: Any, mid: int, reasons: list[Any], _props: Any
+    ) -> None:
+        with self._sub_lock:
+            topic = self._sub_mids.pop(mid, None)
+        if topic is None:
+            return
+        refused = [r for r in reasons if getattr(r, "is_failure", False)]
+        self._call(self._suback_on_loop, topic, str(refused[0]) if refused else None)
 
     def _on_disconnect(
         self, _client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
@@ -443,12 +466,50 @@ class MqttSession:
     def add_on_connect(self, cb: Callable[[], None]) -> None:
         self._on_connect_cbs.append(cb)
 
+    def _suback_on_loop(self, topic: str, refusal: str | None) -> None:
+        sub = self._subs.get(topic)
+        if sub is None:
+            return
+        if refusal is None:
+            if sub.refusals:
+                log.info("subscription accepted after refusals", topic=topic, refusals=sub.refusals)
+            sub.refusals = 0
+            return
+        # A broker can refuse a subscription for a while (an ACL not yet loaded, a
+        # clustered broker failing over): without it the agent would never hear its
+        # desired document or commands, so it asks again, backing off.
+        delay = backoff_delay(sub.refusals, 1.0, 60.0, self._rng)
+        sub.refusals += 1
+        text = f"broker {self._cfg.broker} refused the subscription to {topic}: {refusal}"
+        self.last_error = text
+        log.warning(
+            "mqtt subscription refused",
+            topic=topic,
+            reason=refusal,
+            retry_in_s=round(delay, 1),
+            refusals=sub.refusals,
+        )
+        if sub.retry is not None:
+            sub.retry.cancel()
+        loop = asyncio.get_running_loop()
+        sub.retry = loop.call_later(delay, self._retry_subscribe, topic)
+
+    def _retry_subscribe(self, topic: str) -> None:
+        sub = self._subs.get(topic)
+        if sub is None:
+            return
+        sub.retry = None
+        if self.connected.is_set():
+            self._send_subscribe(topic, sub.qos)
+            self._poke()
+
     def subscribe(self, topic: str, qos: int = 1) -> None:
-        """Subscribe now (if connected) and again after every reconnect."""
+        """Subscribe now (if connected) and again after every reconnect; a refused
+        subscription is asked for again, with backoff."""
         if topic not in self._subs:
             self._subs[topic] = _Sub(qos)
         if self.connected.is_set():
-            self._client.subscribe(topic, qos=qos)
+            self._send_subscribe(topic, qos)
             self._poke()
 
     def unsubscribe(self, topic: str) -> None:
@@ -456,6 +517,8 @@ class MqttSession:
         if sub is not None:
             for waiter in sub.waiters:
                 waiter.cancel()
+            if sub.retry is not None:
+                sub.retry.cancel()
             if self.connected.is_set():
                 self._client.unsubscribe(topic)
                 self._poke()

@@ -10,6 +10,7 @@ import resource
 from typing import Any
 
 import pytest
+import structlog
 from broker import Broker, Operator
 from conftest import wait_until
 
@@ -162,3 +163,40 @@ async def test_a_connection_dropped_before_connack_is_reported() -> None:
 async def _hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.close()
     await writer.wait_closed()
+
+
+async def test_a_refused_subscription_is_reported_and_asked_for_again(
+        broker: Broker, operator: Operator) -> None:
+    """A broker can refuse a subscription for a while (a clustered broker failing over:
+    NATS does, see test_nats.py, but not on cue). Mosquitto never refuses, so the first
+    SUBACK is turned into a refusal on its way in: the session logs it and subscribes
+    again with backoff, without reconnecting, and the broker accepts."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    operator.publish("t/refused", b"retained")
+    session = MqttSession(cfg(broker), "refused-client")
+    real = session._on_subscribe
+    refused: list[int] = []
+
+    def first_refused(client: Any, ud: Any, mid: int, reasons: list[Any], props: Any) -> None:
+        if not refused:
+            refused.append(mid)
+            reasons = [ReasonCode(PacketTypes.SUBACK, "Unspecified error")]
+        real(client, ud, mid, reasons, props)
+
+    session._client.on_subscribe = first_refused
+    async with session:
+        with structlog.testing.capture_logs() as logs:
+            session.subscribe("t/refused")
+            await asyncio.wait_for(session.connected.wait(), 5)
+            msg = await asyncio.wait_for(session.messages.get(), 10)
+            await wait_until(lambda: any(e["event"] == "subscription accepted after refusals"
+                                         for e in logs), 5, "the second SUBACK")
+        assert refused
+        assert (msg.topic, msg.payload) == ("t/refused", b"retained")
+        assert session.connects == 1
+    warnings = [e for e in logs if e["event"] == "mqtt subscription refused"]
+    assert len(warnings) == 1
+    assert warnings[0]["topic"] == "t/refused"
+    assert 0.5 <= warnings[0]["retry_in_s"] <= 1.0
