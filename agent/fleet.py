@@ -32,6 +32,10 @@ from .protocol import Status, is_valid_id
 STATUSES = [s.value for s in Status]
 Change = Callable[[str, dict[str, Any]], dict[str, Any] | None]
 MAX_RETRIES = 10
+#: Seconds to wait for the broker's PUBACKs of one batch of desired documents.
+ACK_TIMEOUT = 30.0
+#: Seconds to wait for our own documents to come back through the subscription.
+ECHO_TIMEOUT = 10.0
 
 
 class FleetError(AgentError):
@@ -107,8 +111,8 @@ class FleetClient:
                 cert_reqs=ssl.CERT_REQUIRED,
             )
         self.client.on_message = self._on_message
-        self._subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_subscribe = self._on_subscribe
+        self._subacks: dict[int, list[Any]] = {}
         if connect:
             self.connect()
 
@@ -119,11 +123,47 @@ class FleetClient:
         except OSError as exc:
             raise FleetError(f"cannot connect to {self.cfg.broker}: {exc}") from None
         self.client.loop_start()
-        for what in ("desired", "state", "status"):
-            self._subscribed.clear()
-            self.client.subscribe(f"{self.prefix}/+/{what}", qos=1)
-            if not self._subscribed.wait(10):
-                raise FleetError(f"broker {self.cfg.broker} did not confirm a subscription")
+        try:
+            for what in ("desired", "state", "status"):
+                self.subscribe(f"{self.prefix}/+/{what}", timeout=10)
+        except FleetError:
+            self.close()
+            raise
+
+    def _on_subscribe(
+        self, _c: paho.Client, _u: Any, mid: int, reasons: list[Any], _p: Any
+    ) -> None:
+        with self._cond:
+            self._subacks[mid] = list(reasons)
+            self._cond.notify_all()
+
+    def subscribe(self, topic: str, timeout: float = 5.0) -> None:
+        """Subscribe and wait for the broker's SUBACK; a refusal or no answer is a
+        :class:`FleetError`.
+
+        QoS 0: the tool reads retained messages and waits for answers with timeouts,
+        so redelivery buys nothing, and a QoS 1 subscription costs a clustered broker
+        durable state per run (NATS: a JetStream consumer, which cannot even be placed
+        while a node of a three-node cluster is down)."""
+        rc, mid = self.client.subscribe(topic, qos=0)
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise FleetError(f"cannot subscribe to {topic}: {paho.error_string(rc)}")
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while mid not in self._subacks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FleetError(
+                        f"broker {self.cfg.broker} did not confirm the subscription to "
+                        f"{topic} within {timeout:g} s"
+                    )
+                self._cond.wait(left)
+            reasons = self._subacks.pop(mid)
+        refused = [r for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            raise FleetError(
+                f"broker {self.cfg.broker} refused the subscription to {topic}: {refused[0]}"
+            )
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -226,8 +266,7 @@ class FleetClient:
                     self._watch[topic] = []  # every document that arrives from now on
                 infos.append(self.client.publish(topic, payload, qos=1, retain=True))
                 sent[device_id] = (topic, payload, generation)
-            for info in infos:
-                info.wait_for_publish(30)
+            self._wait_acks(infos, ACK_TIMEOUT)
             self._wait_echo({topic: payload for topic, payload, _ in sent.values()})
             # A concurrent write may land just after ours: wait for desired documents to
             # stop arriving (the devices' state reports are not what we wait for).
@@ -245,19 +284,43 @@ class FleetClient:
             f"gave up after {MAX_RETRIES} attempts"
         )
 
-    def _wait_echo(self, expected: dict[str, bytes], timeout: float = 10.0) -> None:
+    def _wait_acks(self, infos: list[paho.MQTTMessageInfo], timeout: float) -> None:
+        """Wait for the broker's PUBACKs, all within one ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            left = deadline - time.monotonic()
+            try:
+                if left > 0:
+                    info.wait_for_publish(left)
+            except (RuntimeError, ValueError) as exc:  # paho: not connected / queue full
+                raise FleetError(f"publishing to {self.cfg.broker} failed: {exc}") from None
+            if not info.is_published():
+                raise FleetError(
+                    f"broker {self.cfg.broker} did not acknowledge the desired documents "
+                    f"within {timeout:g} s; some may have been written (check with get)"
+                )
+
+    def _wait_echo(self, expected: dict[str, bytes], timeout: float = ECHO_TIMEOUT) -> None:
         """Wait until the broker sent each of our documents back (a competing document
-        may already have replaced it: that is decided after the topic went quiet)."""
+        may already have replaced it: that is decided after the topic went quiet).
+        Without the echo the write cannot be verified: that is an error, not a retry
+        (a retry would bump a generation that may well have been written)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             try:
                 while time.monotonic() < deadline:
-                    if all(p in self._watch.get(t, ()) for t, p in expected.items()):
+                    missing = [t for t, p in expected.items() if p not in self._watch.get(t, ())]
+                    if not missing:
                         return
                     self._cond.wait(0.05)
             finally:
                 for topic in expected:
                     self._watch.pop(topic, None)
+        raise FleetError(
+            f"broker {self.cfg.broker} acknowledged but did not deliver back "
+            f"{len(missing)} desired document(s) within {timeout:g} s (e.g. {missing[0]}); "
+            "check with get before writing again"
+        )
 
     def publish_artifact(self, data: bytes, limit: int) -> Artifact:
         """Publish a small artifact content-addressed and retained; an ``mqtt:`` URL."""
@@ -281,9 +344,7 @@ class FleetClient:
         with self._cond:
             self._responses = {}
         for device_id in dict.fromkeys(device_ids):
-            self._subscribed.clear()
-            self.client.subscribe(f"{self.prefix}/{device_id}/command/response", qos=1)
-            self._subscribed.wait(5)
+            self.subscribe(f"{self.prefix}/{device_id}/command/response")
         for request_id, device_id in ids.items():
             doc = {"name": name, "payload": payload, "time": int(stamp), "id": request_id}
             self.client.publish(
@@ -312,9 +373,7 @@ class FleetClient:
 
     def read_topic(self, topic: str, timeout: float = 3.0) -> dict[str, Any] | None:
         """Subscribe to one (retained) topic and return its JSON document."""
-        self._subscribed.clear()
-        self.client.subscribe(topic, qos=1)
-        self._subscribed.wait(5)
+        self.subscribe(topic)
         deadline = time.monotonic() + timeout
         with self._cond:
             while topic not in self._latest.messages and time.monotonic() < deadline:
