@@ -131,6 +131,29 @@ class Simulation:
         return (rss_bytes() - self.rss_before) / max(1, len(self.agents))
 
 
+#: Open files an agent keeps (MQTT socket and wake-up pair, outbox database, WAL and
+#: shared-memory files, state and flow files while they are written), with room.
+FDS_PER_AGENT = 8
+
+
+def raise_open_file_limit(devices: int) -> str | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; a warning when even that is
+    too low for ``devices`` agents (they would fail to open files mid-run)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    need = devices * FDS_PER_AGENT + 64
+    if soft != resource.RLIM_INFINITY and soft < need:
+        return (
+            f"the open-file limit is {soft}; {devices} agents need about {need} "
+            f"(raise the hard limit: ulimit -Hn, or LimitNOFILE= in a unit)"
+        )
+    return None
+
+
 def _base_config(args: argparse.Namespace) -> AgentConfig:
     over: dict[str, Any] = {"device_id": "sim"}
     mqtt: dict[str, Any] = {}
@@ -186,6 +209,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"edge-agent sim: config error: {exc}\n")
         return 2
     configure_logging(base.log.level, base.log.format)
+    warning = raise_open_file_limit(args.devices)
+    if warning is not None:
+        sys.stderr.write(f"edge-agent sim: warning: {warning}\n")
     temp = args.state_root is None
     root = Path(tempfile.mkdtemp(prefix="edge-sim-")) if temp else args.state_root
     try:

@@ -526,3 +526,22 @@ async def test_sim_command_runs_a_fleet(broker: Broker, tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
         await asyncio.to_thread(client.close)
+
+
+def test_sim_raises_its_open_file_limit_and_warns_when_the_hard_limit_is_too_low() -> None:
+    """Each agent keeps several files open; a default soft limit of 1024 would stop a
+    few hundred agents half-way with EMFILE."""
+    import resource
+    import subprocess
+    import sys
+    probe = ("import resource; from agent.sim import raise_open_file_limit as r; "
+             "print(r(10)); print(r(1000)); print(resource.getrlimit(resource.RLIMIT_NOFILE))")
+
+    def low_limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))
+
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, preexec_fn=low_limits).stdout.splitlines()
+    assert out[0] == "None"  # 10 agents fit in 2048
+    assert "the open-file limit is 2048; 1000 agents need about" in out[1]
+    assert out[2] == "(2048, 2048)"  # soft raised to hard
