@@ -100,6 +100,7 @@ def agent_fleet(n: int, broker: str, broker_pid: int, work: Path) -> dict[str, A
         startup_s = time.monotonic() - started
         time.sleep(2)  # let start-up work finish before measuring idle
         idle_rss = rss_bytes(sim.pid)
+        broker_rss = rss_bytes(broker_pid)
         c0, b0 = cpu_seconds(sim.pid), cpu_seconds(broker_pid)
         time.sleep(5)
         idle_cpu = (cpu_seconds(sim.pid) - c0) / 5, (cpu_seconds(broker_pid) - b0) / 5
@@ -144,6 +145,7 @@ def agent_fleet(n: int, broker: str, broker_pid: int, work: Path) -> dict[str, A
         "idle_broker_cpu_pct": round(idle_cpu[1] * 100, 1),
         "idle_kib_per_device": round((idle_rss - base_rss) / n / 1024),
         "running_kib_per_device": round((running_rss - base_rss) / n / 1024),
+        "broker_rss_mib": round(broker_rss / 2**20, 1),
         "stop_s": round(stop_s, 2),
         "warnings": len(warnings),
         "first_warnings": warnings[:3],
@@ -332,6 +334,7 @@ def main() -> None:
                   f"{a['idle_broker_cpu_pct']} % of a core")
             print(f"           memory per device: {a['idle_kib_per_device']} KiB idle, "
                   f"{a['running_kib_per_device']} KiB running the counter")
+            print(f"           broker RSS with {n} devices connected: {a['broker_rss_mib']} MiB")
             print(f"           stopped (SIGINT) in {a['stop_s']} s; {a['warnings']} warnings "
                   f"logged {a['first_warnings']}")
             print(f"  raw paho baseline: all states after {r['converge_s']} s; CPU clients "
