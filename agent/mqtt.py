@@ -370,6 +370,8 @@ class MqttSession:
             hint = ""
             if "authori" in str(reason).lower() or "password" in str(reason).lower():
                 hint = " (check mqtt.username / mqtt.password / client certificate)"
+            elif "protocol version" in str(reason).lower() and self.protocol5:
+                hint = ' (a broker that speaks only MQTT 3.1.1, like NATS: mqtt.protocol = "3.1.1")'
             self._note_error(f"broker {self._cfg.broker} refused the connection: {reason}{hint}")
             return
         self._connected_once_in_this_round = True

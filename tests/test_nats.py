@@ -247,3 +247,17 @@ async def test_the_devices_node_dies_and_comes_back(
         assert {r["deviceId"] for r in items} == everyone
     finally:
         await late.__aexit__(None, None, None)
+
+
+async def test_an_mqtt5_agent_is_told_to_use_3_1_1(cluster: NatsCluster) -> None:
+    """NATS refuses an MQTT 5 CONNECT; the agent says which setting fixes it."""
+    from agent.mqtt import MqttSession
+
+    conf = MqttConfig.model_validate({"broker": cluster.nodes[0].url, "reconnect_min": 0.1,
+                                      "reconnect_max": 0.5})
+    async with MqttSession(conf, "v5-client") as session:
+        await wait_until(lambda: session.last_error is not None, 10, "the refusal")
+        assert "refused the connection: Unsupported protocol version" in (
+            session.last_error or "")
+        assert 'mqtt.protocol = "3.1.1"' in (session.last_error or "")
+        assert not session.connected.is_set()
