@@ -58,7 +58,6 @@ def bare(data: bytes, n: int) -> tuple[list[float], float]:
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
     store.set_wasi(wasmtime.WasiConfig())
-    i32 = wasmtime.ValType.i32()
     published = [0]
 
     def publish(*_: Any) -> int:
@@ -68,9 +67,11 @@ def bare(data: bytes, n: int) -> tuple[list[float], float]:
     def other(*_: Any) -> int:
         return -4
 
-    for name, params in [("publish", 5), ("log", 3), ("kv_get", 5), ("kv_set", 4)]:
-        fn = publish if name == "publish" else other
-        linker.define_func("edge", name, wasmtime.FuncType([i32] * params, [i32]), fn)
+    # Every `edge` import the module has (the C example grows with the host API).
+    for imp in module.imports:
+        if imp.module == "edge" and isinstance(imp.type, wasmtime.FuncType):
+            fn = publish if imp.name == "publish" else other
+            linker.define_func("edge", imp.name or "", imp.type, fn)
     inst = linker.instantiate(store, module)
     ex = inst.exports(store)
     ex["_initialize"](store)
