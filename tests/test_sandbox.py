@@ -226,16 +226,17 @@ async def test_epoch_ticker_sleeps_while_no_wasm_runs_and_ticks_until_a_call_end
     """An idle agent must not wake 100 times a second; a call whose caller gave up
     (run() timed out) keeps the epoch ticking until its thread is really done."""
     async with Runtime(LIMITS, workers=1) as runtime:
-        assert runtime._work is not None
-        await asyncio.sleep(0.05)
+        work = runtime._work
+        assert work is not None
         assert runtime.busy == 0
-        assert not runtime._work.is_set()  # the ticker waits for work
+        assert not work.is_set()  # the ticker waits for work
         gate = threading.Event()
         with pytest.raises(FlowTrap):
             await runtime.run(lambda: gate.wait(5), timeout=0.05, what="blocked")
         assert runtime.busy == 1  # the thread still runs: keep ticking
-        assert runtime._work.is_set()
+        assert work.is_set()
+        await asyncio.sleep(0.1)  # ten ticks' time: the ticker must not go idle meanwhile
+        assert work.is_set()
         gate.set()
         await wait_until(lambda: runtime.busy == 0, 5, "the thread to finish")
-        await asyncio.sleep(0.05)
-        assert not runtime._work.is_set()
+        await wait_until(lambda: not work.is_set(), 1, "the ticker to go idle")
