@@ -1,4 +1,5 @@
-"""Crash-safe file writes: temp file in the same directory, fsync, rename, fsync dir."""
+"""Crash-safe file writes (temp file in the same directory, fsync, rename, fsync dir),
+and :func:`child_path`, the one way a path is built from a name that came from input."""
 
 from __future__ import annotations
 
@@ -6,6 +7,30 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+
+from .errors import UnsafePath
+
+
+def child_path(parent: Path, name: str) -> Path:
+    """``parent / name`` for a ``name`` that came from input (a flow id, a digest).
+
+    Refuses, with :class:`UnsafePath`, anything that is not one plain path component
+    staying inside ``parent``: empty, dots alone (``.``, ``..``), a separator, a NUL,
+    or an existing symlink (which could lead anywhere).
+    """
+    if (
+        not name
+        or name.strip(".") == ""
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or len(name.encode("utf-8", "surrogatepass")) > 255
+    ):
+        raise UnsafePath(f"{name[:80]!r} cannot name a file under {parent}")
+    path = parent / name
+    if path.is_symlink():
+        raise UnsafePath(f"{path} is a symlink; refusing to follow it")
+    return path
 
 
 def fsync_dir(directory: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from . import redact
 from .protocol import LogMessage, utc_now_iso
 
 #: Log lines kept per flow for ``agent.logs``.
@@ -96,8 +97,10 @@ def configure_logging(level: str = "info", fmt: str = "console", stream: Any = N
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact.log_processor,  # before the capture: deployment logs are redacted too
             capture,
             structlog.processors.format_exc_info,
+            redact.log_processor,  # the traceback text
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

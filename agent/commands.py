@@ -27,10 +27,12 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from . import __version__
+from ._boundedjson import load as load_json
 from ._logging import capture
-from .errors import AgentError
+from .errors import AgentError, ProtocolError
 from .mqtt import Message
 from .protocol import utc_now_iso
+from .redact import redact_text
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("agent.commands")
 
 MAX_LOG_LINES = 500
+#: The largest command accepted (the whole JSON request, payload included).
+MAX_COMMAND_BYTES = 256 * 1024
 
 
 class CommandError(AgentError):
@@ -49,7 +53,12 @@ class Command(BaseModel):
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=255)]
     payload: Any = None
-    time: str | float | None = None
+    #: ISO-8601 text or epoch milliseconds; never NaN or infinite.
+    time: (
+        Annotated[str, StringConstraints(max_length=64)]
+        | Annotated[float, Field(allow_inf_nan=False)]
+        | None
+    ) = None
     id: Annotated[str, StringConstraints(max_length=256)] | int | None = None
 
 
@@ -65,6 +74,37 @@ class LogsArgs(FlowRef):
 class DirectTriggerArgs(FlowRef):
     id: Annotated[str, StringConstraints(min_length=1, max_length=255)]
     payload: Any = None
+
+
+class MalformedCommand(CommandError):
+    """A request that is not a command; ``echo`` holds its id and name if it had them."""
+
+    def __init__(self, message: str, echo: dict[str, Any] | None = None) -> None:
+        super().__init__(f"malformed command: {message}")
+        self.echo = echo or {}
+
+
+def parse_command(payload: bytes) -> Command:
+    """The command in ``payload``, or :class:`MalformedCommand` (never another error)."""
+    try:
+        raw = load_json(payload, what="command", max_bytes=MAX_COMMAND_BYTES)
+    except ProtocolError as exc:
+        raise MalformedCommand(str(exc)) from None
+    echo = (
+        {k: raw[k] for k in ("id", "name") if isinstance(raw.get(k), str | int)}
+        if isinstance(raw, dict)
+        else {}
+    )
+    if isinstance(echo.get("name"), str):
+        echo["name"] = echo["name"][:255]
+    if isinstance(echo.get("id"), str):
+        echo["id"] = echo["id"][:256]
+    try:
+        return Command.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "command"
+        raise MalformedCommand(f"{where}: {err['msg']}", echo) from None
 
 
 def _issued_at(value: str | float) -> float:
@@ -114,16 +154,10 @@ class CommandRouter:
         echo: dict[str, Any] = {}  # id/name of a request that is JSON but not valid
         try:
             try:
-                raw = json.loads(msg.payload)
-                if isinstance(raw, dict):
-                    echo = {k: raw[k] for k in ("id", "name") if isinstance(raw.get(k), str | int)}
-                cmd = Command.model_validate(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                if isinstance(exc, ValidationError):
-                    err = exc.errors()[0]
-                    first = f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                raise CommandError(f"malformed command: {first}") from None
+                cmd = parse_command(msg.payload)
+            except MalformedCommand as exc:
+                echo = exc.echo
+                raise
             if cmd.time is not None:
                 try:
                     age = time.time() - _issued_at(cmd.time)
@@ -207,7 +241,7 @@ class CommandRouter:
             "name": cmd.name if cmd else (str(echo["name"])[:255] if "name" in echo else None),
             "ok": ok,
         }
-        doc["result" if ok else "error"] = body
+        doc["result" if ok else "error"] = body if ok else redact_text(str(body))
         doc["time"] = utc_now_iso()
         topic = self.agent.topics.command_response
         correlation = None

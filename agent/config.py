@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .protocol import ID_PATTERN, is_valid_id
+from .protocol import ID_RULE, is_valid_id
 
 ENV_PREFIX = "EDGE_AGENT_"
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
@@ -338,7 +338,7 @@ class AgentConfig(BaseModel):
         if not value:
             raise ValueError("required (the host name is not a valid id; set device_id)")
         if not is_valid_id(value):
-            raise ValueError(f"{value!r} does not match {ID_PATTERN}")
+            raise ValueError(f"{value!r} is not an id ({ID_RULE})")
         return value
 
     @property

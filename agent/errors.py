@@ -7,6 +7,7 @@ only ever see this tree::
     AgentError
     ├── ConfigError              the configuration file, environment or flags are invalid
     ├── ProtocolError            a wire message is malformed or violates protocol v1
+    │   └── UnsafePath           a name from input cannot safely name a file
     ├── StateError               the persisted state cannot be read or written
     ├── ArtifactError            an artifact could not be obtained or is not acceptable
     │   ├── DownloadError        transport failure (connect, timeout, stall, HTTP status)
@@ -40,6 +41,11 @@ class ConfigError(AgentError):
 
 class ProtocolError(AgentError):
     """A wire message that cannot be accepted."""
+
+
+class UnsafePath(ProtocolError):
+    """A name from input (flow id, digest, member name) that would not stay one plain
+    path component inside its parent directory."""
 
 
 class StateError(AgentError):

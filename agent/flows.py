@@ -22,6 +22,7 @@ import structlog
 import wasmtime
 from paho.mqtt.client import topic_matches_sub
 
+from ._fsutil import child_path
 from ._handoff import Handoff, post_or_drop
 from .bundle import read_bundle
 from .eea import (
@@ -111,7 +112,9 @@ class FlowHost:
 
     # ------------------------------------------------------------ building runners
     def _flow_dir(self, flow_id: str) -> Path:
-        return self.flows_dir / flow_id
+        """The flow's own directory (storage, ``/data``); raises :class:`UnsafePath`
+        for an id that is not one plain path component."""
+        return child_path(self.flows_dir, flow_id)
 
     def _kv_for(self, spec: RunSpec) -> KVStore:
         kv = self._kv.get(spec.flow_id)
@@ -211,8 +214,9 @@ class FlowHost:
         ctx = EEAContext(
             flow_id=spec.flow_id,
             device_id=self.device_id,
-            storage_path=flow_dir
-            / (f"eea-storage.{spec.module}.json" if spec.module else "eea-storage.json"),
+            storage_path=child_path(
+                flow_dir, f"eea-storage.{spec.module}.json" if spec.module else "eea-storage.json"
+            ),
             publish=self._threadsafe_publish,
             allowed_topics=(
                 f"losant/{self.device_id}/#",

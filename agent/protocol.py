@@ -32,16 +32,28 @@ from pydantic import (
     model_validator,
 )
 
+from ._boundedjson import load as load_json
 from .errors import ProtocolError
 from .manifest import Manifest, Permissions, Trigger
+from .redact import redact_value
 
 PROTOCOL_VERSION = 1
-ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+#: Device and flow ids: 1-64 of ``[A-Za-z0-9._-]``, and not dots alone, so that an id
+#: can never be a path component with a special meaning (``.``, ``..``).
+ID_PATTERN = r"^(?!\.+$)[A-Za-z0-9._-]{1,64}$"
 _ID_RE = re.compile(ID_PATTERN)
+#: :data:`ID_PATTERN` in words, for error messages.
+ID_RULE = "1-64 of A-Z a-z 0-9 . _ -, not dots alone"
 
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-#: Deployment ids become a topic level (deployments/<id>/log): no MQTT wildcards or "/".
-DEPLOYMENT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+#: Deployment ids become a topic level (deployments/<id>/log): no MQTT wildcards or "/"
+#: (and, like flow ids, not dots alone).
+DEPLOYMENT_ID_PATTERN = r"^(?!\.+$)[A-Za-z0-9._:-]{1,128}$"
+#: Generations are non-negative 63-bit integers (what a signed 64-bit column holds).
+MAX_GENERATION = 2**63 - 1
+#: Nesting of a desired document (the document, ``flows``, an entry, and 29 levels
+#: inside an entry's ``config``) and of a command (its payload included).
+DESIRED_MAX_DEPTH = 32
 DeploymentId = Annotated[str, StringConstraints(pattern=DEPLOYMENT_ID_PATTERN)]
 Sha256Hex = Annotated[
     str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$", to_lower=True, strip_whitespace=True)
@@ -49,7 +61,8 @@ Sha256Hex = Annotated[
 
 
 def is_valid_id(value: str) -> bool:
-    """Whether ``value`` is a valid device or flow id (``[A-Za-z0-9._-]{1,64}``)."""
+    """Whether ``value`` is a valid device or flow id (``[A-Za-z0-9._-]{1,64}``, not
+    dots alone)."""
     return bool(_ID_RE.fullmatch(value))
 
 
@@ -88,7 +101,11 @@ class ArtifactKind(StrEnum):
     BUNDLE = "bundle"
 
 
-_STRICT = ConfigDict(extra="forbid", populate_by_name=True)
+# The id patterns use a look-ahead (not dots alone), which needs Python's re engine.
+#: Nothing a URL may hold unescaped: white space, C0 and C1 controls, DEL.
+_URL_FORBIDDEN = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+_STRICT = ConfigDict(extra="forbid", populate_by_name=True, regex_engine="python-re")
 _LENIENT = ConfigDict(extra="ignore", populate_by_name=True)
 
 
@@ -121,13 +138,17 @@ class ArtifactRef(BaseModel):
             )
         if url.startswith("mqtt:") and len(url) == len("mqtt:"):
             raise ValueError("mqtt: URL needs a topic, e.g. mqtt:edge/artifacts/<sha256>")
+        if _URL_FORBIDDEN.search(url):
+            raise ValueError("URL holds white space or a control character")
+        if url.startswith("mqtt:") and ("+" in url or "#" in url):
+            raise ValueError("mqtt: URL needs a plain topic (no + or # wildcards)")
         return url
 
 
 class FlowSpec(BaseModel):
     """One flow's entry in a desired document."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = _STRICT
 
     version: Annotated[str, StringConstraints(max_length=128)] | None = None
     artifact: ArtifactRef | None = None
@@ -164,7 +185,7 @@ class DesiredState(BaseModel):
 
     model_config = _STRICT
 
-    generation: Annotated[int, Field(ge=0)]
+    generation: Annotated[int, Field(ge=0, le=MAX_GENERATION)]
     flows: dict[Identifier, FlowSpec] = Field(default_factory=dict)
     invalid: dict[str, str] = Field(default_factory=dict, exclude=True)
 
@@ -174,7 +195,7 @@ class DesiredEnvelope(BaseModel):
 
     model_config = _LENIENT
 
-    generation: Annotated[int, Field(ge=0, strict=True)]
+    generation: Annotated[int, Field(ge=0, le=MAX_GENERATION, strict=True)]
     flows: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -195,16 +216,9 @@ def parse_desired(payload: bytes, max_bytes: int = 256 * 1024) -> DesiredState:
     A single flow whose entry is invalid is kept out of ``flows`` and listed in
     ``invalid`` with the reason instead.
     """
-    if len(payload) > max_bytes:
-        raise ProtocolError(f"desired document is {len(payload)} bytes, over the {max_bytes} limit")
-    try:
-        text = payload.decode("utf-8-sig")  # a leading BOM is tolerated (RFC 8259)
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"desired document is not UTF-8: {exc}") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"desired document is not valid JSON: {exc}") from None
+    raw = load_json(
+        payload, what="desired document", max_bytes=max_bytes, max_depth=DESIRED_MAX_DEPTH
+    )
     if not isinstance(raw, dict):
         raise ProtocolError("desired document must be a JSON object")
     try:
@@ -216,7 +230,7 @@ def parse_desired(payload: bytes, max_bytes: int = 256 * 1024) -> DesiredState:
     for flow_id, entry in env.flows.items():
         if not is_valid_id(flow_id):
             raise ProtocolError(
-                f"desired document invalid: flow id {flow_id[:80]!r} does not match {ID_PATTERN}"
+                f"desired document invalid: flow id {flow_id[:80]!r} is not an id ({ID_RULE})"
             )
         if entry is None:  # {"flowId": null} is a removal too
             flows[flow_id] = FlowSpec()
@@ -347,8 +361,13 @@ class DeploymentLog(BaseModel):
 
 
 def dump(model: BaseModel, *, exclude_none: bool = False) -> bytes:
-    """Serialise a wire model with its wire (camelCase) names, compact."""
-    return model.model_dump_json(by_alias=True, exclude_none=exclude_none).encode()
+    """Serialise a wire model with its wire (camelCase) names, compact, with every URL
+    in it redacted (see :mod:`agent.redact`)."""
+    data = model.model_dump_json(by_alias=True, exclude_none=exclude_none).encode()
+    if b"://" not in data:
+        return data
+    plain = model.model_dump(mode="json", by_alias=True, exclude_none=exclude_none)
+    return json.dumps(redact_value(plain), separators=(",", ":")).encode()
 
 
 class DesiredDocument(BaseModel):
@@ -358,12 +377,13 @@ class DesiredDocument(BaseModel):
 
     model_config = ConfigDict(
         extra="ignore",
+        regex_engine="python-re",
         json_schema_extra=lambda schema: schema["properties"]["flows"].update(
             additionalProperties=False  # a flow id off the pattern rejects the document
         ),
     )
 
-    generation: Annotated[int, Field(ge=0)]
+    generation: Annotated[int, Field(ge=0, le=MAX_GENERATION)]
     flows: dict[Identifier, FlowSpec | None] = Field(default_factory=dict)
 
 

@@ -53,7 +53,7 @@ def test_env_json_values() -> None:
 
 
 @pytest.mark.parametrize(("text", "env", "expected"), [
-    ('device_id = "a b"\n', {}, "device_id: 'a b' does not match"),
+    ('device_id = "a b"\n', {}, "device_id: 'a b' is not an id"),
     ('device_id = "d"\n[mqtt]\nkeepalive = "soon"\n', {}, "mqtt.keepalive"),
     ('device_id = "d"\n[mqtt]\nbroker = "http://x"\n', {}, "mqtt.broker"),
     ('device_id = "d"\n[mqtt]\nprotocol = "4"\n', {}, "mqtt.protocol"),

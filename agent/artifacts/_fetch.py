@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import structlog
@@ -37,6 +37,7 @@ import structlog
 from agent import __version__
 from agent.artifacts._store import ArtifactStore, hash_file, normalize_sha256, short_hex
 from agent.errors import ArtifactError, ArtifactTooLarge, DownloadError, IntegrityError
+from agent.redact import redact_url
 
 if TYPE_CHECKING:
     _Hash = hashlib._Hash
@@ -151,15 +152,7 @@ class _Job:
 
 def _display_url(url: str) -> str:
     """The URL for messages and logs: no user-info, no query string (may hold tokens)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url[:200]
-    if parts.scheme.lower() not in ("http", "https"):
-        return url[:400]
-    netloc = parts.netloc.rpartition("@")[2]
-    shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    return f"{shown}?…" if parts.query else shown
+    return redact_url(url)
 
 
 def _one_line(text: str) -> str:

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from agent.errors import ArtifactError, IntegrityError
+from agent._fsutil import child_path
+from agent.errors import ArtifactError, IntegrityError, UnsafePath
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -105,11 +106,18 @@ class ArtifactStore:
 
     def path(self, sha256: str) -> Path:
         """Where the complete artifact lives (the file may not exist)."""
-        return self._complete_dir / normalize_sha256(sha256)
+        return self._child(self._complete_dir, normalize_sha256(sha256))
 
     def partial_path(self, sha256: str) -> Path:
         """Where a resumable partial download of the artifact lives (may not exist)."""
-        return self._partial_dir / f"{normalize_sha256(sha256)}{_PART_SUFFIX}"
+        return self._child(self._partial_dir, f"{normalize_sha256(sha256)}{_PART_SUFFIX}")
+
+    @staticmethod
+    def _child(directory: Path, name: str) -> Path:
+        try:
+            return child_path(directory, name)
+        except UnsafePath as exc:
+            raise ArtifactError(str(exc)) from None
 
     # -- queries ----------------------------------------------------------------------
 
