@@ -295,8 +295,10 @@ class Agent:
         finally:
             # Stage 2: stop flows; stage 3: persist; stage 4: offline status; stage 5: MQTT.
             await self._stage("stop flows", self.host.close_all(), STOP_FLOWS_S)
-            with contextlib.suppress(Exception):
+            try:
                 await self.reconciler.persist()
+            except AgentError as exc:  # the file keeps the last state that was saved
+                log.error("cannot save the state at shutdown", error=str(exc))
             if self.losant is None and self.session.connected.is_set():  # (no edge topics
                 # on Losant: its broker disconnects a client that publishes retained)
                 with contextlib.suppress(Exception):

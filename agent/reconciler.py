@@ -54,10 +54,11 @@ from .protocol import (
     parse_desired,
     utc_now_iso,
 )
+from .redact import redact_url
 from .reporter import Reporter
 from .runner import FlowRunner, RunSpec
 from .signing import Trust
-from .state import FlowRecord, InFlight, Installed, PersistedState, StateStore
+from .state import FlowRecord, InFlight, Installed, PersistedState, StateStore, serialise
 
 log = structlog.get_logger("agent.reconciler")
 
@@ -99,6 +100,10 @@ class Reconciler:
         self.device_id = cfg.device_id
         self.desired = self._parse_persisted()
         self._trigger = asyncio.Event()
+        #: Held while a desired document is taken in (supersede, apply, persist) and
+        #: while the loop plans and starts a run, so a run never starts from a
+        #: document whose intent is not yet on disk (or was refused for it).
+        self._intake = asyncio.Lock()
         self._run_task: asyncio.Task[None] | None = None
         self._active: dict[str, str] = {}
         self._writer = _SerialWriter()
@@ -147,6 +152,10 @@ class Reconciler:
     # ------------------------------------------------------------ desired in
     async def offer_desired(self, payload: bytes) -> bool:
         """Accept or reject a desired document. Returns whether it was accepted."""
+        async with self._intake:
+            return await self._take_in(payload)
+
+    async def _take_in(self, payload: bytes) -> bool:
         if not payload:
             self._reject(None, "empty desired document (retained message cleared); ignored")
             return False
@@ -315,8 +324,7 @@ class Reconciler:
 
     async def persist(self) -> None:
         """Write the state now (ordered, survives cancellation of the caller)."""
-        data = self.state.model_dump_json(indent=1).encode()
-        await self._writer.write(self.store, data)
+        await self._writer.write(self.store, serialise(self.state))
 
     # ------------------------------------------------------------ the loop
     async def run_forever(self) -> None:
@@ -330,22 +338,26 @@ class Reconciler:
             except TimeoutError:
                 pass
             while True:
-                steps = plan(
-                    self.desired,
-                    self.state.flows,
-                    device_type=self.cfg.device_type,
-                    now=time.time(),
-                )
-                work = [s for s in steps if not isinstance(s, Wait)]
+                async with self._intake:  # no run from a document still being taken in
+                    steps = plan(
+                        self.desired,
+                        self.state.flows,
+                        device_type=self.cfg.device_type,
+                        now=time.time(),
+                    )
+                    work = [s for s in steps if not isinstance(s, Wait)]
+                    runs_without_trigger += 1 if work else 0
+                    settling = runs_without_trigger <= MAX_RUNS_WITHOUT_TRIGGER
+                    if work and settling:
+                        self._run_task = asyncio.create_task(self._run(work), name="reconcile-run")
                 if not work:
                     break
-                runs_without_trigger += 1
-                if runs_without_trigger > MAX_RUNS_WITHOUT_TRIGGER:
+                if not settling:
                     log.error("reconcile loop is not settling; backing off", steps=len(work))
                     await asyncio.sleep(5)
                     runs_without_trigger = 0
                     break
-                self._run_task = asyncio.create_task(self._run(work), name="reconcile-run")
+                assert self._run_task is not None
                 try:
                     await self._run_task
                 except asyncio.CancelledError:
@@ -502,7 +514,11 @@ class Reconciler:
         )
         await self.persist()  # saved before the work that can be interrupted
         log.info(
-            "downloading", version=t.version, url=t.artifact.url, attempt=attempts, resumed=resuming
+            "downloading",
+            version=t.version,
+            url=redact_url(t.artifact.url),
+            attempt=attempts,
+            resumed=resuming,
         )
         chain.path = await self.fetcher.fetch(
             t.artifact.url,
@@ -628,10 +644,16 @@ class _SerialWriter:
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
 
+        self._closed = False
+
     async def write(self, store: StateStore, data: bytes) -> None:
+        if self._closed:  # the last save at shutdown, after the run stopped
+            await asyncio.to_thread(store.save_bytes, data)
+            return
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._pool, store.save_bytes, data)
         await asyncio.shield(fut)
 
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=True)

@@ -29,11 +29,19 @@ from typing import Any, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from ._fsutil import atomic_write, remove_stale_temps
 from .errors import StateError
 from .manifest import Manifest
-from .protocol import FlowSpec, RejectedDesired, Status, utc_now_iso
+from .protocol import (
+    MAX_GENERATION,
+    FlowSpec,
+    RejectedDesired,
+    Status,
+    is_valid_id,
+    utc_now_iso,
+)
 
 log = structlog.get_logger("agent.state")
 
@@ -123,6 +131,20 @@ def recover(state: PersistedState, now: float | None = None) -> list[str]:
     """
     now = time.time() if now is None else now
     notes: list[str] = []
+    for flow_id in [f for f in state.flows if not is_valid_id(f)]:
+        # Saved by an older agent that took ids such as ".." (they could name paths
+        # outside the flow's directory): forgotten, never touched on disk.
+        del state.flows[flow_id]
+        notes.append(f"{flow_id[:80]!r}: not a valid flow id; its record was dropped")
+    if state.generation is not None and not 0 <= state.generation <= MAX_GENERATION:
+        # An older agent accepted any generation: one past the bound would lock the
+        # device out of every later document. The next document applies.
+        notes.append(
+            f"applied generation ({len(str(state.generation))} digits) is out of bounds; "
+            "reset, the next desired document applies"
+        )
+        state.generation = None
+        state.desired_raw = None
     for flow_id, rec in state.flows.items():
         if rec.inflight == "install":
             rec.inflight = None
@@ -136,6 +158,21 @@ def recover(state: PersistedState, now: float | None = None) -> list[str]:
         elif rec.status in (Status.DOWNLOADING, Status.INSTALLING):
             rec.status = Status.PENDING
     return notes
+
+
+def serialise(state: PersistedState) -> bytes:
+    """The state file's bytes; :class:`StateError` if the state cannot be written out.
+
+    What the protocol layer accepts always serialises (see :mod:`agent._boundedjson`);
+    this is the last line, so that a state that cannot be written is an error the
+    caller reports, never an exception that takes the agent down. The file on disk
+    keeps the last good state.
+    """
+    try:
+        return state.model_dump_json(indent=1).encode()
+    except (PydanticSerializationError, ValueError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StateError(f"cannot serialise the state: {first[:200]}") from None
 
 
 class StateStore:
@@ -167,7 +204,7 @@ class StateStore:
             if version != SCHEMA_VERSION:
                 raise TypeError(f"unknown schema_version {version!r}")
             return PersistedState.model_validate(data)
-        except (ValueError, TypeError, ValidationError) as exc:
+        except (ValueError, TypeError, RecursionError, ValidationError) as exc:
             aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
             self.path.replace(aside)
             log.error(
@@ -180,7 +217,7 @@ class StateStore:
 
     def save(self, state: PersistedState) -> None:
         """Blocking: write the whole state atomically."""
-        self.save_bytes(state.model_dump_json(indent=1).encode())
+        self.save_bytes(serialise(state))
 
     def save_bytes(self, data: bytes) -> None:
         """Blocking: atomically replace the state file with an already serialised state."""
