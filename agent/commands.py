@@ -20,7 +20,6 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
@@ -33,6 +32,7 @@ from .errors import AgentError, ProtocolError
 from .mqtt import Message
 from .protocol import utc_now_iso
 from .redact import redact_text
+from .timevalue import issued_at
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -48,17 +48,18 @@ class CommandError(AgentError):
     """A command that fails with a message for the ``error`` field."""
 
 
+TimeValue = (
+    Annotated[str, StringConstraints(max_length=64)] | Annotated[float, Field(allow_inf_nan=False)]
+)
+
+
 class Command(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=255)]
     payload: Any = None
-    #: ISO-8601 text or epoch milliseconds; never NaN or infinite.
-    time: (
-        Annotated[str, StringConstraints(max_length=64)]
-        | Annotated[float, Field(allow_inf_nan=False)]
-        | None
-    ) = None
+    #: ISO-8601 text, epoch milliseconds, or Losant's ``{"$date": ...}`` of either.
+    time: TimeValue | dict[str, TimeValue] | None = None
     id: Annotated[str, StringConstraints(max_length=256)] | int | None = None
 
 
@@ -107,19 +108,6 @@ def parse_command(payload: bytes) -> Command:
         raise MalformedCommand(f"{where}: {err['msg']}", echo) from None
 
 
-def _issued_at(value: str | float) -> float:
-    """Seconds since the epoch from ISO-8601 (UTC unless it says otherwise) or epoch
-    milliseconds (a number, or a string of digits)."""
-    if isinstance(value, int | float):
-        return float(value) / 1000
-    if value.strip().isdigit():
-        return float(value) / 1000
-    when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
-
-
 def _args(model: type[BaseModel], payload: Any) -> Any:
     try:
         return model.model_validate(payload if payload is not None else {})
@@ -160,10 +148,10 @@ class CommandRouter:
                 raise
             if cmd.time is not None:
                 try:
-                    age = time.time() - _issued_at(cmd.time)
+                    age = time.time() - issued_at(cmd.time)
                 except (ValueError, OverflowError, OSError):
                     raise CommandError(
-                        f"bad time {cmd.time!r}: expected ISO-8601 or epoch ms"
+                        f'bad time {cmd.time!r}: expected ISO-8601, epoch ms or {{"$date": ...}}'
                     ) from None
                 if age > self.max_age_s:
                     raise CommandError(
@@ -280,6 +268,7 @@ class CommandRouter:
                     "health": info.get("health", "broken" if rec.broken else "stopped"),
                     "restarts": info.get("restarts", 0),
                     "lastError": info.get("lastError") or rec.error,
+                    **{k: v for k, v in info.items() if k in ("bundle", "registeredFunctions")},
                 }
             )
         return {"flows": out}

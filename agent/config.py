@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from .eea_settings import LOSANT_ID_PATTERN, EEADefaults
 from .errors import ConfigError
 from .protocol import ID_RULE, is_valid_id
 
@@ -272,6 +273,11 @@ class LosantConfig(BaseModel):
     trace_level: Annotated[int, Field(ge=0, le=2)] = Field(
         2, description="EEA trace level announced in the hello message and set on bundles."
     )
+    device_id: Annotated[str, Field(pattern=LOSANT_ID_PATTERN)] | None = Field(
+        None,
+        description="The Losant device id (24 hex digits) EEA bundles get from "
+        "eea_get_device_id, when device_id is not one; a flow's config.eea.deviceId wins.",
+    )
     max_bundle_bytes: Annotated[int, Field(gt=0)] = Field(
         16 * _MIB, description="Largest bundle accepted (after gzip decompression)."
     )
@@ -329,6 +335,7 @@ class AgentConfig(BaseModel):
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)  # type: ignore[arg-type]
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]
     losant: LosantConfig = Field(default_factory=LosantConfig)  # type: ignore[arg-type]
+    eea: EEADefaults = Field(default_factory=EEADefaults)  # type: ignore[arg-type]
     commands: CommandsConfig = Field(default_factory=CommandsConfig)  # type: ignore[arg-type]
     log: LogConfig = Field(default_factory=LogConfig)  # type: ignore[arg-type]
 

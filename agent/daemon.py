@@ -203,6 +203,8 @@ class Agent:
             subscribe=self.session.subscribe,
             unsubscribe=self.session.unsubscribe,
             on_health=self._on_health,
+            eea_defaults=cfg.eea,
+            losant_device_id=cfg.losant.device_id,
             protected=frozenset(
                 self.losant.subscriptions()
                 if self.losant
@@ -535,6 +537,12 @@ class Agent:
             try:
                 if self.losant is not None and msg.topic == self.losant.flows_topic:
                     await self.losant.on_bundle(msg.payload)
+                elif (
+                    self.losant is not None
+                    and msg.topic == self.losant.command_topic
+                    and not self.losant.fresh_command(msg.payload)
+                ):
+                    pass  # stale: dropped (logged)
                 elif self.losant is None and msg.topic == self.topics.desired:
                     await self.reconciler.offer_desired(msg.payload)
                 elif self.losant is None and msg.topic == self.topics.command:

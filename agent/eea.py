@@ -39,6 +39,8 @@ import wasmtime
 from paho.mqtt.client import topic_matches_sub
 
 from ._fsutil import atomic_write
+from .eea_identity import INTERFACE_VERSION, BundleIdentity, check_interface, live_identity
+from .eea_settings import EEADefaults, default_settings, is_losant_id
 from .errors import AgentError, InstantiationError
 from .hostapi import I32, GuestMemory, TokenBucket
 from .manifest import MqttTrigger
@@ -47,7 +49,6 @@ from .sandbox import FlowInstance
 
 log = structlog.get_logger("agent.eea")
 
-INTERFACE_VERSION = "1.0.0"
 ENTRY_POINT_GROUP = "edge_agent.registered_functions"
 OK, ERROR = 0, 1
 
@@ -63,36 +64,6 @@ EEA_IMPORTS: dict[str, int] = {  # name -> number of i32 params
 }
 
 
-def custom_sections(data: bytes) -> dict[str, bytes]:
-    """The custom sections of a wasm binary (name -> payload); tolerant of garbage."""
-
-    def leb(i: int) -> tuple[int, int]:
-        result = shift = 0
-        while True:
-            byte = data[i]
-            i += 1
-            result |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return result, i
-
-    out: dict[str, bytes] = {}
-    i = 8
-    try:
-        while i < len(data):
-            section_id = data[i]
-            size, i = leb(i + 1)
-            end = i + size
-            if section_id == 0:
-                name_len, j = leb(i)
-                name = data[j : j + name_len].decode(errors="replace")
-                out.setdefault(name, data[j + name_len : end])
-            i = end
-    except IndexError:
-        pass
-    return out
-
-
 def is_eea_module(module: wasmtime.Module) -> bool:
     imports = {(i.module, i.name) for i in module.imports}
     exports = {e.name for e in module.exports}
@@ -104,20 +75,6 @@ def is_eea_module(module: wasmtime.Module) -> bool:
         }
         <= exports
     )
-
-
-def bundle_identifier(data: bytes) -> str | None:
-    raw = custom_sections(data).get("bundleIdentifier")
-    return raw.decode(errors="replace") if raw else None
-
-
-def check_interface_version(data: bytes) -> None:
-    raw = custom_sections(data).get("interfaceVersion")
-    if raw is not None and raw.decode(errors="replace") != INTERFACE_VERSION:
-        raise InstantiationError(
-            f"EEA bundle interface version {raw.decode(errors='replace')!r} is not supported "
-            f"(this host implements {INTERFACE_VERSION})"
-        )
 
 
 @dataclass
@@ -163,18 +120,6 @@ def registered_functions() -> dict[str, RegisteredFunction]:
 
 
 @dataclass
-class EEAConfig:
-    trace_level: int = 2
-    topic_buffer: int = 256
-    payload_buffer: int = 4096
-    queue_size: int = 10
-    storage_size: int = 4096
-    storage_interval_ms: int = 30000
-    loop_interval_ms: int = 50
-    max_sleep_ms: int = 1000
-
-
-@dataclass
 class EEAContext:
     """What the ``env`` imports of one EEA flow touch (thread-safe where it must be)."""
 
@@ -183,8 +128,15 @@ class EEAContext:
     storage_path: Path
     publish: Callable[[str, bytes, int], None]
     allowed_topics: tuple[str, ...]
-    config: EEAConfig = field(default_factory=EEAConfig)
+    config: EEADefaults = field(default_factory=default_settings)
     publish_rate: float = 50.0
+    max_sleep_ms: int = 1000
+    #: What the bundle says it is (static reading; the live one after start-up).
+    identity: BundleIdentity = field(default_factory=BundleIdentity)
+    #: Registered functions the bundle imports: name -> whether a plugin provides it.
+    registered: dict[str, bool] = field(default_factory=dict)
+    #: The last error-level (1) trace line, for the reason of a failed eea_init.
+    last_error_trace: str | None = None
     memory: GuestMemory = field(default_factory=GuestMemory)
     buffers: tuple[int, int, int, int] | None = None
     sent: int = 0
@@ -251,10 +203,13 @@ class EEABindings:
                 access_caller=True,
             )
         plugins = registered_functions()
+        ctx.registered = {}
         for imp in self._module.imports:
             name = imp.name or ""
             if imp.module == "env" and name.startswith("eea_fn_"):
-                self._define_registered(linker, imp, plugins.get(name[len("eea_fn_") :]))
+                plugin = plugins.get(name[len("eea_fn_") :])
+                ctx.registered[name[len("eea_fn_") :]] = plugin is not None
+                self._define_registered(linker, imp, plugin)
 
     def _define_registered(
         self, linker: wasmtime.Linker, imp: Any, plugin: RegisteredFunction | None
@@ -286,9 +241,24 @@ class EEABindings:
 
     def bound(self, instance: FlowInstance) -> None:
         exported = instance.export_item("memory")
-        self.ctx.memory.memory = (
+        ctx = self.ctx
+        ctx.memory.memory = (
             exported if isinstance(exported, wasmtime.Memory) else self._imported_memory
         )
+        store = instance.store
+        assert store is not None
+
+        def read_global(name: str) -> int | None:
+            item = instance.export_item(name)
+            if not isinstance(item, wasmtime.Global):
+                return None
+            value = item.value(store)
+            return value & 0xFFFFFFFF if isinstance(value, int) else None
+
+        ctx.identity = live_identity(
+            read_global, lambda ptr, n: ctx.memory.read(store, ptr, n), ctx.identity
+        )
+        check_interface(ctx.identity)
 
     def allow_output(self) -> bool:
         return self.ctx.allow_output()
@@ -299,9 +269,12 @@ class EEABindings:
         data = ctx.memory.read(caller, ptr, min(max(length, 0), 4096))
         if data is None:
             return ERROR
+        line = data.decode(errors="replace")
+        if level == 1:
+            ctx.last_error_trace = line[:300]
         if ctx.allow_output():
             fn = ctx.log.error if level == 1 else ctx.log.info
-            fn("eea trace", trace_level=level, line=data.decode(errors="replace"))
+            fn("eea trace", trace_level=level, line=line)
         return OK
 
     def _eea_send_message(
@@ -369,8 +342,8 @@ class EEABindings:
     def _eea_sleep(self, _caller: Any, ms: int) -> int:
         # A blocking host call epochs cannot interrupt: bounded here.
         ms = ms & 0xFFFFFFFF
-        time.sleep(min(ms, self.ctx.config.max_sleep_ms) / 1000)
-        return OK if ms <= self.ctx.config.max_sleep_ms else ERROR
+        time.sleep(min(ms, self.ctx.max_sleep_ms) / 1000)
+        return OK if ms <= self.ctx.max_sleep_ms else ERROR
 
     def _eea_get_device_id(self, caller: Any, out: int, buf_len: int, out_len: int) -> int:
         data = self.ctx.device_id.encode()
@@ -387,6 +360,20 @@ class EEABindings:
             return ERROR
         self.ctx.buffers = (tptr & 0xFFFFFFFF, tlen, pptr & 0xFFFFFFFF, plen)
         return OK
+
+
+def init_failure(rc: int, ctx: EEAContext) -> str:
+    """Why a bundle refused to initialise, naming the likely cause."""
+    trace = f" (last error trace: {ctx.last_error_trace!r})" if ctx.last_error_trace else ""
+    if not is_losant_id(ctx.device_id):
+        return (
+            f"eea_init returned {rc}: the bundle refused device id {ctx.device_id!r}; EEA "
+            "bundles compiled by Losant need the Losant device id (24 hex digits): set "
+            f"losant.device_id, or config.eea.deviceId for this flow{trace}"
+        )
+    missing = sorted(n for n, ok in ctx.registered.items() if not ok)
+    hint = f"; registered functions not provided: {', '.join(missing)}" if missing else ""
+    return f"eea_init returned {rc}{trace}{hint}"
 
 
 def _guard(ctx: EEAContext, fn: Callable[..., int]) -> Callable[..., int]:
@@ -428,10 +415,12 @@ class EEARunner(FlowRunner):
         cfg = self.eea.config
         self.eea.buffers = None
 
+        self.eea.last_error_trace = None
+
         def init() -> int:
-            setters: list[tuple[str, tuple[int, ...]]] = [
+            setters: list[tuple[str, tuple[int, ...]]] = [  # sizes in bytes (EEA API 1.0.0)
                 ("eea_config_set_trace_level", (cfg.trace_level,)),
-                ("eea_config_set_debug_enabled", (1 if cfg.trace_level >= 2 else 0,)),
+                ("eea_config_set_debug_enabled", (1 if cfg.debug_enabled else 0,)),
                 ("eea_config_set_message_buffer_lengths", (cfg.topic_buffer, cfg.payload_buffer)),
                 ("eea_config_set_queue_size", (cfg.queue_size,)),
                 ("eea_config_set_storage_size", (cfg.storage_size,)),
@@ -446,7 +435,7 @@ class EEARunner(FlowRunner):
 
         rc = await self.runtime.run(init, timeout=self.call_timeout, what="eea_init")
         if rc != 0:
-            raise InstantiationError(f"eea_init returned {rc}")
+            raise InstantiationError(init_failure(rc, self.eea))
 
     def _extra_tasks(self) -> list[tuple[str, Any]]:
         return [("eea-loop", self._loop_ticker())]
@@ -456,6 +445,16 @@ class EEARunner(FlowRunner):
         while True:
             await asyncio.sleep(period)
             self.offer(Event(EV_LOOP, b"", b"", tick="__eea_loop__"))
+
+    def health_info(self) -> dict[str, Any]:
+        info = super().health_info()
+        info["bundle"] = self.eea.identity.as_wire()
+        registered = self.eea.registered
+        info["registeredFunctions"] = {
+            "imported": sorted(registered),
+            "missing": sorted(n for n, ok in registered.items() if not ok),
+        }
+        return info
 
     def accepts(self, topic: str) -> bool:
         return topic in self.extra_topics or super().accepts(topic)

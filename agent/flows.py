@@ -25,14 +25,10 @@ from paho.mqtt.client import topic_matches_sub
 from ._fsutil import child_path
 from ._handoff import Handoff, post_or_drop
 from .bundle import read_bundle
-from .eea import (
-    EEABindings,
-    EEAConfig,
-    EEAContext,
-    EEARunner,
-    check_interface_version,
-    is_eea_module,
-)
+from .eea import EEABindings, EEAContext, EEARunner, is_eea_module
+from .eea_identity import check_interface, static_identity
+from .eea_settings import EEADefaults, default_settings
+from .eea_settings import resolve as resolve_eea
 from .errors import InstantiationError
 from .hostapi import EDGE_FUNCTIONS, FlowContext, define_edge_api
 from .kvstore import KVStore
@@ -89,8 +85,14 @@ class FlowHost:
         unsubscribe: Callable[[str], None] | None = None,
         on_health: Callable[[FlowRunner], None] | None = None,
         protected: frozenset[str] = frozenset(),
+        eea_defaults: EEADefaults | None = None,
+        losant_device_id: str | None = None,
     ) -> None:
         self.runtime = runtime
+        #: ``[eea]``: what every EEA bundle gets unless its ``config.eea`` says otherwise.
+        self.eea_defaults = eea_defaults or default_settings()
+        #: ``[losant] device_id``: the Losant device id EEA bundles get.
+        self.losant_device_id = losant_device_id
         self.limits = limits
         self.device_id = device_id
         self.flows_dir = flows_dir
@@ -207,24 +209,33 @@ class FlowHost:
         return BundleRunner(spec, parts, self.on_health)
 
     def _eea_runner(self, spec: RunSpec, module: Any, data: bytes) -> EEARunner:
-        check_interface_version(data)
+        identity = static_identity(data)
+        check_interface(identity)
+        settings, losant_id = resolve_eea(
+            spec.config,
+            self.eea_defaults,
+            memory_limit=self.limits.memory_limit,
+            device_id=self.device_id,
+            losant_device_id=self.losant_device_id,
+        )
         flow_dir = self._flow_dir(spec.flow_id)
         flow_dir.mkdir(parents=True, exist_ok=True)
         extra = tuple(f"{self.device_base}/{f}" for f in spec.permissions.publish)
         ctx = EEAContext(
             flow_id=spec.flow_id,
-            device_id=self.device_id,
+            device_id=losant_id,
             storage_path=child_path(
                 flow_dir, f"eea-storage.{spec.module}.json" if spec.module else "eea-storage.json"
             ),
             publish=self._threadsafe_publish,
             allowed_topics=(
-                f"losant/{self.device_id}/#",
+                f"losant/{losant_id}/#",
                 f"{self.device_base}/flows/{spec.flow_id}/#",
                 *extra,
             ),
-            config=eea_config(spec.config),
+            config=settings,
             publish_rate=spec.permissions.publish_rate,
+            identity=identity,
         )
 
         def make(_runner: FlowRunner) -> HostBindings:
@@ -375,21 +386,3 @@ class FlowHost:
     def info(self, flow_id: str) -> dict[str, Any] | None:
         runner = self.running.get(flow_id)
         return runner.health_info() if runner is not None else None
-
-
-def eea_config(config: dict[str, Any]) -> EEAConfig:
-    """EEA settings from a flow's ``config.eea`` (camelCase keys, all optional)."""
-    raw = config.get("eea") if isinstance(config.get("eea"), dict) else {}
-    assert isinstance(raw, dict)
-    names = {
-        "traceLevel": "trace_level",
-        "topicBuffer": "topic_buffer",
-        "payloadBuffer": "payload_buffer",
-        "queueSize": "queue_size",
-        "storageSize": "storage_size",
-        "storageIntervalMs": "storage_interval_ms",
-        "loopIntervalMs": "loop_interval_ms",
-    }
-    values = {py: int(raw[js]) for js, py in names.items() if isinstance(raw.get(js), int)}
-    values["loop_interval_ms"] = max(10, min(values.get("loop_interval_ms", 50), 100))
-    return EEAConfig(**values)

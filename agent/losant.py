@@ -20,14 +20,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import zlib
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .eea import INTERFACE_VERSION, bundle_identifier
+from ._boundedjson import load as load_json
+from .eea import EEARunner
+from .eea_identity import INTERFACE_VERSION, static_identity
 from .errors import AgentError
 from .protocol import Status
+from .timevalue import issued_at
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -61,10 +65,35 @@ class LosantProfile:
         self.base = f"losant/{device}"
         self.flows_topic = f"{self.base}/toAgent/flows"
         self.hello_topic = f"{self.base}/fromAgent/hello"
+        self.command_topic = f"{self.base}/command"
         self.bundles = 0
+        self.stale_commands = 0
 
     def subscriptions(self) -> list[str]:
-        return [f"{self.base}/toAgent/#", f"{self.base}/command"]
+        return [f"{self.base}/toAgent/#", self.command_topic]
+
+    def fresh_command(self, payload: bytes) -> bool:
+        """Whether a Losant command may go to the bundle: one whose ``time`` (ISO-8601,
+        epoch ms or ``{"$date": …}``) is older than ``commands.max_age_s`` is dropped,
+        as in the edge profile. Anything the agent cannot read goes to the bundle as
+        it is (the bundle judges its own input)."""
+        try:
+            doc = load_json(payload, what="command", max_bytes=MAX_MESSAGE)
+            when = doc.get("time") if isinstance(doc, dict) else None
+            age = time.time() - issued_at(when) if when is not None else 0.0
+        except (AgentError, ValueError, OverflowError, OSError):
+            return True
+        max_age = self.agent.cfg.commands.max_age_s
+        if age <= max_age:
+            return True
+        self.stale_commands += 1
+        log.warning(
+            "stale Losant command not delivered",
+            age_s=round(age),
+            max_age_s=max_age,
+            name=str(doc.get("name"))[:80],
+        )
+        return False
 
     # ------------------------------------------------------------ bundles in
     async def on_bundle(self, payload: bytes) -> None:
@@ -83,7 +112,7 @@ class LosantProfile:
         sha = hashlib.sha256(data).hexdigest()
         artifacts = self.agent.reconciler.artifacts
         await asyncio.to_thread(artifacts.put_bytes, data, sha)
-        ident = bundle_identifier(data)
+        ident = static_identity(data).identifier
         state = self.agent.reconciler.state
         doc = {
             "generation": (state.generation or 0) + 1,
@@ -127,14 +156,16 @@ class LosantProfile:
 
     # ------------------------------------------------------------ hello
     def current_bundle(self) -> str:
+        """The running bundle's identifier (read from the bundle itself), or the
+        version it was installed under (its identifier when it arrived), or
+        ``nullVersion``: what Losant compares to decide whether to send a bundle."""
+        runner = self.agent.host.running.get(FLOW_ID)
+        if isinstance(runner, EEARunner) and runner.eea.identity.identifier:
+            return runner.eea.identity.identifier
         rec = self.agent.reconciler.state.flows.get(FLOW_ID)
-        if rec is None or rec.installed is None:
+        if rec is None or rec.installed is None or rec.installed.version.startswith("nullVersion"):
             return "nullVersion"
-        try:
-            data = self.agent.reconciler.artifacts.read(rec.installed.sha256)
-        except AgentError:
-            return "nullVersion"
-        return bundle_identifier(data) or "nullVersion"
+        return rec.installed.version
 
     def hello_payload(self) -> dict[str, Any]:
         return {

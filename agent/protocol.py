@@ -26,9 +26,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -242,14 +244,47 @@ def parse_desired(payload: bytes, max_bytes: int = 256 * 1024) -> DesiredState:
     return DesiredState(generation=env.generation, flows=flows, invalid=invalid)
 
 
+class BundleInfo(BaseModel):
+    """An EEA bundle's identity, read from the bundle (see :mod:`agent.eea_identity`)."""
+
+    model_config = _LENIENT
+
+    identifier: str | None = None
+    interface_version: str | None = Field(default=None, alias="interfaceVersion")
+
+
+class RegisteredFunctions(BaseModel):
+    """The registered functions (``eea_fn_*``) an EEA bundle imports, and which of them
+    no plugin provides (calls to those return an error)."""
+
+    model_config = _LENIENT
+
+    imported: list[str] = Field(default_factory=list)
+    missing: list[str] = Field(default_factory=list)
+
+
 class FlowRuntime(BaseModel):
-    """How an installed flow is running (supervision), next to its deployment status."""
+    """How an installed flow is running (supervision), next to its deployment status.
+    ``bundle`` and ``registeredFunctions`` appear for EEA bundles only."""
 
     model_config = _LENIENT
 
     health: str
     restarts: int = 0
     last_error: str | None = Field(default=None, alias="lastError")
+    bundle: BundleInfo | None = None
+    registered_functions: RegisteredFunctions | None = Field(
+        default=None, alias="registeredFunctions"
+    )
+
+    @model_serializer(mode="wrap")
+    def _eea_only(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        # (unannotated on purpose: the JSON Schema keeps the fields above)
+        data = handler(self)
+        for key in ("bundle", "registeredFunctions", "registered_functions"):
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
 
 
 class FlowState(BaseModel):

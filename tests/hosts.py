@@ -46,7 +46,7 @@ class Host:
 
 @contextlib.asynccontextmanager
 async def recording_host(tmp_path: Path, supervision: Supervision = FAST_SUPERVISION,
-                         limits: Limits = LIMITS) -> AsyncIterator[Host]:
+                         limits: Limits = LIMITS, **host_kw: Any) -> AsyncIterator[Host]:
     async with Runtime(limits, workers=4) as runtime:
         rec = Host()
         rec.host = FlowHost(
@@ -56,6 +56,7 @@ async def recording_host(tmp_path: Path, supervision: Supervision = FAST_SUPERVI
             subscribe=lambda t, q: rec.subscribed.append(t),
             unsubscribe=lambda t: rec.unsubscribed.append(t),
             on_health=lambda r: rec.health.append((r.flow_id, r.state.health)),
+            **host_kw,
         )
         try:
             yield rec

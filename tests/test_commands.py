@@ -201,6 +201,21 @@ async def test_times_as_digit_strings_and_naive_iso_are_read(
     assert (await ask(op, {"name": "agent.ping", "time": now}, "t3"))["ok"] is True
 
 
+async def test_losant_extended_json_times(op: Operator, agent: Agent) -> None:
+    """Losant sends `time` as {"$date": ISO-8601} or {"$date": epoch ms}."""
+    old_iso = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - 900))
+    reply = await ask(op, {"name": "agent.ping", "time": {"$date": old_iso}}, "d1")
+    assert reply["error"].startswith("stale: issued 90")  # 900 s, or 901 after rounding
+    old_ms = int((time.time() - 900) * 1000)
+    assert "stale" in (await ask(op, {"name": "agent.ping",
+                                      "time": {"$date": old_ms}}, "d2"))["error"]
+    fresh = {"$date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    assert (await ask(op, {"name": "agent.ping", "time": fresh}, "d3"))["ok"] is True
+    bad = await ask(op, {"name": "agent.ping", "time": {"$when": 1}}, "d4")
+    assert bad["ok"] is False
+    assert 'expected ISO-8601, epoch ms or {"$date": ...}' in bad["error"]
+
+
 async def test_a_flow_answers_a_command_with_edge_respond(
         op: Operator, artifact_server: ArtifactServer, agent: Agent) -> None:
     """``edge.respond`` puts the handler's answer in the response: JSON as JSON. Outside

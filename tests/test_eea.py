@@ -12,7 +12,9 @@ import wat
 from conftest import SHARED, wait_until
 from hosts import BASE, Host, recording_host
 
-from agent.eea import EEARunner, bundle_identifier, custom_sections, is_eea_module
+from agent._wasmbin import read_static
+from agent.eea import EEARunner, is_eea_module
+from agent.eea_identity import static_identity
 from agent.errors import InstantiationError
 from agent.runner import Health, Supervision
 
@@ -58,8 +60,8 @@ def test_samples_are_detected_as_eea_without_an_interface_section() -> None:
     for name in SAMPLE_FILES:
         data = (SAMPLES / name).read_bytes()
         assert is_eea_module(wasmtime.Module(engine, data))
-        assert "interfaceVersion" not in custom_sections(data)
-        assert bundle_identifier(data) is None
+        assert "interfaceVersion" not in read_static(data).custom
+        assert static_identity(data).identifier is None
 
 
 @pytest.mark.parametrize("memory_import", [True, False])

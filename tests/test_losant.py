@@ -214,3 +214,61 @@ async def test_a_waiting_topic_does_not_hold_up_the_others() -> None:
     await wait_until(lambda: ("hello", b"h") in sent, 5, "the other topic's message")
     task.cancel()
     assert sent == [("chatty", b"0"), ("chatty", b"1"), ("hello", b"h")]
+
+
+async def test_platform_compiled_bundle_identity_in_the_hello(
+        losant_broker: Broker, watcher: Operator, make_config: Any) -> None:
+    """A bundle exporting its identity as globals (as Losant's platform compiles them):
+    the hello reports its identifier, after it arrives and after a restart, so the
+    platform does not send it again; the flow's version is that identifier; its
+    timer fires on the Losant device's debug topic."""
+    from wat_eea import platform_bundle
+
+    device = "5f0c3e9a1b2c3d4e5f6a7b8c"
+    watcher.subscribe(f"losant/{device}/#")
+    cfg = make_config(device_id=device, losant={
+        "enabled": True, "broker": losant_broker.url, "access_key": "key",
+        "access_secret": "secret"})
+    topic = f"losant/{device}/fromAgent/hello"
+    async with Agent(cfg) as agent:
+        await watcher.wait_for(topic, lambda d: d["bundle"] == "nullVersion")
+        watcher.publish(f"losant/{device}/toAgent/flows",
+                        gzip.compress(platform_bundle(identifier="1635302774192")),
+                        retain=False)
+        await watcher.wait_for(topic, lambda d: d["bundle"] == "1635302774192")
+        rec = agent.reconciler.state.flows["losant"]
+        assert rec.installed is not None
+        assert rec.installed.version == "1635302774192"
+        runtime = agent.reporter.snapshot().flows["losant"].runtime
+        assert runtime is not None
+        assert runtime.bundle is not None
+        assert runtime.bundle.identifier == "1635302774192"
+        await wait_until(lambda: watcher.messages(f"losant/{device}/fromAgent/debug"),
+                         what="the bundle's timer")
+    hellos = len(watcher.messages(topic))
+    async with Agent(cfg):
+        await wait_until(lambda: len(watcher.messages(topic)) > hellos, what="hello again")
+        assert json.loads(watcher.latest[topic])["bundle"] == "1635302774192"
+
+
+async def test_stale_losant_commands_are_not_delivered(
+        losant_broker: Broker, watcher: Operator, make_config: Any) -> None:
+    """In the Losant profile too, a command whose time (ISO-8601, epoch ms or
+    {"$date": ...}) is older than commands.max_age_s does not reach the bundle."""
+    async with Agent(losant_config(make_config, losant_broker)) as agent:
+        await hello(watcher, "nullVersion")
+        watcher.publish("losant/dev1/toAgent/flows", bundle("cmds"), retain=False)
+        await hello(watcher, "cmds")
+        old = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - 3600))
+        for stale in ({"$date": old}, old, int((time.time() - 3600) * 1000)):
+            watcher.publish("losant/dev1/command", {"name": "old", "time": stale},
+                            retain=False)
+        now = {"$date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        watcher.publish("losant/dev1/command", {"name": "fresh", "time": now}, retain=False)
+        watcher.publish("losant/dev1/command", b"not json", retain=False)
+        await wait_until(lambda: len(watcher.messages("losant/dev1/echo")) == 2, what="echo")
+        echoed = watcher.messages("losant/dev1/echo")
+        assert b'"name": "fresh"' in echoed[0]
+        assert echoed[1] == b"losant/dev1/command not json"  # the bundle judges its input
+        assert agent.losant is not None
+        assert agent.losant.stale_commands == 3
