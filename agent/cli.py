@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__, _signals, fleet_cli
-from .errors import AgentError, ConfigError
+from agent import __version__
+from agent.errors import AgentError, ConfigError
+from agent.fleet import parser as fleet_parser
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -105,19 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
     demo.add_argument("--broker", help="use this broker (default: a private Mosquitto)")
-    fleet_cli.add_parser(sub)
+    fleet_parser.add_parser(sub)
     _add_sim(sub)
     return parser
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from .config import load_config
+    from agent.device.config import load_config
 
     return load_config(args.config, overrides=_overrides(args))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .signing import Trust
+    from agent.wire.signing import Trust
 
     cfg = _load(args)
     Trust.from_files(cfg.artifacts.trusted_keys, require=cfg.artifacts.require_signature)
@@ -127,7 +128,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(_args: argparse.Namespace) -> int:
-    from .protocol import json_schemas
+    from agent.wire.protocol import json_schemas
 
     json.dump(json_schemas(), sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -135,8 +136,8 @@ def cmd_schema(_args: argparse.Namespace) -> int:
 
 
 async def _run_agent(cfg: Any, args: argparse.Namespace | None = None) -> None:
-    from .daemon import Agent
-    from .signing import Trust
+    from agent.device.daemon import Agent
+    from agent.wire.signing import Trust
 
     loop = asyncio.get_running_loop()
     agent = Agent(cfg)
@@ -159,6 +160,8 @@ async def _run_agent(cfg: Any, args: argparse.Namespace | None = None) -> None:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
+    from agent.device import _signals
+
     stop_signals = frozenset({signal.SIGTERM, signal.SIGINT})
     restore = _signals.install(
         loop,
@@ -174,7 +177,7 @@ async def _run_agent(cfg: Any, args: argparse.Namespace | None = None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ._logging import configure_logging
+    from agent.device._logging import configure_logging
 
     cfg = _load(args)
     configure_logging(cfg.log.level, cfg.log.format)
@@ -192,8 +195,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from .bundle import build_bundle, describe
-    from .errors import ArtifactError
+    from agent.errors import ArtifactError
+    from agent.wire.bundle import build_bundle, describe
 
     try:
         if args.bundle_command == "build":
@@ -213,13 +216,38 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    if _fleet_extra_missing() is not None:
+        return cmd_fleet(args)  # says which extra to install
+    from agent.fleet.demo import main as demo_main
 
     return demo_main(keep=args.keep, broker=args.broker)
 
 
+#: What the operator side needs beyond the device agent (the ``fleet`` extra).
+FLEET_EXTRA = ("rich",)
+
+
+def _fleet_extra_missing() -> str | None:
+    import importlib.util
+
+    return next((m for m in FLEET_EXTRA if importlib.util.find_spec(m) is None), None)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    missing = _fleet_extra_missing()
+    if missing is not None:
+        sys.stderr.write(
+            f"edge-agent {args.command} needs the operator extra ({missing} is not "
+            "installed): pip install 'edge-agent[fleet]'\n"
+        )
+        return EXIT_CONFIG
+    from agent.fleet.cli import run
+
+    return run(args)
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
-    from .sim import run
+    from agent.fleet.sim import run
 
     return run(args)
 
@@ -230,7 +258,7 @@ COMMANDS = {
     "schema": cmd_schema,
     "demo": cmd_demo,
     "bundle": cmd_bundle,
-    "fleet": fleet_cli.run,
+    "fleet": cmd_fleet,
     "sim": cmd_sim,
 }
 

@@ -35,7 +35,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.demo import mosquitto_server
+from agent.fleet.demo import mosquitto_server
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTER = ROOT / "examples" / "flows" / "counter" / "counter.wasm"

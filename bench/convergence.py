@@ -34,7 +34,7 @@ import paho.mqtt.client as paho
 import wasmtime
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.demo import http_server, mosquitto_server
+from agent.fleet.demo import http_server, mosquitto_server
 
 DEVICE = "bench-dev"
 

@@ -43,9 +43,9 @@ import paho.mqtt.client as paho
 import wasmtime
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import MqttConfig
-from agent.demo import COUNTER_MANIFEST, EXAMPLES, mosquitto_server
-from agent.fleet import FleetClient, flow_status
+from agent.device.config import MqttConfig
+from agent.fleet.controller import FleetClient, flow_status
+from agent.fleet.demo import COUNTER_MANIFEST, EXAMPLES, mosquitto_server
 
 TICK = os.sysconf("SC_CLK_TCK")
 COUNTER = (EXAMPLES / "counter" / "counter.wasm").read_bytes()

@@ -29,10 +29,10 @@ from typing import Any
 
 import wasmtime
 
-from agent.flows import FlowHost
-from agent.manifest import Manifest
-from agent.runner import RunSpec, Supervision
-from agent.sandbox import Limits, Runtime
+from agent.device.runtime.flows import FlowHost
+from agent.device.runtime.runner import RunSpec, Supervision
+from agent.device.runtime.sandbox import Limits, Runtime
+from agent.wire.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTER = ROOT / "examples" / "flows" / "counter" / "counter.wasm"

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from artifact_server import ArtifactServer
 from broker import MOSQUITTO, Broker, Operator
 
-from agent._logging import configure_logging
-from agent.config import AgentConfig
+from agent.device._logging import configure_logging
+from agent.device.config import AgentConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -84,7 +84,7 @@ def make_config(tmp_path: Path, broker: Broker) -> MakeConfig:
 @pytest.fixture
 async def running_agent(make_config: MakeConfig) -> AsyncIterator[Callable[..., Any]]:
     """Start agents in-process; all are stopped at the end of the test."""
-    from agent.daemon import Agent
+    from agent.device.daemon import Agent
 
     agents: list[Agent] = []
 

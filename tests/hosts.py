@@ -9,10 +9,10 @@ from typing import Any
 
 import wat
 
-from agent.flows import FlowHost
-from agent.manifest import Manifest
-from agent.runner import FlowRunner, Health, RunSpec, Supervision
-from agent.sandbox import Limits, Runtime
+from agent.device.runtime.flows import FlowHost
+from agent.device.runtime.runner import FlowRunner, Health, RunSpec, Supervision
+from agent.device.runtime.sandbox import Limits, Runtime
+from agent.wire.manifest import Manifest
 
 LIMITS = Limits(memory_limit=8 * 1024 * 1024, call_deadline_ms=300, epoch_tick_ms=10)
 BASE = "edge/dev1"

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from artifact_server import ArtifactServer, Fault
 
-from agent.artifacts import ArtifactStore, Fetcher, FetchLimits
+from agent.device.artifacts import ArtifactStore, Fetcher, FetchLimits
 from agent.errors import (
     ArtifactError,
     ArtifactTooLarge,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from agent.artifacts import ArtifactStore
+from agent.device.artifacts import ArtifactStore
 from agent.errors import ArtifactError, IntegrityError
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ import wat
 from conftest import wait_until
 from hosts import BASE, Host, recording_host
 
-from agent.bundle import BundleError, BundleLimits, build_bundle, describe, read_bundle
-from agent.runner import BundleRunner, Health, RunSpec, Supervision
+from agent.device.runtime.runner import BundleRunner, Health, RunSpec, Supervision
+from agent.wire.bundle import BundleError, BundleLimits, build_bundle, describe, read_bundle
 
 
 def tar_gz(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
@@ -160,7 +160,7 @@ async def h(tmp_path: Path) -> AsyncIterator[Host]:
 async def deploy_bundle(h: Host, data: bytes) -> BundleRunner:
     spec = RunSpec(flow_id="gh", version="1", sha256=hashlib.sha256(data).hexdigest(),
                    kind="bundle", config={}, triggers=(), permissions=__import__(
-                       "agent.manifest", fromlist=["Permissions"]).Permissions())
+                       "agent.wire.manifest", fromlist=["Permissions"]).Permissions())
     runner = await h.host.prepare(spec, data)
     await h.host.activate("gh", runner)
     assert isinstance(runner, BundleRunner)

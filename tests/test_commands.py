@@ -13,7 +13,7 @@ from broker import Operator
 from conftest import wait_until
 from test_e2e import DESIRED, STATE, flow, flow_state
 
-from agent.daemon import Agent
+from agent.device.daemon import Agent
 
 COMMAND = "edge/dev1/command"
 RESPONSE = "edge/dev1/command/response"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, env_overrides, load_config
+from agent.device.config import AgentConfig, env_overrides, load_config
 from agent.errors import ConfigError
 
 
@@ -146,11 +146,12 @@ def test_example_config_documents_every_option() -> None:
 
 
 def test_configuration_doc_is_generated_from_the_model() -> None:
-    from agent.configdoc import render
+    from agent.device.configdoc import render
 
     doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
     assert doc.read_text() == render(), (
-        "docs/configuration.md is stale: run `python -m agent.configdoc > docs/configuration.md`")
+        "docs/configuration.md is stale: run "
+        "`python -m agent.device.configdoc > docs/configuration.md`")
 
 
 def test_losant_profile_flag_and_effective_mqtt(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from artifact_server import ArtifactServer
 from broker import Broker, Operator
 from conftest import wait_until
 
-from agent.daemon import Agent
+from agent.device.daemon import Agent
 
 DESIRED = "edge/dev1/desired"
 STATE = "edge/dev1/state"
@@ -271,8 +271,8 @@ async def test_state_disk_full_rejects_new_intent_and_keeps_running(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A state write that fails (disk full: injected, it cannot be caused portably)
     leaves the running flows alone, reports why, and nothing is half-applied."""
+    from agent.device.state import StateStore
     from agent.errors import StateError
-    from agent.state import StateStore
 
     agent: Agent = await running_agent()
     op.publish(DESIRED, {"generation": 1, "flows": {"f1": flow(artifact_server, "v1",
@@ -301,8 +301,8 @@ async def test_state_disk_full_rejects_new_intent_and_keeps_running(
 async def test_state_write_failing_mid_deployment_is_a_flow_failure(
         op: Operator, artifact_server: ArtifactServer, running_agent: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.device.state import StateStore
     from agent.errors import StateError
-    from agent.state import StateStore
 
     agent: Agent = await running_agent()
     op.publish(DESIRED, {"generation": 1, "flows": {"f1": flow(artifact_server, "v1",
@@ -336,7 +336,7 @@ async def test_internal_error_on_one_message_does_not_stop_the_agent(
         op: Operator, artifact_server: ArtifactServer, running_agent: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug triggered by one message (injected) is logged; the next message works."""
-    from agent import reconciler
+    from agent.device import reconciler
 
     agent: Agent = await running_agent()
     real = reconciler.parse_desired
@@ -462,7 +462,7 @@ async def test_eea_bundle_deployed_and_driven_over_mqtt(
 async def test_workflow_bundle_deployed_over_mqtt(
         op: Operator, artifact_server: ArtifactServer, running_agent: Any,
         tmp_path: Any) -> None:
-    from agent.bundle import build_bundle
+    from agent.wire.bundle import build_bundle
 
     await running_agent()
     src = tmp_path / "bundle"

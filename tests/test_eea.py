@@ -12,11 +12,11 @@ import wat
 from conftest import SHARED, wait_until
 from hosts import BASE, Host, recording_host
 
-from agent._wasmbin import read_static
-from agent.eea import EEARunner, is_eea_module
-from agent.eea_identity import static_identity
+from agent.device.runtime._wasmbin import read_static
+from agent.device.runtime.eea import EEARunner, is_eea_module
+from agent.device.runtime.eea_identity import static_identity
+from agent.device.runtime.runner import Health, Supervision
 from agent.errors import InstantiationError
-from agent.runner import Health, Supervision
 
 SAMPLES = SHARED / "eea-samples"
 SAMPLE_FILES = ["hello-world-memory-import.wasm", "hello-world-memory-export.wasm"]

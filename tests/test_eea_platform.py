@@ -19,11 +19,11 @@ from conftest import wait_until
 from hosts import Host, recording_host
 from wat_eea import platform_bundle
 
-from agent.eea import EEARunner
-from agent.eea_identity import BundleIdentity, static_identity
-from agent.eea_settings import default_settings, resolve
+from agent.device.runtime.eea import EEARunner
+from agent.device.runtime.eea_identity import BundleIdentity, static_identity
+from agent.device.runtime.eea_settings import default_settings, resolve
+from agent.device.runtime.runner import Supervision
 from agent.errors import InstantiationError
-from agent.runner import Supervision
 
 LOSANT_ID = "5f0c3e9a1b2c3d4e5f6a7b8c"
 FAST = {"loopIntervalMs": 20}

@@ -17,7 +17,7 @@ from conftest import REPO, wait_until
 from hosts import BASE, Host, recording_host
 from test_bundle import deploy_bundle
 
-from agent.runner import Supervision
+from agent.device.runtime.runner import Supervision
 
 EXAMPLES = REPO / "examples" / "flows"
 COUNTER = EXAMPLES / "counter" / "counter.wasm"

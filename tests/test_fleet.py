@@ -21,8 +21,8 @@ from broker import Broker
 from conftest import MakeConfig, wait_until
 
 from agent import cli
-from agent.config import AgentConfig
-from agent.fleet import (
+from agent.device.config import AgentConfig
+from agent.fleet.controller import (
     Device,
     FleetClient,
     FleetError,
@@ -31,7 +31,7 @@ from agent.fleet import (
     outcome,
     phase_sizes,
 )
-from agent.sim import Simulation
+from agent.fleet.sim import Simulation
 
 COUNTER = Path(__file__).resolve().parent.parent / "examples" / "flows" / "counter" / "counter.wasm"
 COUNTER_MANIFEST = {"triggers": [{"type": "command", "command": "counter.get"},
@@ -394,12 +394,12 @@ async def test_signatures_required_invalid_and_rotated_keys(
 
 
 def _mqtt(broker: Broker) -> Any:
-    from agent.config import MqttConfig
+    from agent.device.config import MqttConfig
     return MqttConfig(broker=broker.url)
 
 
 def _sig(key: Path, sha: str) -> dict[str, str]:
-    from agent.signing import load_private_key, sign
+    from agent.wire.signing import load_private_key, sign
     return sign(load_private_key(key), sha).model_dump(by_alias=True)
 
 
@@ -534,7 +534,7 @@ def test_sim_raises_its_open_file_limit_and_warns_when_the_hard_limit_is_too_low
     import resource
     import subprocess
     import sys
-    probe = ("import resource; from agent.sim import raise_open_file_limit as r; "
+    probe = ("import resource; from agent.fleet.sim import raise_open_file_limit as r; "
              "print(r(10)); print(r(1000)); print(resource.getrlimit(resource.RLIMIT_NOFILE))")
 
     def low_limits() -> None:

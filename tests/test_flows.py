@@ -19,9 +19,8 @@ import wat
 from conftest import wait_until
 from hosts import BASE, LIMITS, Host, recording_host
 
-from agent.errors import InstantiationError
-from agent.flows import FlowHost
-from agent.hostapi import (
+from agent.device.runtime.flows import FlowHost
+from agent.device.runtime.hostapi import (
     EDGE_ERR_BOUNDS,
     EDGE_ERR_BUFFER,
     EDGE_ERR_DENIED,
@@ -30,9 +29,10 @@ from agent.hostapi import (
     EDGE_ERR_QUOTA,
     EDGE_OK,
 )
-from agent.manifest import Permissions
-from agent.runner import Health, RunSpec
-from agent.sandbox import Runtime
+from agent.device.runtime.runner import Health, RunSpec
+from agent.device.runtime.sandbox import Runtime
+from agent.errors import InstantiationError
+from agent.wire.manifest import Permissions
 
 
 @pytest.fixture
@@ -198,7 +198,7 @@ async def test_trapping_flow_is_restarted_then_marked_broken(h: Host) -> None:
 
 
 def runner_event() -> Any:
-    from agent.runner import Event
+    from agent.device.runtime.runner import Event
 
     return Event(2, b"x", b"")
 

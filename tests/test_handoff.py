@@ -7,7 +7,7 @@ import threading
 
 from conftest import wait_until
 
-from agent._handoff import Handoff
+from agent.device.runtime._handoff import Handoff
 
 
 async def test_a_burst_from_another_thread_runs_in_order_with_one_wakeup() -> None:

@@ -19,13 +19,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent._boundedjson import MAX_DEPTH, load
-from agent._fsutil import child_path
-from agent.artifacts import ArtifactStore
-from agent.bundle import BundleError, read_bundle
-from agent.commands import Command, MalformedCommand, parse_command
+from agent.device._fsutil import child_path
+from agent.device.artifacts import ArtifactStore
+from agent.device.commands import Command, MalformedCommand, parse_command
+from agent.device.state import FlowRecord, Installed, PersistedState, StateStore, recover, serialise
 from agent.errors import ArtifactError, ProtocolError, UnsafePath
-from agent.protocol import (
+from agent.wire._boundedjson import MAX_DEPTH, load
+from agent.wire.bundle import BundleError, read_bundle
+from agent.wire.protocol import (
     MAX_GENERATION,
     Event,
     Status,
@@ -33,8 +34,7 @@ from agent.protocol import (
     is_valid_id,
     parse_desired,
 )
-from agent.redact import redact_text, redact_url
-from agent.state import FlowRecord, Installed, PersistedState, StateStore, recover, serialise
+from agent.wire.redact import redact_text, redact_url
 
 SHA = "a" * 64
 SECRET = "SECRET"
@@ -190,7 +190,7 @@ def test_every_path_from_input_goes_through_the_check(tmp_path: Path) -> None:
     """Each place the agent derives a path from input refuses a name that would leave
     its directory: flow directories (storage, /data, EEA storage), artifact digests,
     bundle members. Deployment ids never become paths (only topic levels)."""
-    from agent.flows import FlowHost
+    from agent.device.runtime.flows import FlowHost
 
     host = FlowHost.__new__(FlowHost)  # only the path rule is exercised
     host.flows_dir = tmp_path / "flows"
@@ -248,7 +248,7 @@ def test_every_path_from_input_goes_through_the_check(tmp_path: Path) -> None:
                 if any(c.isalpha() for c in ast.unparse(node.right)):
                     assert (source.name, text) in reviewed, (
                         f"{source.name}:{node.lineno}: {text}: build paths from input "
-                        "with agent._fsutil.child_path")
+                        "with agent.device._fsutil.child_path")
 
 
 def test_state_from_an_older_agent_with_dot_ids_is_dropped_not_touched() -> None:

@@ -29,9 +29,9 @@ from test_commands import COMMAND, RESPONSE, ask
 from test_e2e import DESIRED, STATE, flow, flow_state
 from test_process import AgentProcess, write_config
 
-from agent._logging import configure_logging
-from agent.daemon import Agent
-from agent.protocol import MAX_GENERATION
+from agent.device._logging import configure_logging
+from agent.device.daemon import Agent
+from agent.wire.protocol import MAX_GENERATION
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,7 @@ async def test_a_state_write_that_fails_anyway_is_a_flow_failure(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Defence in depth: if serialising the state fails, the flow fails with the reason,
     the file keeps the last good state, and the agent goes on."""
-    from agent import reconciler as reconciler_mod
+    from agent.device import reconciler as reconciler_mod
     from agent.errors import StateError
 
     agent: Agent = await running_agent()
@@ -156,8 +156,8 @@ async def test_no_work_starts_from_a_document_whose_intent_is_not_saved(
     disk, nor at all if saving fails. (Found as a flaky disk-full test.)"""
     import time
 
+    from agent.device.state import StateStore
     from agent.errors import StateError
-    from agent.state import StateStore
 
     agent: Agent = await running_agent()
     op.publish(DESIRED, {"generation": 1, "flows": {

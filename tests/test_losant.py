@@ -15,9 +15,9 @@ import wat
 from broker import Broker, Operator
 from conftest import SHARED, wait_until
 
-from agent.daemon import Agent
-from agent.losant import gunzip_bounded
-from agent.pacer import PaceLimits, Pacer, Windows
+from agent.device.daemon import Agent
+from agent.device.losant import gunzip_bounded
+from agent.device.pacer import PaceLimits, Pacer, Windows
 
 LOSANT_LIKE = "retain_available false\nmax_packet_size 262144\n"
 

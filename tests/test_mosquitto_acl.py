@@ -23,7 +23,7 @@ from broker import Broker, free_port
 from conftest import REPO
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.daemon import Agent
+from agent.device.daemon import Agent
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="openssl is needed to generate test certificates")

@@ -23,9 +23,9 @@ from conftest import wait_until
 from nats_cluster import NATS_SERVER, NatsCluster
 
 from agent import cli
-from agent.config import AgentConfig, MqttConfig
-from agent.fleet import FleetClient
-from agent.sim import Simulation
+from agent.device.config import AgentConfig, MqttConfig
+from agent.fleet.controller import FleetClient
+from agent.fleet.sim import Simulation
 
 pytestmark = pytest.mark.skipif(
     not Path(NATS_SERVER).exists(),
@@ -251,7 +251,7 @@ async def test_the_devices_node_dies_and_comes_back(
 
 async def test_an_mqtt5_agent_is_told_to_use_3_1_1(cluster: NatsCluster) -> None:
     """NATS refuses an MQTT 5 CONNECT; the agent says which setting fixes it."""
-    from agent.mqtt import MqttSession
+    from agent.device.mqtt import MqttSession
 
     conf = MqttConfig.model_validate({"broker": cluster.nodes[0].url, "reconnect_min": 0.1,
                                       "reconnect_max": 0.5})

@@ -17,8 +17,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from test_e2e import DESIRED, STATE, flow, flow_state
 
-from agent.daemon import Agent
-from agent.outbox import Outbox, OutboxLimits
+from agent.device.daemon import Agent
+from agent.device.outbox import Outbox, OutboxLimits
 
 
 def test_fifo_ack_and_persistence(tmp_path: Path) -> None:
@@ -156,7 +156,7 @@ async def test_overflow_while_offline_drops_the_oldest_and_reports_it(
 
 
 def test_state_report_carries_outbox_counters() -> None:
-    from agent.protocol import OutboxState, StateReport
+    from agent.wire.protocol import OutboxState, StateReport
 
     report = StateReport(deviceId="d", flows={}, time="t",
                          outbox=OutboxState(queued=3, bytes=10, dropped=1))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from broker import Broker, Operator
 from conftest import REPO
 
 SCRIPTS = ["packaging/deb/build.sh", "packaging/deb/debian/postinst",
@@ -93,6 +97,61 @@ def test_installed_layout_runs(deb: Path, tmp_path: Path) -> None:
     assert json.loads(res.stdout)["mqtt"]["broker"] == "mqtt://127.0.0.1:1883"
     unit = (root / "lib/systemd/system/edge-agent.service").read_text()
     assert "ExecStart=/usr/bin/edge-agent run --config /etc/edge-agent/agent.toml" in unit
+
+
+@pytest.mark.slow
+def test_the_device_package_carries_no_operator_tool(deb: Path, tmp_path: Path,
+                                                      broker: Broker) -> None:
+    """The .deb (pip install without extras) runs the agent; the operator tool's
+    libraries are not there, nothing of agent.fleet is imported by the daemon, and
+    `edge-agent fleet` says which extra to install."""
+    root = tmp_path / "root"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    py = str(root / "opt" / "edge-agent" / "bin" / "python")
+    probe = ("import sys, agent.device.daemon; "
+             "print(sorted(m for m in sys.modules if m == 'rich' or m.startswith('agent.fleet')))")
+    loaded = subprocess.run([py, "-c", probe], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
+    assert subprocess.run([py, "-c", "import rich"], capture_output=True,
+                          check=False).returncode != 0
+    fleet = subprocess.run([py, "-m", "agent", "fleet", "get", "--broker", broker.url],
+                           capture_output=True, text=True, check=False)
+    assert fleet.returncode == 2
+    assert "pip install 'edge-agent[fleet]'" in fleet.stderr
+    op = Operator(broker).connect()
+    op.subscribe("edge/pkg1/status")
+    agent = subprocess.Popen([py, "-m", "agent", "run", "--device-id", "pkg1", "--broker",
+                              broker.url, "--state-dir", str(tmp_path / "state")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        asyncio.run(op.wait_for("edge/pkg1/status", lambda d: d["online"] is True))
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        out = agent.communicate(timeout=20)[0].decode()
+        op.close()
+    assert agent.returncode == 0, out
+
+
+@pytest.mark.slow
+def test_wheel_with_the_fleet_extra_runs_the_demo_outside_the_tree(tmp_path: Path) -> None:
+    """`pip install edge-agent[fleet]` from the wheel: the demo finds its flow as
+    package data, run from a directory that is not the source tree."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w",
+                    str(wheels), str(REPO)], check=True, timeout=300)
+    wheel = next(wheels.glob("edge_agent-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    res = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                          "--disable-pip-version-check", f"{wheel}[fleet]"],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    demo = subprocess.run([str(venv / "bin" / "edge-agent"), "demo"], cwd=elsewhere,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    assert "counter.get" in demo.stdout
 
 
 @pytest.mark.slow

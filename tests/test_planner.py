@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from agent.planner import (
+from agent.device.planner import (
     Activate,
     Download,
     Forget,
@@ -17,8 +17,8 @@ from agent.planner import (
     Wait,
     plan,
 )
-from agent.protocol import FlowSpec, Status, parse_desired
-from agent.state import FlowRecord, Installed, target_key
+from agent.device.state import FlowRecord, Installed, target_key
+from agent.wire.protocol import FlowSpec, Status, parse_desired
 
 SHA1 = "1" * 64
 SHA2 = "2" * 64

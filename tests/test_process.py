@@ -19,7 +19,7 @@ from artifact_server import ArtifactServer
 from broker import Broker, Operator
 from conftest import wait_until
 
-from agent.daemon import Agent
+from agent.device.daemon import Agent
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from agent.errors import ProtocolError
-from agent.protocol import ID_PATTERN, DeviceStatus, Status, dump, is_valid_id, parse_desired
+from agent.wire.protocol import ID_PATTERN, DeviceStatus, Status, dump, is_valid_id, parse_desired
 
 SHA = "ab" * 32
 
@@ -118,7 +118,7 @@ def test_schema_command_prints_every_wire_message() -> None:
 
 
 def test_desired_schema_matches_the_parser() -> None:
-    from agent.protocol import json_schemas
+    from agent.wire.protocol import json_schemas
 
     schema = json_schemas()["desired"]
     assert set(schema["properties"]) == {"generation", "flows"}

@@ -14,11 +14,11 @@ import structlog
 import wat
 from conftest import wait_until
 
+from agent.device.runtime.flows import FlowHost
+from agent.device.runtime.runner import FlowRunner, RunSpec
+from agent.device.runtime.sandbox import Limits, Runtime
 from agent.errors import FlowTrap, InstantiationError, InvalidModule
-from agent.flows import FlowHost
-from agent.manifest import Permissions
-from agent.runner import FlowRunner, RunSpec
-from agent.sandbox import Limits, Runtime
+from agent.wire.manifest import Permissions
 
 LIMITS = Limits(memory_limit=4 * 1024 * 1024, call_deadline_ms=300, epoch_tick_ms=10)
 
@@ -194,7 +194,7 @@ def test_process_exit_with_live_instances_is_clean(tmp_path: Path) -> None:
         "import asyncio, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "import wat\n"
-        "from agent.sandbox import FlowInstance, Limits, Runtime\n"
+        "from agent.device.runtime.sandbox import FlowInstance, Limits, Runtime\n"
         "rt = Runtime(Limits())\n"
         "keep = []\n"
         "for i in range(5):\n"

@@ -14,7 +14,7 @@ import pytest
 # (as 500 MQTT network threads did), then sends itself SIGUSR1 while still blocked.
 PROBE = textwrap.dedent("""
     import asyncio, os, signal, sys, threading, time
-    from agent import _signals
+    from agent.device import _signals
 
     async def main(mode):
         loop = asyncio.get_running_loop()
@@ -61,7 +61,7 @@ def test_a_signal_is_delivered_when_the_loop_self_pipe_is_full() -> None:
 
 SECOND = textwrap.dedent("""
     import asyncio, signal
-    from agent import _signals
+    from agent.device import _signals
 
     async def main():
         loop = asyncio.get_running_loop()

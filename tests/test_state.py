@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent._fsutil import atomic_write
-from agent.protocol import Status
-from agent.state import FlowRecord, Installed, PersistedState, StateStore, recover
+from agent.device._fsutil import atomic_write
+from agent.device.state import FlowRecord, Installed, PersistedState, StateStore, recover
+from agent.wire.protocol import Status
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_kill_during_writes_leaves_old_or_new(tmp_path: Path) -> None:
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from agent._fsutil import atomic_write\n"
+        "from agent.device._fsutil import atomic_write\n"
         "p = Path(sys.argv[1])\n"
         "print('go', flush=True)\n"
         "n = 0\n"

@@ -21,9 +21,9 @@ import pytest
 from broker import Broker, Operator
 from conftest import REPO, wait_until
 
-from agent import daemon
-from agent.daemon import Agent
-from agent.sdnotify import Notifier
+from agent.device import daemon
+from agent.device.daemon import Agent
+from agent.device.sdnotify import Notifier
 
 UNIT = REPO / "systemd" / "edge-agent.service"
 

@@ -11,7 +11,7 @@ import pytest
 from broker import Broker, free_port
 from conftest import wait_until
 
-from agent.daemon import Agent
+from agent.device.daemon import Agent
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="openssl is needed to generate test certificates")

@@ -4,7 +4,7 @@ A registered function is a Python callable ``fn(call, *args) -> int`` published
 under the entry-point group ``edge_agent.registered_functions``; the entry-point
 name is what follows ``eea_fn_`` in the bundle's import. Its wasm signature comes
 from the bundle's import, so the callable takes exactly those arguments (i32/i64
-as Python ints). ``call`` (an :class:`agent.eea.EEACall`) reads and writes guest
+as Python ints). ``call`` (an :class:`agent.device.runtime.eea.EEACall`) reads and writes guest
 memory with bounds checks. Return 0 for success. It runs on a wasm worker thread,
 under the calling flow's deadline: keep it short and never block.
 

@@ -1,0 +1,317 @@
+"""Device commands: ``{prefix}/{deviceId}/command`` in, exactly one response out.
+
+Request: ``{"name": "...", "payload": <any JSON>, "time": <ISO-8601 | epoch ms>,
+"id": "<request id>"}`` (only ``name`` is required, 1-255 characters).
+
+Response (QoS 1, not retained): to the MQTT 5 response topic with the request's
+correlation data when the request has one, else to ``{prefix}/{deviceId}/command/response``:
+``{"id", "name", "ok": true, "result": ...}`` or ``{"id", "name", "ok": false, "error": "..."}``,
+plus ``"time"``.
+
+Names under ``agent.`` are built in (see :data:`BUILTINS`); any other name goes to
+every flow with a matching command trigger (the response carries each flow's
+outcome) and, raw, to EEA bundles. A command whose ``time`` is older than
+``commands.max_age_s`` is refused as stale rather than executed late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from agent import __version__
+from agent.device._logging import capture
+from agent.device.mqtt import Message
+from agent.errors import AgentError, ProtocolError
+from agent.wire._boundedjson import load as load_json
+from agent.wire.protocol import utc_now_iso
+from agent.wire.redact import redact_text
+from agent.wire.timevalue import issued_at
+
+if TYPE_CHECKING:
+    from agent.device.daemon import Agent
+
+log = structlog.get_logger("agent.device.commands")
+
+MAX_LOG_LINES = 500
+#: The largest command accepted (the whole JSON request, payload included).
+MAX_COMMAND_BYTES = 256 * 1024
+
+
+class CommandError(AgentError):
+    """A command that fails with a message for the ``error`` field."""
+
+
+TimeValue = (
+    Annotated[str, StringConstraints(max_length=64)] | Annotated[float, Field(allow_inf_nan=False)]
+)
+
+
+class Command(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    payload: Any = None
+    #: ISO-8601 text, epoch milliseconds, or Losant's ``{"$date": ...}`` of either.
+    time: TimeValue | dict[str, TimeValue] | None = None
+    id: Annotated[str, StringConstraints(max_length=256)] | int | None = None
+
+
+class FlowRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    flow_id: str = Field(alias="flowId")
+
+
+class LogsArgs(FlowRef):
+    lines: Annotated[int, Field(ge=1, le=MAX_LOG_LINES)] = 50
+
+
+class DirectTriggerArgs(FlowRef):
+    id: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    payload: Any = None
+
+
+class MalformedCommand(CommandError):
+    """A request that is not a command; ``echo`` holds its id and name if it had them."""
+
+    def __init__(self, message: str, echo: dict[str, Any] | None = None) -> None:
+        super().__init__(f"malformed command: {message}")
+        self.echo = echo or {}
+
+
+def parse_command(payload: bytes) -> Command:
+    """The command in ``payload``, or :class:`MalformedCommand` (never another error)."""
+    try:
+        raw = load_json(payload, what="command", max_bytes=MAX_COMMAND_BYTES)
+    except ProtocolError as exc:
+        raise MalformedCommand(str(exc)) from None
+    echo = (
+        {k: raw[k] for k in ("id", "name") if isinstance(raw.get(k), str | int)}
+        if isinstance(raw, dict)
+        else {}
+    )
+    if isinstance(echo.get("name"), str):
+        echo["name"] = echo["name"][:255]
+    if isinstance(echo.get("id"), str):
+        echo["id"] = echo["id"][:256]
+    try:
+        return Command.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "command"
+        raise MalformedCommand(f"{where}: {err['msg']}", echo) from None
+
+
+def _args(model: type[BaseModel], payload: Any) -> Any:
+    try:
+        return model.model_validate(payload if payload is not None else {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        raise CommandError(f"bad payload: {where}: {err['msg']}") from None
+
+
+class CommandRouter:
+    """Handles the device's command topic for one agent."""
+
+    def __init__(self, agent: Agent, max_age_s: float, flow_timeout_s: float) -> None:
+        self.agent = agent
+        self.max_age_s = max_age_s
+        self.flow_timeout_s = flow_timeout_s
+        self.started = time.monotonic()
+        self.handled = 0
+        self.builtins: dict[str, Callable[[Any], Awaitable[Any]]] = {
+            "agent.ping": self._ping,
+            "agent.report": self._report,
+            "agent.flows": self._flows,
+            "agent.restart-flow": self._restart_flow,
+            "agent.logs": self._logs,
+            "agent.reconcile": self._reconcile,
+            "agent.direct-trigger": self._direct_trigger,
+        }
+
+    async def handle(self, msg: Message) -> None:
+        """Run one command and publish its one response; never raises."""
+        cmd: Command | None = None
+        echo: dict[str, Any] = {}  # id/name of a request that is JSON but not valid
+        try:
+            try:
+                cmd = parse_command(msg.payload)
+            except MalformedCommand as exc:
+                echo = exc.echo
+                raise
+            if cmd.time is not None:
+                try:
+                    age = time.time() - issued_at(cmd.time)
+                except (ValueError, OverflowError, OSError):
+                    raise CommandError(
+                        f'bad time {cmd.time!r}: expected ISO-8601, epoch ms or {{"$date": ...}}'
+                    ) from None
+                if age > self.max_age_s:
+                    raise CommandError(
+                        f"stale: issued {age:.0f} s ago (commands older than "
+                        f"{self.max_age_s:.0f} s are not executed)"
+                    )
+            result = await self._run(cmd, msg)
+        except AgentError as exc:
+            self._respond(msg, cmd, ok=False, body=str(exc), echo=echo)
+        except Exception as exc:  # a bug must still answer, and not stop the agent
+            log.exception("internal error handling a command")
+            self._respond(msg, cmd, ok=False, body=f"internal error: {exc!r}", echo=echo)
+        else:
+            self._respond(msg, cmd, ok=True, body=result)
+
+    async def _run(self, cmd: Command, msg: Message) -> Any:
+        handler = self.builtins.get(cmd.name)
+        if handler is not None:
+            return await handler(cmd.payload)
+        if cmd.name.startswith("agent."):
+            raise CommandError(
+                f"unknown command {cmd.name!r} (built-ins: {', '.join(sorted(self.builtins))})"
+            )
+        return await self._to_flows(cmd, msg)
+
+    async def _to_flows(self, cmd: Command, msg: Message) -> Any:
+        host = self.agent.host
+        replies: dict[str, asyncio.Future[Any]] = {}
+        host.command(cmd.name, json.dumps(cmd.payload).encode(), replies)
+        eea = host.route(msg.topic, msg.payload)  # EEA bundles get the raw message
+        if not replies and not eea:
+            raise CommandError(f"unknown command {cmd.name!r}: no flow has a trigger for it")
+        done, pending = (
+            await asyncio.wait(replies.values(), timeout=self.flow_timeout_s)
+            if replies
+            else (set(), set())
+        )
+        flows: dict[str, Any] = {}
+        failures = []
+        for flow_id, fut in replies.items():
+            if fut in pending:
+                fut.cancel()
+                flows[flow_id] = {"ok": False, "error": "no answer in time"}
+                failures.append(flow_id)
+                continue
+            outcome = fut.result()
+            if outcome.ok:
+                flows[flow_id] = {"ok": True, "rc": outcome.rc}
+                if outcome.result is not None:
+                    flows[flow_id]["result"] = _result_value(outcome.result)
+            else:
+                error = outcome.error or f"edge_on_event returned {outcome.rc}"
+                flows[flow_id] = {"ok": False, "error": error}
+                failures.append(flow_id)
+        del done
+        if failures:
+            detail = "; ".join(f"{f}: {flows[f]['error']}" for f in failures)
+            raise CommandError(f"command failed in flow(s) {detail}")
+        return {"flows": flows, "eea": eea}
+
+    # ------------------------------------------------------------ responses
+    def _respond(
+        self,
+        msg: Message,
+        cmd: Command | None,
+        *,
+        ok: bool,
+        body: Any,
+        echo: dict[str, Any] | None = None,
+    ) -> None:
+        self.handled += 1
+        echo = echo or {}
+        doc: dict[str, Any] = {
+            "id": cmd.id if cmd else echo.get("id"),
+            "name": cmd.name if cmd else (str(echo["name"])[:255] if "name" in echo else None),
+            "ok": ok,
+        }
+        doc["result" if ok else "error"] = body if ok else redact_text(str(body))
+        doc["time"] = utc_now_iso()
+        topic = self.agent.topics.command_response
+        correlation = None
+        if msg.response_topic:
+            topic = msg.response_topic
+            correlation = msg.correlation_data
+        log.info("command handled", command=doc["name"], ok=ok, error=None if ok else body)
+        # Through the outbox: a response made while offline goes out after the reconnect.
+        self.agent.outbox.put(
+            topic, json.dumps(doc, separators=(",", ":")).encode(), correlation=correlation
+        )
+
+    # ------------------------------------------------------------ built-ins
+    async def _ping(self, _payload: Any) -> Any:
+        return {
+            "pong": True,
+            "agentVersion": __version__,
+            "uptimeS": round(time.monotonic() - self.started, 1),
+        }
+
+    async def _report(self, _payload: Any) -> Any:
+        self.agent.reporter.publish_state_now()
+        return {"published": True}
+
+    async def _flows(self, _payload: Any) -> Any:
+        state = self.agent.reconciler.state
+        out = []
+        for flow_id, rec in sorted(state.flows.items()):
+            info = self.agent.host.info(flow_id) or {}
+            out.append(
+                {
+                    "flowId": flow_id,
+                    "desiredVersion": rec.desired_version,
+                    "currentVersion": rec.installed.version if rec.installed else None,
+                    "status": rec.status.value,
+                    "health": info.get("health", "broken" if rec.broken else "stopped"),
+                    "restarts": info.get("restarts", 0),
+                    "lastError": info.get("lastError") or rec.error,
+                    **{k: v for k, v in info.items() if k in ("bundle", "registeredFunctions")},
+                }
+            )
+        return {"flows": out}
+
+    async def _restart_flow(self, payload: Any) -> Any:
+        args = _args(FlowRef, payload)
+        runner = await self.agent.restart_flow(args.flow_id)
+        return {
+            "flowId": args.flow_id,
+            "version": runner.version,
+            "health": runner.health_info()["health"],
+        }
+
+    async def _logs(self, payload: Any) -> Any:
+        args = _args(LogsArgs, payload)
+        if args.flow_id not in self.agent.reconciler.state.flows:
+            raise CommandError(f"flow {args.flow_id!r} not found")
+        lines = capture.recent(self.agent.cfg.device_id, args.flow_id, args.lines)
+        return {"flowId": args.flow_id, "lines": [m.model_dump() for m in lines]}
+
+    async def _reconcile(self, _payload: Any) -> Any:
+        self.agent.reconciler.trigger()
+        return {"triggered": True}
+
+    async def _direct_trigger(self, payload: Any) -> Any:
+        args = _args(DirectTriggerArgs, payload)
+        host = self.agent.host
+        if args.flow_id not in host.running:
+            raise CommandError(f"flow {args.flow_id!r} not found or not running")
+        body = json.dumps(args.payload).encode()
+        if not host.is_eea(args.flow_id):
+            raise CommandError(f"flow {args.flow_id!r} is not an EEA bundle")
+        if not host.direct_trigger(args.flow_id, args.id, body):
+            raise CommandError(
+                f"flow {args.flow_id!r} is not accepting events (broken, or its queue is full)"
+            )
+        return {"flowId": args.flow_id, "id": args.id, "delivered": True}
+
+
+def _result_value(data: bytes) -> Any:
+    """A flow's response: JSON when it parses as JSON, else the text."""
+    text = data.decode("utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

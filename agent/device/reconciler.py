@@ -1,0 +1,666 @@
+"""Applying desired state: accepts desired documents, runs the planner's steps.
+
+- Exactly one reconcile run at a time (:meth:`Reconciler.run_forever`). Within a run
+  each flow's steps run as one named task, so flows don't wait for each other.
+- A newer desired document supersedes the run in flight: the run is cancelled, and
+  every flow whose in-flight target changed is reported ``aborted``. Downloads keep
+  their partial file and resume; ``Activate`` is shielded, so a swap completes.
+- Every status transition goes through :meth:`Reconciler._transition`, which updates
+  the record, persists state (before the work that follows), emits the event and
+  marks the state report dirty.
+- A failed attempt is retried with exponential backoff until ``retries`` is spent.
+- At most :data:`MAX_RUNS_WITHOUT_TRIGGER` consecutive runs happen without a new
+  trigger; past that the loop backs off (a guard against a planner that never settles).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.device._logging import capture
+from agent.device.artifacts import ArtifactStore, Fetcher
+from agent.device.config import AgentConfig
+from agent.device.planner import (
+    Activate,
+    Download,
+    Forget,
+    Install,
+    Remove,
+    SetStatus,
+    Step,
+    Target,
+    Verify,
+    Wait,
+    flow_id_of,
+    plan,
+)
+from agent.device.reporter import Reporter
+from agent.device.runtime.flows import FlowHost
+from agent.device.runtime.runner import FlowRunner, RunSpec
+from agent.device.state import (
+    FlowRecord,
+    InFlight,
+    Installed,
+    PersistedState,
+    StateStore,
+    serialise,
+)
+from agent.errors import AgentError, IntegrityError, ProtocolError, StateError
+from agent.wire.bundle import read_bundle
+from agent.wire.manifest import Manifest
+from agent.wire.protocol import (
+    ArtifactKind,
+    DesiredState,
+    RejectedDesired,
+    Status,
+    parse_desired,
+    utc_now_iso,
+)
+from agent.wire.redact import redact_url
+from agent.wire.signing import Trust
+
+log = structlog.get_logger("agent.device.reconciler")
+
+MAX_RUNS_WITHOUT_TRIGGER = 10
+IN_PROGRESS = frozenset({Status.PENDING, Status.DOWNLOADING, Status.INSTALLING})
+_UNSET: Any = object()
+
+
+@dataclass
+class _Chain:
+    """What one flow's steps pass along within a run."""
+
+    path: Path | None = None
+    data: bytes | None = None
+    runner: FlowRunner | None = None
+    steps: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        state: PersistedState,
+        store: StateStore,
+        host: FlowHost,
+        artifacts: ArtifactStore,
+        fetcher: Fetcher,
+        reporter: Reporter,
+        trust: Trust | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.trust = trust or Trust({})
+        self.state = state
+        self.store = store
+        self.host = host
+        self.artifacts = artifacts
+        self.fetcher = fetcher
+        self.reporter = reporter
+        self.device_id = cfg.device_id
+        self.desired = self._parse_persisted()
+        self._trigger = asyncio.Event()
+        #: Held while a desired document is taken in (supersede, apply, persist) and
+        #: while the loop plans and starts a run, so a run never starts from a
+        #: document whose intent is not yet on disk (or was refused for it).
+        self._intake = asyncio.Lock()
+        self._run_task: asyncio.Task[None] | None = None
+        self._active: dict[str, str] = {}
+        self._writer = _SerialWriter()
+        #: Called on every status change (the Losant profile says hello after a load).
+        self.on_status: Callable[[str, Status], None] = lambda _f, _s: None
+        self._background: set[asyncio.Task[None]] = set()
+        self.runs = 0
+        self._executors: dict[type, Callable[[Any, _Chain], Awaitable[None]]] = {
+            SetStatus: self._exec_set_status,
+            Remove: self._exec_remove,
+            Forget: self._exec_forget,
+            Download: self._exec_download,
+            Verify: self._exec_verify,
+            Install: self._exec_install,
+            Activate: self._exec_activate,
+        }
+
+    def _parse_persisted(self) -> DesiredState | None:
+        if self.state.desired_raw is None:
+            return None
+        try:
+            desired = parse_desired(self.state.desired_raw.encode(), max_bytes=1 << 30)
+        except ProtocolError as exc:  # cannot happen for a document we accepted
+            log.error("persisted desired document unreadable", error=str(exc))
+            return None
+        return self._admit(desired)
+
+    def _admit(self, desired: DesiredState) -> DesiredState:
+        """Apply the signature policy: an entry whose artifact it refuses becomes an
+        invalid entry (status ``failure``, no retries; the running version keeps running)."""
+        for flow_id, spec in list(desired.flows.items()):
+            if spec.artifact is None:
+                continue
+            reason = self.trust.check(spec.artifact)
+            if reason is not None:
+                del desired.flows[flow_id]
+                desired.invalid[flow_id] = reason
+        return desired
+
+    def set_trust(self, trust: Trust) -> None:
+        """A new signature policy (configuration reload): re-judge the desired state."""
+        self.trust = trust
+        self.desired = self._parse_persisted()
+        self.trigger()
+
+    # ------------------------------------------------------------ desired in
+    async def offer_desired(self, payload: bytes) -> bool:
+        """Accept or reject a desired document. Returns whether it was accepted."""
+        async with self._intake:
+            return await self._take_in(payload)
+
+    async def _take_in(self, payload: bytes) -> bool:
+        if not payload:
+            self._reject(None, "empty desired document (retained message cleared); ignored")
+            return False
+        try:
+            desired = self._admit(parse_desired(payload, self.cfg.reconcile.desired_max_bytes))
+        except ProtocolError as exc:
+            self._reject(None, str(exc))
+            return False
+        applied = self.state.generation
+        if applied is not None and desired.generation < applied:
+            self._reject(
+                desired.generation,
+                f"generation {desired.generation} is older than the applied {applied}; ignored",
+            )
+            return False
+        text = payload.decode()
+        if applied is not None and desired.generation == applied:
+            if text != self.state.desired_raw:
+                self._reject(
+                    desired.generation,
+                    f"generation {applied} is already applied with other content; "
+                    "a changed document needs a higher generation",
+                )
+            return False
+        await self._supersede(desired)
+        before = self.state.model_copy(deep=True)
+        self.desired = desired
+        self.state.desired_raw = text
+        self.state.generation = desired.generation
+        self.state.rejected = None
+        log.info(
+            "desired state accepted",
+            generation=desired.generation,
+            flows=len(desired.flows),
+            invalid=len(desired.invalid),
+        )
+        self._mark_pending(desired)
+        try:
+            await self.persist()  # the intent is on disk before any work starts
+        except StateError as exc:
+            # Without persisted intent nothing is started: restore what was applied.
+            for name in PersistedState.model_fields:
+                setattr(self.state, name, getattr(before, name))
+            self.desired = self._parse_persisted()
+            self._reject(desired.generation, f"cannot persist the desired state: {exc}")
+            self.trigger()  # resume what the cancelled run was doing for the applied state
+            return False
+        self.reporter.mark_dirty()
+        self.trigger()
+        return True
+
+    def _reject(self, generation: int | None, reason: str) -> None:
+        log.warning("desired document rejected", generation=generation, reason=reason)
+        self.state.rejected = RejectedDesired(
+            generation=generation, reason=reason, time=utc_now_iso()
+        )
+        self.reporter.mark_dirty()
+
+    async def _supersede(self, desired: DesiredState) -> None:
+        task = self._run_task
+        if task is None or task.done():
+            return
+        new_plan = plan(
+            desired, self.state.flows, device_type=self.cfg.device_type, now=time.time()
+        )
+        new_targets = {s.target.flow_id: s.target.key for s in new_plan if isinstance(s, Download)}
+        changed = {f for f, key in self._active.items() if new_targets.get(f) != key}
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for flow_id in sorted(changed):
+            rec = self.state.flows.get(flow_id)
+            # Only an attempt still in progress is aborted; one whose activation
+            # completed while we waited for the run to stop stays a success.
+            if rec is not None and rec.status in IN_PROGRESS:
+                self._transition(
+                    flow_id,
+                    Status.ABORTED,
+                    error=f"superseded by generation {desired.generation}",
+                    inflight=None,
+                )
+
+    def _mark_pending(self, desired: DesiredState) -> None:
+        for step in plan(
+            desired, self.state.flows, device_type=self.cfg.device_type, now=time.time()
+        ):
+            if isinstance(step, Download):
+                t = step.target
+                rec = self.state.flows.get(t.flow_id)
+                if rec is None or rec.target != t.key:
+                    self._transition(
+                        t.flow_id,
+                        Status.PENDING,
+                        target=t.key,
+                        generation=t.generation,
+                        desired_version=t.version,
+                        deployment_id=t.deployment_id,
+                        attempts=0,
+                        error=None,
+                        inflight=None,
+                        next_retry_at=None,
+                    )
+
+    def trigger(self) -> None:
+        self._trigger.set()
+
+    # ------------------------------------------------------------ transitions
+    def _transition(
+        self,
+        flow_id: str,
+        status: Status,
+        *,
+        error: str | None = _UNSET,
+        target: str | None = _UNSET,
+        generation: int | None = _UNSET,
+        desired_version: str | None = _UNSET,
+        deployment_id: str | None = _UNSET,
+        attempts: int | None = _UNSET,
+        inflight: InFlight | None = _UNSET,
+        next_retry_at: float | None = _UNSET,
+    ) -> FlowRecord:
+        """The one place a flow's status changes. Persist with :meth:`persist` after."""
+        created = flow_id not in self.state.flows
+        rec = self.state.flows.setdefault(flow_id, FlowRecord())
+        changes = {
+            "error": error,
+            "target": target,
+            "generation": generation,
+            "desired_version": desired_version,
+            "deployment_id": deployment_id,
+            "attempts": attempts,
+            "inflight": inflight,
+            "next_retry_at": next_retry_at,
+        }
+        for name, value in changes.items():
+            if value is not _UNSET:
+                setattr(rec, name, value)
+        previous = rec.status
+        rec.status = status
+        rec.last_updated = utc_now_iso()
+        if created or previous != status or status == Status.FAILURE:
+            log.info(
+                "flow status",
+                flow_id=flow_id,
+                device_id=self.device_id,
+                status=status.value,
+                version=rec.desired_version,
+                error=rec.error,
+            )
+            self.reporter.event(flow_id, rec)
+        self.reporter.mark_dirty()
+        if previous != status or created:
+            self.on_status(flow_id, status)
+        return rec
+
+    def persist_soon(self) -> None:
+        """Persist from synchronous code (a fire-and-forget, still ordered, write)."""
+        task = asyncio.get_running_loop().create_task(self.persist(), name="persist")
+        self._background.add(task)
+        task.add_done_callback(self._persist_done)
+
+    def _persist_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cannot persist state", error=str(task.exception()))
+
+    async def persist(self) -> None:
+        """Write the state now (ordered, survives cancellation of the caller)."""
+        await self._writer.write(self.store, serialise(self.state))
+
+    # ------------------------------------------------------------ the loop
+    async def run_forever(self) -> None:
+        runs_without_trigger = 0
+        self.trigger()
+        while True:
+            try:
+                await asyncio.wait_for(self._trigger.wait(), self._next_wake())
+                self._trigger.clear()
+                runs_without_trigger = 0
+            except TimeoutError:
+                pass
+            while True:
+                async with self._intake:  # no run from a document still being taken in
+                    steps = plan(
+                        self.desired,
+                        self.state.flows,
+                        device_type=self.cfg.device_type,
+                        now=time.time(),
+                    )
+                    work = [s for s in steps if not isinstance(s, Wait)]
+                    runs_without_trigger += 1 if work else 0
+                    settling = runs_without_trigger <= MAX_RUNS_WITHOUT_TRIGGER
+                    if work and settling:
+                        self._run_task = asyncio.create_task(self._run(work), name="reconcile-run")
+                if not work:
+                    break
+                if not settling:
+                    log.error("reconcile loop is not settling; backing off", steps=len(work))
+                    await asyncio.sleep(5)
+                    runs_without_trigger = 0
+                    break
+                assert self._run_task is not None
+                try:
+                    await self._run_task
+                except asyncio.CancelledError:
+                    if self._run_task.cancelled() and not _current_task_cancelling():
+                        break  # superseded: offer_desired triggers the next run
+                    raise
+                finally:
+                    self._run_task = None
+
+    def _next_wake(self) -> float | None:
+        waits = [
+            s.until
+            for s in plan(
+                self.desired, self.state.flows, device_type=self.cfg.device_type, now=time.time()
+            )
+            if isinstance(s, Wait)
+        ]
+        return max(0.0, min(waits) - time.time()) if waits else None
+
+    async def _run(self, steps: Sequence[Step]) -> None:
+        self.runs += 1
+        by_flow: dict[str, list[Step]] = {}
+        for step in steps:
+            by_flow.setdefault(flow_id_of(step), []).append(step)
+        async with asyncio.TaskGroup() as tg:
+            for flow_id, flow_steps in by_flow.items():
+                tg.create_task(self._run_flow(flow_id, flow_steps), name=f"reconcile-{flow_id}")
+        await self._collect_garbage()
+
+    async def _run_flow(self, flow_id: str, steps: list[Step]) -> None:
+        structlog.contextvars.bind_contextvars(flow_id=flow_id, device_id=self.device_id)
+        chain = _Chain()
+        target = next((s.target for s in steps if isinstance(s, Download)), None)
+        if target is not None:
+            self._active[flow_id] = target.key
+            capture.start(self.device_id, flow_id, self.cfg.reconcile.log_lines)
+        try:
+            for step in steps:
+                chain.steps.append(type(step).__name__)
+                await self._executors[type(step)](step, chain)
+        except asyncio.CancelledError:
+            if chain.runner is not None and self.host.running.get(flow_id) is not chain.runner:
+                chain.runner.stop()
+            raise
+        except Exception as exc:
+            if chain.runner is not None and self.host.running.get(flow_id) is not chain.runner:
+                chain.runner.stop()
+            if not isinstance(exc, AgentError):
+                log.exception("internal error in reconcile step", steps=chain.steps)
+            reason = str(exc) if isinstance(exc, AgentError) else f"internal error: {exc!r}"
+            if target is not None:
+                await self._fail(flow_id, target, reason)
+            else:
+                log.error("step failed", error=reason)
+        finally:
+            self._active.pop(flow_id, None)
+            if target is not None:
+                capture.take(self.device_id, flow_id)
+
+    async def _fail(self, flow_id: str, target: Target, reason: str) -> None:
+        rec = self.state.flows[flow_id]
+        rc = self.cfg.reconcile
+        delay = min(rc.retry_backoff_max, rc.retry_backoff_initial * 2 ** max(0, rec.attempts - 1))
+        left = target.retries - rec.attempts + 1
+        if left > 0:
+            log.warning(
+                "deployment attempt failed; will retry",
+                error=reason,
+                attempt=rec.attempts,
+                retry_in_s=round(delay, 1),
+                retries_left=left,
+            )
+        else:
+            log.error("deployment failed; retries spent", error=reason, attempt=rec.attempts)
+        rec = self._transition(
+            flow_id,
+            Status.FAILURE,
+            error=reason,
+            inflight=None,
+            next_retry_at=time.time() + delay if left > 0 else None,
+        )
+        try:
+            await self.persist()
+        except StateError as exc:  # e.g. disk full: report it, don't take the agent down
+            log.error("cannot persist the failure", error=str(exc))
+        self.reporter.deployment_log(flow_id, rec, capture.take(self.device_id, flow_id))
+        capture.start(self.device_id, flow_id, self.cfg.reconcile.log_lines)
+
+    # ------------------------------------------------------------ executors
+    async def _exec_set_status(self, step: SetStatus, _chain: _Chain) -> None:
+        if step.status == Status.REMOVED:  # never installed: still drop what it left
+            await self.host.remove(step.flow_id, purge=True)
+        self._transition(
+            step.flow_id,
+            step.status,
+            error=step.error,
+            target=step.target,
+            generation=step.generation,
+            desired_version=step.desired_version,
+            deployment_id=step.deployment_id,
+            inflight=None,
+            next_retry_at=None,
+            attempts=0 if step.status != Status.FAILURE else _UNSET,
+        )
+        await self.persist()
+
+    async def _exec_remove(self, step: Remove, _chain: _Chain) -> None:
+        rec = self.state.flows[step.flow_id]
+        await self.host.remove(step.flow_id, purge=True)
+        rec.previous = rec.installed
+        rec.installed = None
+        log.info("flow removed", version=rec.previous.version if rec.previous else None)
+        self._transition(
+            step.flow_id,
+            Status.REMOVED,
+            target="remove",
+            error=None,
+            generation=step.generation,
+            desired_version=None,
+            deployment_id=step.deployment_id,
+            inflight=None,
+            attempts=0,
+            next_retry_at=None,
+        )
+        await self.persist()
+
+    async def _exec_forget(self, step: Forget, _chain: _Chain) -> None:
+        self.state.flows.pop(step.flow_id, None)
+        self.reporter.mark_dirty()
+        await self.persist()
+
+    async def _exec_download(self, step: Download, chain: _Chain) -> None:
+        t = step.target
+        rec = self.state.flows.get(t.flow_id)
+        # An attempt interrupted in this process (a newer document cancelled the run)
+        # resumes without costing an attempt; after a crash, recover() has already
+        # turned an interrupted install into a counted failure.
+        resuming = rec is not None and rec.target == t.key and rec.inflight is not None
+        if rec is None or rec.target != t.key:
+            attempts = 1
+        else:
+            attempts = rec.attempts if resuming else rec.attempts + 1
+        rec = self._transition(
+            t.flow_id,
+            Status.DOWNLOADING,
+            target=t.key,
+            generation=t.generation,
+            desired_version=t.version,
+            deployment_id=t.deployment_id,
+            attempts=attempts,
+            error=None,
+            inflight="download",
+            next_retry_at=None,
+        )
+        await self.persist()  # saved before the work that can be interrupted
+        log.info(
+            "downloading",
+            version=t.version,
+            url=redact_url(t.artifact.url),
+            attempt=attempts,
+            resumed=resuming,
+        )
+        chain.path = await self.fetcher.fetch(
+            t.artifact.url,
+            t.artifact.sha256,
+            t.artifact.size,
+            progress=lambda done, total: self.reporter.progress(t.flow_id, rec, done, total),
+        )
+
+    async def _exec_verify(self, step: Verify, chain: _Chain) -> None:
+        t = step.target
+        sha = t.artifact.sha256
+        if chain.path is None and not await asyncio.to_thread(self.artifacts.verify, sha):
+            raise IntegrityError(f"stored artifact {sha[:12]}… is missing or corrupt")
+        chain.data = data = await asyncio.to_thread(self.artifacts.read, sha)
+        runtime = self.host.runtime
+        if t.artifact.kind == ArtifactKind.BUNDLE:
+            bundle = await asyncio.to_thread(read_bundle, data)  # layout, limits, hashes
+            for blob in bundle.modules.values():
+                await runtime.run(lambda b=blob: runtime.validate(b))  # type: ignore[misc]
+            log.info(
+                "bundle verified",
+                sha256=sha,
+                bytes=len(data),
+                bundle=bundle.manifest.name,
+                modules=len(bundle.modules),
+            )
+            return
+        await runtime.run(lambda: runtime.validate(data))
+        log.info("artifact verified", sha256=sha, bytes=len(data))
+
+    async def _exec_install(self, step: Install, chain: _Chain) -> None:
+        t = step.target
+        self._transition(t.flow_id, Status.INSTALLING, inflight="install")
+        await self.persist()
+        assert chain.data is not None
+        started = time.perf_counter()
+        chain.runner = await self.host.prepare(run_spec(t), chain.data)
+        log.info(
+            "new version started",
+            version=t.version,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+
+    async def _exec_activate(self, step: Activate, chain: _Chain) -> None:
+        # Shielded: once the new instance is up, the swap and its record complete
+        # even if a newer desired document cancels this run.
+        await asyncio.shield(self._activate(step.target, chain))
+
+    async def _activate(self, t: Target, chain: _Chain) -> None:
+        assert chain.runner is not None
+        rec = self.state.flows[t.flow_id]
+        old = await self.host.activate(t.flow_id, chain.runner)
+        if rec.installed is not None and rec.installed.sha256 != t.artifact.sha256:
+            rec.previous = rec.installed
+        rec.installed = Installed(
+            version=t.version,
+            sha256=t.artifact.sha256,
+            kind=t.artifact.kind.value,
+            config=t.config,
+            manifest=t.manifest_json,
+            deployment_id=t.deployment_id,
+        )
+        rec.broken = False  # a new deployment gives a broken flow a fresh start
+        self._transition(t.flow_id, Status.SUCCESS, error=None, inflight=None, next_retry_at=None)
+        self._active.pop(t.flow_id, None)  # complete: a newer document cannot abort it
+        await self.persist()
+        log.info(
+            "flow running", version=t.version, replaced=old.version if old is not None else None
+        )
+
+    async def _collect_garbage(self) -> None:
+        keep: set[str] = set()
+        for rec in self.state.flows.values():
+            for inst in (rec.installed, rec.previous):
+                if inst is not None:
+                    keep.add(inst.sha256)
+        if self.desired is not None:
+            keep.update(s.artifact.sha256 for s in self.desired.flows.values() if s.artifact)
+        try:
+            removed = await asyncio.to_thread(self.artifacts.gc, keep)
+        except OSError as exc:  # a full or read-only disk must not end the run
+            log.warning("artifact garbage collection failed", error=str(exc))
+            return
+        for sha in removed:
+            self.host.runtime.forget(sha)
+        await asyncio.to_thread(self.host.runtime.forget_cached, keep | self.host.module_digests())
+        if removed:
+            log.info("artifacts garbage-collected", count=len(removed))
+
+    async def close(self) -> None:
+        task = self._run_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.persist()
+        self._writer.close()
+
+
+def run_spec(t: Target) -> RunSpec:
+    manifest = Manifest.from_json(t.manifest_json)
+    return RunSpec(
+        flow_id=t.flow_id,
+        version=t.version,
+        sha256=t.artifact.sha256,
+        kind=t.artifact.kind.value,
+        config=t.config,
+        triggers=manifest.triggers,
+        permissions=manifest.permissions,
+    )
+
+
+def _current_task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class _SerialWriter:
+    """One thread writes state files in submission order (cancellation-safe)."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
+
+        self._closed = False
+
+    async def write(self, store: StateStore, data: bytes) -> None:
+        if self._closed:  # the last save at shutdown, after the run stopped
+            await asyncio.to_thread(store.save_bytes, data)
+            return
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._pool, store.save_bytes, data)
+        await asyncio.shield(fut)
+
+    def close(self) -> None:
+        self._closed = True
+        self._pool.shutdown(wait=True)
