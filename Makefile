@@ -2,23 +2,33 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint typecheck unit demo bench clean
+.PHONY: setup test check lint typecheck unit integration e2e demo bench clean
 
 setup:
 	@scripts/bootstrap
 
-## Everything CI runs: lint, type check, the whole test suite.
-test: setup lint typecheck unit
+## Everything CI runs: lint, type check, the whole test suite (unit, integration, e2e).
+test: setup lint typecheck
+	$(PY) -m pytest
+
+## The inner loop (under a minute): lint, type check, unit tests.
+check: setup lint typecheck unit
 
 lint: setup
 	$(VENV)/bin/ruff check agent tests bench
-	$(VENV)/bin/ruff format --check agent
+	$(VENV)/bin/ruff format --check agent tests bench
 
 typecheck: setup
 	$(VENV)/bin/mypy
 
 unit: setup
-	$(PY) -m pytest
+	$(PY) -m pytest tests/unit
+
+integration: setup
+	$(PY) -m pytest tests/integration
+
+e2e: setup
+	$(PY) -m pytest tests/e2e
 
 ## A local demonstration: private broker, agent, a deployment converging.
 demo: setup

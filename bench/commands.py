@@ -60,8 +60,7 @@ class Client:
         self.cond = threading.Condition()
         self.count = 0
         self.stamps: list[float] = []
-        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=paho.MQTTv5)
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
         self.c.max_inflight_messages_set(20)
         self.c.on_socket_open = nodelay
         subscribed = threading.Event()
@@ -107,16 +106,23 @@ def measure(client: Client, send: Callable[[], None], n: int) -> dict[str, float
         send()
     client.wait_count(start_count + n)
     rate = n / (time.perf_counter() - t0)
-    return {"per_s": rate, "p50_us": pct(lat, 50), "p99_us": pct(lat, 99),
-            "mean_us": statistics.fmean(lat)}
+    return {
+        "per_s": rate,
+        "p50_us": pct(lat, 50),
+        "p99_us": pct(lat, 99),
+        "mean_us": statistics.fmean(lat),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--nagle", action="store_true",
-                    help="leave Mosquitto's default (no TCP_NODELAY) to see its cost")
+    ap.add_argument(
+        "--nagle",
+        action="store_true",
+        help="leave Mosquitto's default (no TCP_NODELAY) to see its cost",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-bench-cmd-"))
     data = COUNTER.read_bytes()
@@ -132,8 +138,8 @@ def main() -> None:
         baseline = Client(port, "bench-baseline", "bench/reply")
         time.sleep(0.2)  # let the echo's SUBACK land (it has no waiter of its own)
         results["baseline_paho_echo"] = measure(
-            baseline, lambda: baseline.c.publish("bench/request", b'{"name":"x"}', qos=1),
-            args.n)
+            baseline, lambda: baseline.c.publish("bench/request", b'{"name":"x"}', qos=1), args.n
+        )
         baseline.close()
         echo.loop_stop()
         echo.disconnect()
@@ -151,11 +157,20 @@ def main() -> None:
             op = Client(port, "bench-operator", f"edge/{DEVICE}/command/response")
             flow_replies = Client(port, "bench-flow", f"edge/{DEVICE}/flows/counter/reply")
             states = Client(port, "bench-state", f"edge/{DEVICE}/state")
-            desired = {"generation": 1, "flows": {"counter": {
-                "version": "1", "artifact": {"url": COUNTER.as_uri(),
-                                             "sha256": hashlib.sha256(data).hexdigest()},
-                "triggers": [{"type": "command", "command": "counter.get"}],
-                "permissions": {"publishRate": 10000}}}}
+            desired = {
+                "generation": 1,
+                "flows": {
+                    "counter": {
+                        "version": "1",
+                        "artifact": {
+                            "url": COUNTER.as_uri(),
+                            "sha256": hashlib.sha256(data).hexdigest(),
+                        },
+                        "triggers": [{"type": "command", "command": "counter.get"}],
+                        "permissions": {"publishRate": 10000},
+                    }
+                },
+            }
             op.c.publish(f"edge/{DEVICE}/desired", json.dumps(desired), qos=1, retain=True)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:  # until the flow runs
@@ -168,19 +183,22 @@ def main() -> None:
                     continue
             ping = json.dumps({"name": "agent.ping"}).encode()
             results["agent_ping"] = measure(
-                op, lambda: op.c.publish(f"edge/{DEVICE}/command", ping, qos=1), args.n)
+                op, lambda: op.c.publish(f"edge/{DEVICE}/command", ping, qos=1), args.n
+            )
             get = json.dumps({"name": "counter.get"}).encode()
             results["flow_command"] = measure(
-                flow_replies, lambda: op.c.publish(f"edge/{DEVICE}/command", get, qos=1),
-                args.n)
+                flow_replies, lambda: op.c.publish(f"edge/{DEVICE}/command", get, qos=1), args.n
+            )
             for c in (op, flow_replies, states):
                 c.close()
         finally:
             agent.send_signal(signal.SIGTERM)
             agent.wait(20)
-    results["machine"] = (f"{platform.machine()}, Python {platform.python_version()}, "
-                          f"{args.n} round trips per measure, window {WINDOW}, "
-                          f"mosquitto set_tcp_nodelay {'false' if args.nagle else 'true'}")
+    results["machine"] = (
+        f"{platform.machine()}, Python {platform.python_version()}, "
+        f"{args.n} round trips per measure, window {WINDOW}, "
+        f"mosquitto set_tcp_nodelay {'false' if args.nagle else 'true'}"
+    )
     if args.json:
         print(json.dumps(results, indent=2))
         return

@@ -199,10 +199,16 @@ def main() -> None:
         f"Python {platform.python_version()}, wasmtime {wasmtime.__name__ and _wt_version()}",
         "module_bytes": len(modules[1]),
         "deployments": len(latencies),
-        "converge_ms": {"median": statistics.median(latencies), "p95": pct(latencies, 95),
-                        "min": min(latencies), "max": max(latencies)},
-        "baseline_compile_ms": {"median": statistics.median(compile_ms),
-                                "p95": pct(compile_ms, 95)},
+        "converge_ms": {
+            "median": statistics.median(latencies),
+            "p95": pct(latencies, 95),
+            "min": min(latencies),
+            "max": max(latencies),
+        },
+        "baseline_compile_ms": {
+            "median": statistics.median(compile_ms),
+            "p95": pct(compile_ms, 95),
+        },
         "baseline_paho_rtt_ms": {"median": statistics.median(rtt_ms), "p95": pct(rtt_ms, 95)},
     }
     if args.json:

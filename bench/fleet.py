@@ -64,8 +64,9 @@ def rss_bytes(pid: int) -> int:
 
 
 def mosquitto_pid(port: int) -> int:
-    out = subprocess.run(["pgrep", "-f", "mosquitto -c"], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        ["pgrep", "-f", "mosquitto -c"], capture_output=True, text=True, check=False
+    )
     for pid in out.stdout.split():
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         conf = cmd.split(" -c ", 1)[-1].strip()
@@ -88,15 +89,32 @@ def agent_fleet(n: int, broker: str, broker_pid: int, work: Path) -> dict[str, A
     out_path, err_path = work / "sim.out", work / "sim.err"
     with out_path.open("w") as out_f, err_path.open("w") as err_f:
         sim = subprocess.Popen(
-            [sys.executable, "-m", "agent", "sim", "--devices", str(n), "--broker", broker,
-             "--state-root", str(work / f"sim-{n}"), "--log-level", "warning"],
-            stdout=out_f, stderr=err_f, text=True,
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "sim",
+                "--devices",
+                str(n),
+                "--broker",
+                broker,
+                "--state-root",
+                str(work / f"sim-{n}"),
+                "--log-level",
+                "warning",
+            ],
+            stdout=out_f,
+            stderr=err_f,
+            text=True,
         )
     started = time.monotonic()
     client = FleetClient(MqttConfig.model_validate({"broker": broker}), f"bench-op-{n}")
     try:
-        wait(lambda: sum(d.online for d in client.devices().values()) == n, 60 + n / 10,
-             f"{n} devices online")
+        wait(
+            lambda: sum(d.online for d in client.devices().values()) == n,
+            60 + n / 10,
+            f"{n} devices online",
+        )
         startup_s = time.monotonic() - started
         time.sleep(2)  # let start-up work finish before measuring idle
         idle_rss = rss_bytes(sim.pid)
@@ -106,8 +124,12 @@ def agent_fleet(n: int, broker: str, broker_pid: int, work: Path) -> dict[str, A
         idle_cpu = (cpu_seconds(sim.pid) - c0) / 5, (cpu_seconds(broker_pid) - b0) / 5
 
         artifact = client.publish_artifact(COUNTER, 1 << 20)
-        entry = {"version": "1.0.0", "artifact": artifact.entry(), "deploymentId": f"b{n}",
-                 **COUNTER_MANIFEST}
+        entry = {
+            "version": "1.0.0",
+            "artifact": artifact.entry(),
+            "deploymentId": f"b{n}",
+            **COUNTER_MANIFEST,
+        }
         devices = sorted(client.devices())
         c0, b0 = cpu_seconds(sim.pid), cpu_seconds(broker_pid)
         t0 = time.monotonic()
@@ -234,13 +256,21 @@ def raw_paho_fleet(n: int, port: int, broker_pid: int) -> dict[str, Any]:
         time.sleep(1)
         sha = hashlib.sha256(COUNTER).hexdigest()
         op.publish(f"raw/artifacts/{sha}", COUNTER, qos=1, retain=True).wait_for_publish(10)
-        doc = json.dumps({"generation": 1, "flows": {"counter": {
-            "version": "1.0.0", "artifact": {"url": f"mqtt:raw/artifacts/{sha}"}}}})
+        doc = json.dumps(
+            {
+                "generation": 1,
+                "flows": {
+                    "counter": {
+                        "version": "1.0.0",
+                        "artifact": {"url": f"mqtt:raw/artifacts/{sha}"},
+                    }
+                },
+            }
+        )
         b0 = cpu_seconds(broker_pid)
         p0 = time.process_time()
         t0 = time.monotonic()
-        infos = [op.publish(f"raw/{d.device_id}/desired", doc, qos=1, retain=True)
-                 for d in devices]
+        infos = [op.publish(f"raw/{d.device_id}/desired", doc, qos=1, retain=True) for d in devices]
         for info in infos:
             info.wait_for_publish(30)
         wait(lambda: len(states) == n, 120, "raw states")
@@ -298,8 +328,11 @@ def bare_wasmtime(n: int) -> dict[str, Any]:
     took = time.perf_counter() - t0
     per = (rss_bytes(os.getpid()) - rss0) / n
     del stores
-    return {"compile_ms": round(compile_s * 1000, 1), "instantiate_ms_each":
-            round(took / n * 1000, 2), "kib_per_instance": round(per / 1024)}
+    return {
+        "compile_ms": round(compile_s * 1000, 1),
+        "instantiate_ms_each": round(took / n * 1000, 2),
+        "kib_per_instance": round(per / 1024),
+    }
 
 
 def main() -> None:
@@ -327,20 +360,32 @@ def main() -> None:
         if not args.json:
             a, r, w = agent, raw, results["sizes"][n]["bare_wasmtime"]
             print(f"\n{n} devices")
-            print(f"  agents : all online {a['startup_s']} s after start; desired written in "
-                  f"{a['write_s']} s; all success after {a['converge_s']} s")
-            print(f"           CPU during convergence: fleet {a['sim_cpu_s']} s, broker "
-                  f"{a['broker_cpu_s']} s; idle: fleet {a['idle_sim_cpu_pct']} %, broker "
-                  f"{a['idle_broker_cpu_pct']} % of a core")
-            print(f"           memory per device: {a['idle_kib_per_device']} KiB idle, "
-                  f"{a['running_kib_per_device']} KiB running the counter")
+            print(
+                f"  agents : all online {a['startup_s']} s after start; desired written in "
+                f"{a['write_s']} s; all success after {a['converge_s']} s"
+            )
+            print(
+                f"           CPU during convergence: fleet {a['sim_cpu_s']} s, broker "
+                f"{a['broker_cpu_s']} s; idle: fleet {a['idle_sim_cpu_pct']} %, broker "
+                f"{a['idle_broker_cpu_pct']} % of a core"
+            )
+            print(
+                f"           memory per device: {a['idle_kib_per_device']} KiB idle, "
+                f"{a['running_kib_per_device']} KiB running the counter"
+            )
             print(f"           broker RSS with {n} devices connected: {a['broker_rss_mib']} MiB")
-            print(f"           stopped (SIGINT) in {a['stop_s']} s; {a['warnings']} warnings "
-                  f"logged {a['first_warnings']}")
-            print(f"  raw paho baseline: all states after {r['converge_s']} s; CPU clients "
-                  f"{r['client_cpu_s']} s, broker {r['broker_cpu_s']} s")
-            print(f"  bare wasmtime baseline: compile {w['compile_ms']} ms once, "
-                  f"{w['instantiate_ms_each']} ms and {w['kib_per_instance']} KiB per instance")
+            print(
+                f"           stopped (SIGINT) in {a['stop_s']} s; {a['warnings']} warnings "
+                f"logged {a['first_warnings']}"
+            )
+            print(
+                f"  raw paho baseline: all states after {r['converge_s']} s; CPU clients "
+                f"{r['client_cpu_s']} s, broker {r['broker_cpu_s']} s"
+            )
+            print(
+                f"  bare wasmtime baseline: compile {w['compile_ms']} ms once, "
+                f"{w['instantiate_ms_each']} ms and {w['kib_per_instance']} KiB per instance"
+            )
     if args.json:
         print(json.dumps(results, indent=2))
 

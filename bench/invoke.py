@@ -95,14 +95,30 @@ async def agent_path(data: bytes, n: int) -> tuple[list[float], float]:
     limits = Limits(call_deadline_ms=5000)
     async with Runtime(limits, workers=2) as runtime:
         arrived: asyncio.Queue[float] = asyncio.Queue()
-        host = FlowHost(runtime, limits, "bench", flows_dir=Path(tempfile.mkdtemp()) / "f",
-                        device_base="edge/bench", supervision=Supervision(),
-                        publish=lambda _t, _p, _q: arrived.put_nowait(time.perf_counter()))
+        host = FlowHost(
+            runtime,
+            limits,
+            "bench",
+            flows_dir=Path(tempfile.mkdtemp()) / "f",
+            device_base="edge/bench",
+            supervision=Supervision(),
+            publish=lambda _t, _p, _q: arrived.put_nowait(time.perf_counter()),
+        )
         manifest = Manifest.model_validate(
-            {"triggers": [{"type": "command", "command": "counter.get"}],
-             "permissions": {"publishRate": 10_000}})
-        spec = RunSpec(flow_id="counter", version="1", sha256="b" * 64, kind="wasm",
-                       config={}, triggers=manifest.triggers, permissions=manifest.permissions)
+            {
+                "triggers": [{"type": "command", "command": "counter.get"}],
+                "permissions": {"publishRate": 10_000},
+            }
+        )
+        spec = RunSpec(
+            flow_id="counter",
+            version="1",
+            sha256="b" * 64,
+            kind="wasm",
+            config={},
+            triggers=manifest.triggers,
+            permissions=manifest.permissions,
+        )
         runner = await host.prepare(spec, data)
         await host.activate("counter", runner)
         lat = []
@@ -135,18 +151,28 @@ def main() -> None:
         "machine": f"{platform.machine()}, Python {platform.python_version()}, "
         f"wasmtime {version('wasmtime')}",
         "invocations": args.n,
-        "agent": {"per_s": agent_rate, "p50_us": pct(agent_lat, 50),
-                  "p99_us": pct(agent_lat, 99), "mean_us": statistics.fmean(agent_lat)},
-        "bare_wasmtime": {"per_s": bare_rate, "p50_us": pct(bare_lat, 50),
-                          "p99_us": pct(bare_lat, 99), "mean_us": statistics.fmean(bare_lat)},
+        "agent": {
+            "per_s": agent_rate,
+            "p50_us": pct(agent_lat, 50),
+            "p99_us": pct(agent_lat, 99),
+            "mean_us": statistics.fmean(agent_lat),
+        },
+        "bare_wasmtime": {
+            "per_s": bare_rate,
+            "p50_us": pct(bare_lat, 50),
+            "p99_us": pct(bare_lat, 99),
+            "mean_us": statistics.fmean(bare_lat),
+        },
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"machine: {result['machine']}; {args.n} invocations of counter.wasm edge_on_event")
     print(f"{'path':<52} {'per s':>9} {'p50 us':>9} {'p99 us':>9}")
-    for name, key in [("agent: command -> queue -> wasm -> publish on loop", "agent"),
-                      ("baseline: bare wasmtime-py call of the same export", "bare_wasmtime")]:
+    for name, key in [
+        ("agent: command -> queue -> wasm -> publish on loop", "agent"),
+        ("baseline: bare wasmtime-py call of the same export", "bare_wasmtime"),
+    ]:
         r = result[key]
         print(f"{name:<52} {r['per_s']:>9.0f} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f}")
 

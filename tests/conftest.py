@@ -10,16 +10,14 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 from artifact_server import ArtifactServer
 from broker import MOSQUITTO, Broker, Operator
+from common import MakeConfig
 
 from agent.device._logging import configure_logging
 from agent.device.config import AgentConfig
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
 
 configure_logging("debug" if os.environ.get("EDGE_AGENT_TEST_DEBUG") else "info")
 
@@ -51,9 +49,6 @@ def artifact_server() -> Iterator[ArtifactServer]:
         yield server
 
 
-MakeConfig = Callable[..., AgentConfig]
-
-
 @pytest.fixture
 def make_config(tmp_path: Path, broker: Broker) -> MakeConfig:
     """An agent config for a test: fast timings, private state dir, the test broker."""
@@ -63,13 +58,26 @@ def make_config(tmp_path: Path, broker: Broker) -> MakeConfig:
             "device_id": device_id,
             "device_type": "rpi4",
             "state_dir": str(tmp_path / f"state-{device_id}"),
-            "mqtt": {"broker": broker.url, "reconnect_min": 0.05, "reconnect_max": 0.5,
-                     "keepalive": 5},
-            "artifacts": {"retries": 2, "backoff_initial": 0.05, "backoff_max": 0.2,
-                          "stall_timeout": 2.0, "read_timeout": 2.0, "min_free_space": 0},
+            "mqtt": {
+                "broker": broker.url,
+                "reconnect_min": 0.05,
+                "reconnect_max": 0.5,
+                "keepalive": 5,
+            },
+            "artifacts": {
+                "retries": 2,
+                "backoff_initial": 0.05,
+                "backoff_max": 0.2,
+                "stall_timeout": 2.0,
+                "read_timeout": 2.0,
+                "min_free_space": 0,
+            },
             "sandbox": {"call_deadline_ms": 1000},
-            "reconcile": {"retry_backoff_initial": 0.2, "retry_backoff_max": 1.0,
-                          "state_coalesce_ms": 20},
+            "reconcile": {
+                "retry_backoff_initial": 0.2,
+                "retry_backoff_max": 1.0,
+                "state_coalesce_ms": 20,
+            },
         }
         for key, value in over.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -97,22 +105,3 @@ async def running_agent(make_config: MakeConfig) -> AsyncIterator[Callable[..., 
     yield start
     for agent in reversed(agents):
         await agent.__aexit__(None, None, None)
-
-
-def eea_samples() -> Path:
-    return SHARED / "eea-samples"
-
-
-async def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll ``check`` on the event loop until it is truthy; fail after ``timeout`` seconds."""
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or check}")
-        await asyncio.sleep(0.02)
