@@ -1,7 +1,7 @@
 """Fuzz and fault campaign against a real ``edge-agent run`` process.
 
-Starts a private Mosquitto (``tests/broker.py``), an HTTP artifact server
-(``tests/artifact_server.py``) and the agent as a subprocess, then publishes
+Starts a private Mosquitto (``tests/support/broker.py``), an HTTP artifact server
+(``tests/support/artifact_server.py``) and the agent as a subprocess, then publishes
 mutated desired documents (retained, QoS 1) and mutated commands (QoS 1) at it, in
 batches that each end with an ``agent.ping`` barrier (the next batch goes out only
 once the agent has answered), so the campaign measures the agent, not a backlog.
@@ -1722,7 +1722,7 @@ class Campaign:
     # -- set-up --------------------------------------------------------------------------
 
     def setup(self, stack: contextlib.ExitStack) -> None:
-        tests = str(ROOT / "tests")
+        tests = str(ROOT / "tests" / "support")
         if tests not in sys.path:
             sys.path.insert(0, tests)
         import wat

@@ -17,9 +17,10 @@ outcome) and, raw, to EEA bundles. A command whose ``time`` is older than
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
@@ -124,6 +125,10 @@ class CommandRouter:
         self.agent = agent
         self.max_age_s = max_age_s
         self.flow_timeout_s = flow_timeout_s
+        #: Past this, a command is answered ``ok: false`` even if its work goes on (a
+        #: restart waiting for a spinning flow's deadline): one response, always.
+        self.answer_within_s = flow_timeout_s + 5
+        self._unfinished: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()
         self.handled = 0
         self.builtins: dict[str, Callable[[Any], Awaitable[Any]]] = {
@@ -158,7 +163,7 @@ class CommandRouter:
                         f"stale: issued {age:.0f} s ago (commands older than "
                         f"{self.max_age_s:.0f} s are not executed)"
                     )
-            result = await self._run(cmd, msg)
+            result = await self._bounded(self._run(cmd, msg), cmd.name)
         except AgentError as exc:
             self._respond(msg, cmd, ok=False, body=str(exc), echo=echo)
         except Exception as exc:  # a bug must still answer, and not stop the agent
@@ -166,6 +171,25 @@ class CommandRouter:
             self._respond(msg, cmd, ok=False, body=f"internal error: {exc!r}", echo=echo)
         else:
             self._respond(msg, cmd, ok=True, body=result)
+
+    async def _bounded(self, work: Coroutine[Any, Any, Any], name: str) -> Any:
+        """``work``'s result, or :class:`CommandError` after :attr:`answer_within_s`
+        (the work is not cancelled: it finishes in the background and is logged)."""
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.answer_within_s)
+        except TimeoutError:
+            self._unfinished.add(task)
+            task.add_done_callback(functools.partial(self._finished_late, name))
+            raise CommandError(
+                f"no result within {self.answer_within_s:g} s; the command goes on "
+                "(see agent.flows and agent.logs)"
+            ) from None
+
+    def _finished_late(self, name: str, task: asyncio.Task[Any]) -> None:
+        self._unfinished.discard(task)
+        outcome = "cancelled" if task.cancelled() else str(task.exception() or "done")
+        log.info("command finished after its answer", command=name, outcome=outcome[:200])
 
     async def _run(self, cmd: Command, msg: Message) -> Any:
         handler = self.builtins.get(cmd.name)

@@ -320,3 +320,36 @@ async def test_a_flow_answers_a_command_with_edge_respond(
     assert "result" not in r["result"]["flows"]["probe"]
     await wait_until(lambda: len(op.messages("edge/dev1/flows/probe/rc")) == 2, what="rc 2")
     assert int.from_bytes(op.messages("edge/dev1/flows/probe/rc")[1], "little", signed=True) == -2
+
+
+async def test_a_command_whose_work_runs_long_is_still_answered(
+    op: Operator, agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exactly one response, always: work that outlasts the answer bound (a restart
+    behind a spinning flow's deadline; a delay injected here) is answered ok: false,
+    and goes on to completion (found by bench/fuzz.py: a restart-flow unanswered)."""
+    import asyncio
+
+    import structlog
+
+    agent.commands.answer_within_s = 0.3
+    real = agent.restart_flow
+
+    async def slow(flow_id: str) -> Any:
+        await asyncio.sleep(1.0)
+        return await real(flow_id)
+
+    monkeypatch.setattr(agent, "restart_flow", slow)
+    with structlog.testing.capture_logs() as logs:
+        reply = await ask(
+            op, {"name": "agent.restart-flow", "payload": {"flowId": "echo"}}, "slow-1"
+        )
+        assert reply["ok"] is False
+        assert "no result within 0.3 s; the command goes on" in reply["error"]
+        late = await wait_until(
+            lambda: [e for e in logs if e["event"] == "command finished after its answer"],
+            what="the restart to finish",
+        )
+    assert late[0]["command"] == "agent.restart-flow"
+    responses = [json.loads(p) for p in op.messages(RESPONSE)]
+    assert [r["id"] for r in responses].count("slow-1") == 1

@@ -377,3 +377,27 @@ async def test_the_agents_own_subscriptions_are_never_released_by_a_flow(tmp_pat
         await rec.host.remove("f1")
         assert rec.subscribed == []  # the agent subscribes to it itself
         assert rec.unsubscribed == []
+
+
+async def test_an_abandoned_start_up_leaves_no_unretrieved_error(h: Host) -> None:
+    """A start-up superseded while its module spins: the worker thread still ends at the
+    call deadline, and that trap is taken, not left as 'Task exception was never
+    retrieved' (found by bench/fuzz.py)."""
+    import contextlib
+    import gc
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        task = asyncio.create_task(h.deploy(wat.spin_on_start(), flow_id="spin"))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(LIMITS.call_deadline_ms / 1000 + 0.5)  # past its deadline
+        gc.collect()
+        await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -201,8 +202,9 @@ class FlowRunner:
             await asyncio.shield(fut)
             await self._after_start(inst)
         except asyncio.CancelledError:
-            # Superseded while starting: the thread finishes on its own; drop the instance.
-            fut.add_done_callback(lambda _f: inst.close())
+            # Superseded while starting: the thread finishes on its own; drop the instance
+            # (and take its outcome, a trap or timeout included: nobody else will).
+            fut.add_done_callback(functools.partial(_abandoned_start, inst, self.log))
             raise
         except SandboxError:
             inst.close()
@@ -524,3 +526,10 @@ class BundleRunner(FlowRunner):
     def connection(self, connected: bool) -> None:
         for part in self.parts:
             part.connection(connected)
+
+
+def _abandoned_start(inst: FlowInstance, log: Any, fut: asyncio.Future[Any]) -> None:
+    """A start-up whose waiter was cancelled: close the instance, note how it ended."""
+    inst.close()
+    if not fut.cancelled() and fut.exception() is not None:
+        log.info("abandoned start-up ended", outcome=str(fut.exception())[:200])
