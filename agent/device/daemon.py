@@ -30,15 +30,16 @@ from agent.device.mqtt import Message, MqttSession, Will
 from agent.device.outbox import Outbox, OutboxLimits
 from agent.device.pacer import PaceLimits, Pacer
 from agent.device.reconciler import Reconciler
+from agent.device.records import FlowRecords
 from agent.device.reporter import Reporter, offline_status
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner, RunSpec, Supervision
 from agent.device.runtime.sandbox import Limits, Runtime
 from agent.device.sdnotify import Notifier
-from agent.device.state import FlowRecord, StateStore, recover
+from agent.device.state import FlowRecord, StateStore
 from agent.errors import AgentError
 from agent.wire.manifest import Manifest
-from agent.wire.protocol import FlowRuntime, Status, utc_now_iso
+from agent.wire.protocol import FlowRuntime, utc_now_iso
 from agent.wire.signing import Trust
 from agent.wire.topics import Topics
 
@@ -143,7 +144,8 @@ class Agent:
         cfg = self.cfg
         state_store = StateStore(cfg.state_dir)
         state = state_store.load()
-        for note in recover(state):
+        records = FlowRecords(state)
+        for note in records.recover():
             log.info("recovered after restart", note=note)
         artifacts = ArtifactStore(cfg.state_dir / "artifacts")
         mqtt_cfg = cfg.effective_mqtt()
@@ -219,6 +221,7 @@ class Agent:
             artifacts,
             fetcher,
             reporter,
+            records=records,
             trust=Trust.from_files(
                 cfg.artifacts.trusted_keys, require=cfg.artifacts.require_signature
             ),
@@ -433,13 +436,10 @@ class Agent:
         self.pacer_publish(topic, payload, qos=0)
 
     def _on_health(self, runner: FlowRunner) -> None:
-        rec = self.reconciler.state.flows.get(runner.flow_id)
-        if rec is not None and self.host.running.get(runner.flow_id) is runner:
-            broken = runner.broken
-            if broken != rec.broken:
-                rec.broken = broken
-                rec.last_updated = utc_now_iso()
-                self.reconciler.persist_soon()
+        if self.host.running.get(runner.flow_id) is runner and self.reconciler.records.set_broken(
+            runner.flow_id, runner.broken
+        ):
+            self.reconciler.persist_soon()
         self.reporter.mark_dirty()
 
     def _spawn_command(self, msg: Message) -> None:
@@ -496,8 +496,7 @@ class Agent:
             raise AgentError(f"flow {flow_id!r} not found or not installed")
         runner = await self._prepare_installed(flow_id, rec)
         await self.host.activate(flow_id, runner)
-        rec.broken = False
-        rec.last_updated = utc_now_iso()
+        self.reconciler.records.set_broken(flow_id, False)
         await self.reconciler.persist()
         self.reporter.mark_dirty()
         log.info("flow restarted on command", flow_id=flow_id, version=runner.version)
@@ -522,11 +521,7 @@ class Agent:
                     version=inst.version,
                     error=str(exc),
                 )
-                rec.installed = None
-                rec.status = Status.FAILURE
-                rec.error = f"could not start from local store: {exc}"
-                rec.target = None
-                rec.last_updated = utc_now_iso()
+                self.reconciler.records.lost(flow_id, f"could not start from local store: {exc}")
                 return
             await self.host.activate(flow_id, runner)
             log.info("flow started from local store", flow_id=flow_id, version=inst.version)

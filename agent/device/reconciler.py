@@ -5,9 +5,10 @@
 - A newer desired document supersedes the run in flight: the run is cancelled, and
   every flow whose in-flight target changed is reported ``aborted``. Downloads keep
   their partial file and resume; ``Activate`` is shielded, so a swap completes.
-- Every status transition goes through :meth:`Reconciler._transition`, which updates
-  the record, persists state (before the work that follows), emits the event and
-  marks the state report dirty.
+- Every record change goes through :class:`~agent.device.records.FlowRecords` (the
+  one writer, with the table of legal transitions); :meth:`Reconciler._announce`
+  turns a status change into the log line, the event and a state report. The
+  executors (:mod:`agent.device.executors`) persist before the work that follows.
 - A failed attempt is retried with exponential backoff until ``retries`` is spent.
 - At most :data:`MAX_RUNS_WITHOUT_TRIGGER` consecutive runs happen without a new
   trigger; past that the loop backs off (a guard against a planner that never settles).
@@ -18,70 +19,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import structlog
 
 from agent.device._logging import capture
 from agent.device.artifacts import ArtifactStore, Fetcher
 from agent.device.config import AgentConfig
+from agent.device.executors import Chain, Executors
 from agent.device.planner import (
-    Activate,
     Download,
-    Forget,
-    Install,
-    Remove,
-    SetStatus,
     Step,
     Target,
-    Verify,
     Wait,
     flow_id_of,
     plan,
 )
+from agent.device.records import FlowRecords
 from agent.device.reporter import Reporter
 from agent.device.runtime.flows import FlowHost
-from agent.device.runtime.runner import FlowRunner, RunSpec
 from agent.device.state import (
     FlowRecord,
-    InFlight,
-    Installed,
     PersistedState,
     StateStore,
     serialise,
 )
-from agent.errors import AgentError, IntegrityError, ProtocolError, StateError
-from agent.wire.bundle import read_bundle
-from agent.wire.manifest import Manifest
+from agent.errors import AgentError, ProtocolError, StateError
 from agent.wire.protocol import (
-    ArtifactKind,
     DesiredState,
     RejectedDesired,
     Status,
     parse_desired,
     utc_now_iso,
 )
-from agent.wire.redact import redact_url
 from agent.wire.signing import Trust
 
 log = structlog.get_logger("agent.device.reconciler")
 
 MAX_RUNS_WITHOUT_TRIGGER = 10
 IN_PROGRESS = frozenset({Status.PENDING, Status.DOWNLOADING, Status.INSTALLING})
-_UNSET: Any = object()
-
-
-@dataclass
-class _Chain:
-    """What one flow's steps pass along within a run."""
-
-    path: Path | None = None
-    data: bytes | None = None
-    runner: FlowRunner | None = None
-    steps: list[str] = field(default_factory=list)
 
 
 class Reconciler:
@@ -95,6 +71,7 @@ class Reconciler:
         fetcher: Fetcher,
         reporter: Reporter,
         trust: Trust | None = None,
+        records: FlowRecords | None = None,
     ) -> None:
         self.cfg = cfg
         self.trust = trust or Trust({})
@@ -118,15 +95,19 @@ class Reconciler:
         self.on_status: Callable[[str, Status], None] = lambda _f, _s: None
         self._background: set[asyncio.Task[None]] = set()
         self.runs = 0
-        self._executors: dict[type, Callable[[Any, _Chain], Awaitable[None]]] = {
-            SetStatus: self._exec_set_status,
-            Remove: self._exec_remove,
-            Forget: self._exec_forget,
-            Download: self._exec_download,
-            Verify: self._exec_verify,
-            Install: self._exec_install,
-            Activate: self._exec_activate,
-        }
+        #: The one writer of flow records (see :mod:`agent.device.records`).
+        self.records = records or FlowRecords(state)
+        self.records.on_change = self._announce
+        self.records.on_touch = lambda _flow_id: self.reporter.mark_dirty()
+        self.executors = Executors(
+            self.records,
+            host,
+            artifacts,
+            fetcher,
+            reporter,
+            self.persist,
+            on_activated=self._completed,
+        )
 
     def _parse_persisted(self) -> DesiredState | None:
         if self.state.desired_raw is None:
@@ -238,7 +219,7 @@ class Reconciler:
             # Only an attempt still in progress is aborted; one whose activation
             # completed while we waited for the run to stop stays a success.
             if rec is not None and rec.status in IN_PROGRESS:
-                self._transition(
+                self.records.transition(
                     flow_id,
                     Status.ABORTED,
                     error=f"superseded by generation {desired.generation}",
@@ -253,7 +234,7 @@ class Reconciler:
                 t = step.target
                 rec = self.state.flows.get(t.flow_id)
                 if rec is None or rec.target != t.key:
-                    self._transition(
+                    self.records.transition(
                         t.flow_id,
                         Status.PENDING,
                         target=t.key,
@@ -269,41 +250,15 @@ class Reconciler:
     def trigger(self) -> None:
         self._trigger.set()
 
+    def _completed(self, flow_id: str) -> None:
+        """An attempt activated: a newer document can no longer abort it."""
+        self._active.pop(flow_id, None)
+
     # ------------------------------------------------------------ transitions
-    def _transition(
-        self,
-        flow_id: str,
-        status: Status,
-        *,
-        error: str | None = _UNSET,
-        target: str | None = _UNSET,
-        generation: int | None = _UNSET,
-        desired_version: str | None = _UNSET,
-        deployment_id: str | None = _UNSET,
-        attempts: int | None = _UNSET,
-        inflight: InFlight | None = _UNSET,
-        next_retry_at: float | None = _UNSET,
-    ) -> FlowRecord:
-        """The one place a flow's status changes. Persist with :meth:`persist` after."""
-        created = flow_id not in self.state.flows
-        rec = self.state.flows.setdefault(flow_id, FlowRecord())
-        changes = {
-            "error": error,
-            "target": target,
-            "generation": generation,
-            "desired_version": desired_version,
-            "deployment_id": deployment_id,
-            "attempts": attempts,
-            "inflight": inflight,
-            "next_retry_at": next_retry_at,
-        }
-        for name, value in changes.items():
-            if value is not _UNSET:
-                setattr(rec, name, value)
-        previous = rec.status
-        rec.status = status
-        rec.last_updated = utc_now_iso()
-        if created or previous != status or status == Status.FAILURE:
+    def _announce(self, flow_id: str, rec: FlowRecord, previous: Status | None) -> None:
+        """Every status change (from :class:`FlowRecords`): log, event, state report."""
+        status = rec.status
+        if previous is None or previous != status or status == Status.FAILURE:
             log.info(
                 "flow status",
                 flow_id=flow_id,
@@ -314,9 +269,8 @@ class Reconciler:
             )
             self.reporter.event(flow_id, rec)
         self.reporter.mark_dirty()
-        if previous != status or created:
+        if previous != status:
             self.on_status(flow_id, status)
-        return rec
 
     def persist_soon(self) -> None:
         """Persist from synchronous code (a fire-and-forget, still ordered, write)."""
@@ -396,7 +350,7 @@ class Reconciler:
 
     async def _run_flow(self, flow_id: str, steps: list[Step]) -> None:
         structlog.contextvars.bind_contextvars(flow_id=flow_id, device_id=self.device_id)
-        chain = _Chain()
+        chain = Chain()
         target = next((s.target for s in steps if isinstance(s, Download)), None)
         if target is not None:
             self._active[flow_id] = target.key
@@ -404,7 +358,7 @@ class Reconciler:
         try:
             for step in steps:
                 chain.steps.append(type(step).__name__)
-                await self._executors[type(step)](step, chain)
+                await self.executors.execute(step, chain)
         except asyncio.CancelledError:
             if chain.runner is not None and self.host.running.get(flow_id) is not chain.runner:
                 chain.runner.stop()
@@ -439,7 +393,7 @@ class Reconciler:
             )
         else:
             log.error("deployment failed; retries spent", error=reason, attempt=rec.attempts)
-        rec = self._transition(
+        rec = self.records.transition(
             flow_id,
             Status.FAILURE,
             error=reason,
@@ -452,149 +406,6 @@ class Reconciler:
             log.error("cannot persist the failure", error=str(exc))
         self.reporter.deployment_log(flow_id, rec, capture.take(self.device_id, flow_id))
         capture.start(self.device_id, flow_id, self.cfg.reconcile.log_lines)
-
-    # ------------------------------------------------------------ executors
-    async def _exec_set_status(self, step: SetStatus, _chain: _Chain) -> None:
-        if step.status == Status.REMOVED:  # never installed: still drop what it left
-            await self.host.remove(step.flow_id, purge=True)
-        self._transition(
-            step.flow_id,
-            step.status,
-            error=step.error,
-            target=step.target,
-            generation=step.generation,
-            desired_version=step.desired_version,
-            deployment_id=step.deployment_id,
-            inflight=None,
-            next_retry_at=None,
-            attempts=0 if step.status != Status.FAILURE else _UNSET,
-        )
-        await self.persist()
-
-    async def _exec_remove(self, step: Remove, _chain: _Chain) -> None:
-        rec = self.state.flows[step.flow_id]
-        await self.host.remove(step.flow_id, purge=True)
-        rec.previous = rec.installed
-        rec.installed = None
-        log.info("flow removed", version=rec.previous.version if rec.previous else None)
-        self._transition(
-            step.flow_id,
-            Status.REMOVED,
-            target="remove",
-            error=None,
-            generation=step.generation,
-            desired_version=None,
-            deployment_id=step.deployment_id,
-            inflight=None,
-            attempts=0,
-            next_retry_at=None,
-        )
-        await self.persist()
-
-    async def _exec_forget(self, step: Forget, _chain: _Chain) -> None:
-        self.state.flows.pop(step.flow_id, None)
-        self.reporter.mark_dirty()
-        await self.persist()
-
-    async def _exec_download(self, step: Download, chain: _Chain) -> None:
-        t = step.target
-        rec = self.state.flows.get(t.flow_id)
-        # An attempt interrupted in this process (a newer document cancelled the run)
-        # resumes without costing an attempt; after a crash, recover() has already
-        # turned an interrupted install into a counted failure.
-        resuming = rec is not None and rec.target == t.key and rec.inflight is not None
-        if rec is None or rec.target != t.key:
-            attempts = 1
-        else:
-            attempts = rec.attempts if resuming else rec.attempts + 1
-        rec = self._transition(
-            t.flow_id,
-            Status.DOWNLOADING,
-            target=t.key,
-            generation=t.generation,
-            desired_version=t.version,
-            deployment_id=t.deployment_id,
-            attempts=attempts,
-            error=None,
-            inflight="download",
-            next_retry_at=None,
-        )
-        await self.persist()  # saved before the work that can be interrupted
-        log.info(
-            "downloading",
-            version=t.version,
-            url=redact_url(t.artifact.url),
-            attempt=attempts,
-            resumed=resuming,
-        )
-        chain.path = await self.fetcher.fetch(
-            t.artifact.url,
-            t.artifact.sha256,
-            t.artifact.size,
-            progress=lambda done, total: self.reporter.progress(t.flow_id, rec, done, total),
-        )
-
-    async def _exec_verify(self, step: Verify, chain: _Chain) -> None:
-        t = step.target
-        sha = t.artifact.sha256
-        if chain.path is None and not await asyncio.to_thread(self.artifacts.verify, sha):
-            raise IntegrityError(f"stored artifact {sha[:12]}… is missing or corrupt")
-        chain.data = data = await asyncio.to_thread(self.artifacts.read, sha)
-        runtime = self.host.runtime
-        if t.artifact.kind == ArtifactKind.BUNDLE:
-            bundle = await asyncio.to_thread(read_bundle, data)  # layout, limits, hashes
-            for blob in bundle.modules.values():
-                await runtime.run(lambda b=blob: runtime.validate(b))  # type: ignore[misc]
-            log.info(
-                "bundle verified",
-                sha256=sha,
-                bytes=len(data),
-                bundle=bundle.manifest.name,
-                modules=len(bundle.modules),
-            )
-            return
-        await runtime.run(lambda: runtime.validate(data))
-        log.info("artifact verified", sha256=sha, bytes=len(data))
-
-    async def _exec_install(self, step: Install, chain: _Chain) -> None:
-        t = step.target
-        self._transition(t.flow_id, Status.INSTALLING, inflight="install")
-        await self.persist()
-        assert chain.data is not None
-        started = time.perf_counter()
-        chain.runner = await self.host.prepare(run_spec(t), chain.data)
-        log.info(
-            "new version started",
-            version=t.version,
-            ms=round((time.perf_counter() - started) * 1000, 1),
-        )
-
-    async def _exec_activate(self, step: Activate, chain: _Chain) -> None:
-        # Shielded: once the new instance is up, the swap and its record complete
-        # even if a newer desired document cancels this run.
-        await asyncio.shield(self._activate(step.target, chain))
-
-    async def _activate(self, t: Target, chain: _Chain) -> None:
-        assert chain.runner is not None
-        rec = self.state.flows[t.flow_id]
-        old = await self.host.activate(t.flow_id, chain.runner)
-        if rec.installed is not None and rec.installed.sha256 != t.artifact.sha256:
-            rec.previous = rec.installed
-        rec.installed = Installed(
-            version=t.version,
-            sha256=t.artifact.sha256,
-            kind=t.artifact.kind.value,
-            config=t.config,
-            manifest=t.manifest_json,
-            deployment_id=t.deployment_id,
-        )
-        rec.broken = False  # a new deployment gives a broken flow a fresh start
-        self._transition(t.flow_id, Status.SUCCESS, error=None, inflight=None, next_retry_at=None)
-        self._active.pop(t.flow_id, None)  # complete: a newer document cannot abort it
-        await self.persist()
-        log.info(
-            "flow running", version=t.version, replaced=old.version if old is not None else None
-        )
 
     async def _collect_garbage(self) -> None:
         keep: set[str] = set()
@@ -623,19 +434,6 @@ class Reconciler:
                 await task
         await self.persist()
         self._writer.close()
-
-
-def run_spec(t: Target) -> RunSpec:
-    manifest = Manifest.from_json(t.manifest_json)
-    return RunSpec(
-        flow_id=t.flow_id,
-        version=t.version,
-        sha256=t.artifact.sha256,
-        kind=t.artifact.kind.value,
-        config=t.config,
-        triggers=manifest.triggers,
-        permissions=manifest.permissions,
-    )
 
 
 def _current_task_cancelling() -> bool:

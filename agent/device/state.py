@@ -7,8 +7,8 @@ unknown-schema file is moved aside (``state.json.corrupt-<time>``) with an error
 the log, and the agent starts from an empty state rather than guessing.
 
 The record of each flow is written *before* the work that could be interrupted
-(Mender's rule), and :func:`recover` maps every saved in-flight step to a safe
-resume point after a restart:
+(Mender's rule), and :meth:`agent.device.records.FlowRecords.recover` maps every
+saved in-flight step to a safe resume point after a restart:
 
 ============  =======================================================
 in flight     on restart
@@ -35,11 +35,9 @@ from agent.device._fsutil import atomic_write, remove_stale_temps
 from agent.errors import StateError
 from agent.wire.manifest import Manifest
 from agent.wire.protocol import (
-    MAX_GENERATION,
     FlowSpec,
     RejectedDesired,
     Status,
-    is_valid_id,
     utc_now_iso,
 )
 
@@ -122,42 +120,6 @@ def installed_matches(installed: Installed | None, spec: FlowSpec) -> bool:
         and installed.config == spec.config
         and installed.manifest == spec.manifest().canonical()
     )
-
-
-def recover(state: PersistedState, now: float | None = None) -> list[str]:
-    """Map in-flight steps saved before a crash to safe resume points (in place).
-
-    Returns a description of each change, for the log.
-    """
-    now = time.time() if now is None else now
-    notes: list[str] = []
-    for flow_id in [f for f in state.flows if not is_valid_id(f)]:
-        # Saved by an older agent that took ids such as ".." (they could name paths
-        # outside the flow's directory): forgotten, never touched on disk.
-        del state.flows[flow_id]
-        notes.append(f"{flow_id[:80]!r}: not a valid flow id; its record was dropped")
-    if state.generation is not None and not 0 <= state.generation <= MAX_GENERATION:
-        # An older agent accepted any generation: one past the bound would lock the
-        # device out of every later document. The next document applies.
-        notes.append(
-            f"applied generation ({len(str(state.generation))} digits) is out of bounds; "
-            "reset, the next desired document applies"
-        )
-        state.generation = None
-        state.desired_raw = None
-    for flow_id, rec in state.flows.items():
-        if rec.inflight == "install":
-            rec.inflight = None
-            rec.status = Status.FAILURE
-            rec.error = f"interrupted during install (attempt {rec.attempts})"
-            rec.next_retry_at = now
-            rec.last_updated = utc_now_iso()
-            notes.append(f"{flow_id}: install was interrupted; counted as a failed attempt")
-        elif rec.inflight == "download":
-            notes.append(f"{flow_id}: resuming interrupted download")
-        elif rec.status in (Status.DOWNLOADING, Status.INSTALLING):
-            rec.status = Status.PENDING
-    return notes
 
 
 def serialise(state: PersistedState) -> bytes:

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from agent.device._fsutil import child_path
 from agent.device.artifacts import ArtifactStore
 from agent.device.commands import Command, MalformedCommand, parse_command
-from agent.device.state import FlowRecord, Installed, PersistedState, StateStore, recover, serialise
+from agent.device.records import FlowRecords
+from agent.device.state import FlowRecord, Installed, PersistedState, StateStore, serialise
 from agent.errors import ArtifactError, ProtocolError, UnsafePath
 from agent.wire._boundedjson import MAX_DEPTH, load
 from agent.wire.bundle import BundleError, read_bundle
@@ -291,7 +292,7 @@ def test_state_from_an_older_agent_with_dot_ids_is_dropped_not_touched() -> None
         generation=10**4200,
         desired_raw='{"generation": 1}',
     )
-    notes = recover(state)
+    notes = FlowRecords(state).recover()
     assert set(state.flows) == {"ok"}
     assert state.generation is None
     assert state.desired_raw is None

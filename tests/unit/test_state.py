@@ -12,7 +12,8 @@ import pytest
 from common import REPO
 
 from agent.device._fsutil import atomic_write
-from agent.device.state import FlowRecord, Installed, PersistedState, StateStore, recover
+from agent.device.records import FlowRecords
+from agent.device.state import FlowRecord, Installed, PersistedState, StateStore
 from agent.wire.protocol import Status
 
 
@@ -92,7 +93,7 @@ def test_recover_maps_inflight_steps(tmp_path: Path) -> None:
     state.flows["dl"] = FlowRecord(status=Status.DOWNLOADING, inflight="download", attempts=1)
     state.flows["inst"] = FlowRecord(status=Status.INSTALLING, inflight="install", attempts=2)
     state.flows["ok"] = FlowRecord(status=Status.SUCCESS)
-    notes = recover(state, now=100.0)
+    notes = FlowRecords(state).recover(now=100.0)
     assert state.flows["dl"].inflight == "download"  # resumes, same attempt
     assert state.flows["dl"].attempts == 1
     inst = state.flows["inst"]

@@ -1,0 +1,232 @@
+"""One executor per step kind of the planner (:mod:`agent.device.planner`).
+
+:meth:`Executors.execute` dispatches on the step's type with an exhaustive
+``match``: a step kind added to :data:`~agent.device.planner.Step` without an
+executor is a type error (mypy: ``assert_never``), not a surprise at run time.
+Every record change goes through :class:`~agent.device.records.FlowRecords`, and
+the state is persisted before the work that could be interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import assert_never
+
+import structlog
+
+from agent.device.artifacts import ArtifactStore, Fetcher
+from agent.device.planner import (
+    Activate,
+    Download,
+    Forget,
+    Install,
+    Remove,
+    SetStatus,
+    Step,
+    Target,
+    Verify,
+    Wait,
+)
+from agent.device.records import FlowRecords
+from agent.device.reporter import Reporter
+from agent.device.runtime.flows import FlowHost
+from agent.device.runtime.runner import FlowRunner, RunSpec
+from agent.device.state import Installed
+from agent.errors import IntegrityError
+from agent.wire.bundle import read_bundle
+from agent.wire.manifest import Manifest
+from agent.wire.protocol import ArtifactKind, Status
+from agent.wire.redact import redact_url
+
+log = structlog.get_logger("agent.device.executors")
+
+
+@dataclass
+class Chain:
+    """What one flow's steps pass along within a run."""
+
+    path: Path | None = None
+    data: bytes | None = None
+    runner: FlowRunner | None = None
+    steps: list[str] = field(default_factory=list)
+
+
+def run_spec(t: Target) -> RunSpec:
+    manifest = Manifest.from_json(t.manifest_json)
+    return RunSpec(
+        flow_id=t.flow_id,
+        version=t.version,
+        sha256=t.artifact.sha256,
+        kind=t.artifact.kind.value,
+        config=t.config,
+        triggers=manifest.triggers,
+        permissions=manifest.permissions,
+    )
+
+
+class Executors:
+    """Carries out steps for the reconciler."""
+
+    def __init__(
+        self,
+        records: FlowRecords,
+        host: FlowHost,
+        artifacts: ArtifactStore,
+        fetcher: Fetcher,
+        reporter: Reporter,
+        persist: Callable[[], Awaitable[None]],
+        on_activated: Callable[[str], None],
+    ) -> None:
+        self.records = records
+        self.host = host
+        self.artifacts = artifacts
+        self.fetcher = fetcher
+        self.reporter = reporter
+        self.persist = persist
+        #: Told when a flow's attempt completed (a newer document cannot abort it).
+        self.on_activated = on_activated
+
+    async def execute(self, step: Step, chain: Chain) -> None:
+        match step:
+            case SetStatus():
+                await self._set_status(step)
+            case Remove():
+                await self._remove(step)
+            case Forget():
+                self.records.forget(step.flow_id)
+                await self.persist()
+            case Download():
+                await self._download(step, chain)
+            case Verify():
+                await self._verify(step, chain)
+            case Install():
+                await self._install(step, chain)
+            case Activate():
+                # Shielded: once the new instance is up, the swap and its record
+                # complete even if a newer desired document cancels this run.
+                await asyncio.shield(self._activate(step.target, chain))
+            case Wait():
+                pass  # the loop waits for it; never handed to an executor
+            case _:
+                assert_never(step)
+
+    async def _set_status(self, step: SetStatus) -> None:
+        if step.status == Status.REMOVED:  # never installed: still drop what it left
+            await self.host.remove(step.flow_id, purge=True)
+        changes: dict[str, object] = {} if step.status == Status.FAILURE else {"attempts": 0}
+        self.records.transition(
+            step.flow_id,
+            step.status,
+            error=step.error,
+            target=step.target,
+            generation=step.generation,
+            desired_version=step.desired_version,
+            deployment_id=step.deployment_id,
+            inflight=None,
+            next_retry_at=None,
+            **changes,  # type: ignore[arg-type]
+        )
+        await self.persist()
+
+    async def _remove(self, step: Remove) -> None:
+        await self.host.remove(step.flow_id, purge=True)
+        rec = self.records.removed(step.flow_id, step.generation, step.deployment_id)
+        log.info("flow removed", version=rec.previous.version if rec.previous else None)
+        await self.persist()
+
+    async def _download(self, step: Download, chain: Chain) -> None:
+        t = step.target
+        rec = self.records.get(t.flow_id)
+        # An attempt interrupted in this process (a newer document cancelled the run)
+        # resumes without costing an attempt; after a crash, recover() has already
+        # turned an interrupted install into a counted failure.
+        resuming = rec is not None and rec.target == t.key and rec.inflight is not None
+        if rec is None or rec.target != t.key:
+            attempts = 1
+        else:
+            attempts = rec.attempts if resuming else rec.attempts + 1
+        rec = self.records.transition(
+            t.flow_id,
+            Status.DOWNLOADING,
+            target=t.key,
+            generation=t.generation,
+            desired_version=t.version,
+            deployment_id=t.deployment_id,
+            attempts=attempts,
+            error=None,
+            inflight="download",
+            next_retry_at=None,
+        )
+        await self.persist()  # saved before the work that can be interrupted
+        log.info(
+            "downloading",
+            version=t.version,
+            url=redact_url(t.artifact.url),
+            attempt=attempts,
+            resumed=resuming,
+        )
+        chain.path = await self.fetcher.fetch(
+            t.artifact.url,
+            t.artifact.sha256,
+            t.artifact.size,
+            progress=lambda done, total: self.reporter.progress(t.flow_id, rec, done, total),
+        )
+
+    async def _verify(self, step: Verify, chain: Chain) -> None:
+        t = step.target
+        sha = t.artifact.sha256
+        if chain.path is None and not await asyncio.to_thread(self.artifacts.verify, sha):
+            raise IntegrityError(f"stored artifact {sha[:12]}… is missing or corrupt")
+        chain.data = data = await asyncio.to_thread(self.artifacts.read, sha)
+        runtime = self.host.runtime
+        if t.artifact.kind == ArtifactKind.BUNDLE:
+            bundle = await asyncio.to_thread(read_bundle, data)  # layout, limits, hashes
+            for blob in bundle.modules.values():
+                await runtime.run(lambda b=blob: runtime.validate(b))  # type: ignore[misc]
+            log.info(
+                "bundle verified",
+                sha256=sha,
+                bytes=len(data),
+                bundle=bundle.manifest.name,
+                modules=len(bundle.modules),
+            )
+            return
+        await runtime.run(lambda: runtime.validate(data))
+        log.info("artifact verified", sha256=sha, bytes=len(data))
+
+    async def _install(self, step: Install, chain: Chain) -> None:
+        t = step.target
+        self.records.transition(t.flow_id, Status.INSTALLING, inflight="install")
+        await self.persist()
+        assert chain.data is not None
+        started = time.perf_counter()
+        chain.runner = await self.host.prepare(run_spec(t), chain.data)
+        log.info(
+            "new version started",
+            version=t.version,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+
+    async def _activate(self, t: Target, chain: Chain) -> None:
+        assert chain.runner is not None
+        old = await self.host.activate(t.flow_id, chain.runner)
+        self.records.activated(
+            t.flow_id,
+            Installed(
+                version=t.version,
+                sha256=t.artifact.sha256,
+                kind=t.artifact.kind.value,
+                config=t.config,
+                manifest=t.manifest_json,
+                deployment_id=t.deployment_id,
+            ),
+        )
+        self.on_activated(t.flow_id)
+        await self.persist()
+        log.info(
+            "flow running", version=t.version, replaced=old.version if old is not None else None
+        )

@@ -1,0 +1,240 @@
+"""Flow records: their one writer, and the table of legal status transitions.
+
+Every change to a flow's :class:`~agent.device.state.FlowRecord` goes through
+:class:`FlowRecords`: the reconciler's steps, the intake of a desired document, the
+daemon (a flow that cannot start from the local store, a flow that became broken or
+was restarted) and :meth:`FlowRecords.recover` after a restart. A status change is
+checked against :data:`TRANSITIONS` and announced through one callback (the
+reconciler turns it into an event, a state report and the Losant hello).
+
+The statuses fall in two groups (Mender's deployment statuses):
+
+- **verdicts** the planner or the intake can reach from any record: ``pending`` (a
+  new target), ``failure``, ``noartifact``, ``removed``, ``already-installed``, and
+  ``aborted`` (only for an attempt in progress);
+- **the pipeline**, the only way to ``success``:
+
+==================  ==========================================================
+to                  from
+==================  ==========================================================
+``downloading``     pending, failure (a retry), aborted, noartifact (the device
+                    type changed), downloading and installing (a resumed attempt)
+``installing``      downloading
+``success``         installing
+==================  ==========================================================
+
+A record is created by ``pending``, ``failure`` (an invalid entry) or
+``noartifact``. Anything else is a bug: :class:`IllegalTransition`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from agent.device.state import FlowRecord, InFlight, Installed, PersistedState
+from agent.errors import AgentError
+from agent.wire.protocol import MAX_GENERATION, Status, is_valid_id, utc_now_iso
+
+_ANY = frozenset(Status)
+_IN_PROGRESS = frozenset({Status.PENDING, Status.DOWNLOADING, Status.INSTALLING})
+
+#: status -> the statuses a record may be in before it (None: a new record).
+TRANSITIONS: Mapping[Status, frozenset[Status | None]] = {
+    Status.PENDING: _ANY | {None},
+    Status.FAILURE: _ANY | {None},
+    Status.NOARTIFACT: _ANY | {None},
+    Status.REMOVED: _ANY,
+    Status.ALREADY_INSTALLED: _ANY,
+    Status.ABORTED: _IN_PROGRESS,
+    Status.DOWNLOADING: frozenset(
+        {
+            Status.PENDING,
+            Status.FAILURE,
+            Status.ABORTED,
+            Status.NOARTIFACT,
+            Status.DOWNLOADING,
+            Status.INSTALLING,
+        }
+    ),
+    Status.INSTALLING: frozenset({Status.DOWNLOADING}),
+    Status.SUCCESS: frozenset({Status.INSTALLING}),
+}
+
+
+class IllegalTransition(AgentError):
+    """A status change :data:`TRANSITIONS` does not allow (a bug, never input)."""
+
+
+#: (flow id, record, previous status or None for a new record)
+OnChange = Callable[[str, FlowRecord, Status | None], None]
+_UNSET: Any = object()
+
+
+class FlowRecords(Mapping[str, FlowRecord]):
+    """The flow records of one agent (a read-only mapping), and their only writer."""
+
+    def __init__(self, state: PersistedState) -> None:
+        self._state = state
+        #: Called after every status change (set by the reconciler).
+        self.on_change: OnChange = lambda _f, _r, _p: None
+        #: Called after a change that is not a status change (broken, installed).
+        self.on_touch: Callable[[str], None] = lambda _f: None
+
+    # ------------------------------------------------------------ reading
+    def __getitem__(self, flow_id: str) -> FlowRecord:
+        return self._state.flows[flow_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state.flows)
+
+    def __len__(self) -> int:
+        return len(self._state.flows)
+
+    # ------------------------------------------------------------ writing
+    def transition(
+        self,
+        flow_id: str,
+        status: Status,
+        *,
+        error: str | None = _UNSET,
+        target: str | None = _UNSET,
+        generation: int | None = _UNSET,
+        desired_version: str | None = _UNSET,
+        deployment_id: str | None = _UNSET,
+        attempts: int | None = _UNSET,
+        inflight: InFlight | None = _UNSET,
+        next_retry_at: float | None = _UNSET,
+        installed: Installed | None = _UNSET,
+    ) -> FlowRecord:
+        """Move ``flow_id`` to ``status`` with the given fields; announce it."""
+        rec = self._state.flows.get(flow_id)
+        previous = rec.status if rec is not None else None
+        if previous not in TRANSITIONS[status]:
+            raise IllegalTransition(
+                f"flow {flow_id}: {previous.value if previous else 'new'} -> {status.value} "
+                "is not a legal transition"
+            )
+        if rec is None:
+            rec = self._state.flows[flow_id] = FlowRecord()
+        changes = {
+            "error": error,
+            "target": target,
+            "generation": generation,
+            "desired_version": desired_version,
+            "deployment_id": deployment_id,
+            "attempts": attempts,
+            "inflight": inflight,
+            "next_retry_at": next_retry_at,
+            "installed": installed,
+        }
+        for name, value in changes.items():
+            if value is not _UNSET:
+                setattr(rec, name, value)
+        rec.status = status
+        rec.last_updated = utc_now_iso()
+        self.on_change(flow_id, rec, previous)
+        return rec
+
+    def activated(self, flow_id: str, installed: Installed) -> FlowRecord:
+        """A new version runs: it becomes ``installed`` (the old one ``previous``), the
+        flow is not broken any more, and the attempt is a ``success``."""
+        rec = self[flow_id]
+        if rec.installed is not None and rec.installed.sha256 != installed.sha256:
+            rec.previous = rec.installed
+        rec.broken = False  # a new deployment gives a broken flow a fresh start
+        return self.transition(
+            flow_id,
+            Status.SUCCESS,
+            installed=installed,
+            error=None,
+            inflight=None,
+            next_retry_at=None,
+        )
+
+    def removed(self, flow_id: str, generation: int, deployment_id: str | None) -> FlowRecord:
+        """The installed version was stopped and purged (kept as ``previous``)."""
+        rec = self[flow_id]
+        rec.previous = rec.installed
+        return self.transition(
+            flow_id,
+            Status.REMOVED,
+            installed=None,
+            target="remove",
+            generation=generation,
+            desired_version=None,
+            deployment_id=deployment_id,
+            error=None,
+            inflight=None,
+            attempts=0,
+            next_retry_at=None,
+        )
+
+    def lost(self, flow_id: str, reason: str) -> FlowRecord:
+        """The installed version cannot start from the local store: it is installed
+        again by the next run (the old target no longer counts as reached)."""
+        return self.transition(
+            flow_id, Status.FAILURE, installed=None, target=None, error=reason, inflight=None
+        )
+
+    def set_broken(self, flow_id: str, broken: bool) -> bool:
+        """Mark a flow broken (or not); whether anything changed."""
+        rec = self._state.flows.get(flow_id)
+        if rec is None or rec.broken == broken:
+            return False
+        rec.broken = broken
+        rec.last_updated = utc_now_iso()
+        self.on_touch(flow_id)
+        return True
+
+    def forget(self, flow_id: str) -> None:
+        """Drop a removed flow's record (it was removed in an earlier generation)."""
+        self._state.flows.pop(flow_id, None)
+        self.on_touch(flow_id)
+
+    # ------------------------------------------------------------ after a restart
+    def recover(self, now: float | None = None) -> list[str]:
+        """Map in-flight steps saved before a crash to safe resume points.
+
+        ==============  =====================================================
+        in flight       on restart
+        ==============  =====================================================
+        download        resume: the same attempt goes on (the partial is kept)
+        install         the attempt counts as failed ("interrupted during
+                        install"); retried if its retry budget allows
+        (none)          nothing: installed flows start from the local store
+        ==============  =====================================================
+
+        Also repairs what an older agent could save: flow ids such as ``..`` are
+        dropped (never touched on disk), a generation past 2^63-1 is reset so the
+        next document applies. Returns a note per change, for the log.
+        """
+        now = time.time() if now is None else now
+        state = self._state
+        notes: list[str] = []
+        for flow_id in [f for f in state.flows if not is_valid_id(f)]:
+            del state.flows[flow_id]
+            notes.append(f"{flow_id[:80]!r}: not a valid flow id; its record was dropped")
+        if state.generation is not None and not 0 <= state.generation <= MAX_GENERATION:
+            notes.append(
+                f"applied generation ({len(str(state.generation))} digits) is out of "
+                "bounds; reset, the next desired document applies"
+            )
+            state.generation = None
+            state.desired_raw = None
+        for flow_id, rec in list(state.flows.items()):
+            if rec.inflight == "install":
+                self.transition(
+                    flow_id,
+                    Status.FAILURE,
+                    inflight=None,
+                    error=f"interrupted during install (attempt {rec.attempts})",
+                    next_retry_at=now,
+                )
+                notes.append(f"{flow_id}: install was interrupted; counted as a failed attempt")
+            elif rec.inflight == "download":
+                notes.append(f"{flow_id}: resuming interrupted download")
+            elif rec.status in (Status.DOWNLOADING, Status.INSTALLING):
+                self.transition(flow_id, Status.PENDING)
+        return notes
