@@ -20,8 +20,8 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Annotated, Any, Protocol
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -29,14 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from agent import __version__
 from agent.device._logging import capture
 from agent.device.mqtt import Message
+from agent.device.state import FlowRecord
 from agent.errors import AgentError, ProtocolError
 from agent.wire._boundedjson import load as load_json
 from agent.wire.protocol import utc_now_iso
 from agent.wire.redact import redact_text
 from agent.wire.timevalue import issued_at
-
-if TYPE_CHECKING:
-    from agent.device.daemon import Agent
 
 log = structlog.get_logger("agent.device.commands")
 
@@ -118,11 +116,43 @@ def _args(model: type[BaseModel], payload: Any) -> Any:
         raise CommandError(f"bad payload: {where}: {err['msg']}") from None
 
 
+class CommandFlows(Protocol):
+    """The running flows, as commands reach them (a FlowHost)."""
+
+    @property
+    def running(self) -> Mapping[str, Any]: ...
+
+    def info(self, flow_id: str) -> dict[str, Any] | None: ...
+    def command(self, name: str, payload: bytes, replies: dict[str, Any]) -> list[str]: ...
+    def route(self, topic: str, payload: bytes) -> list[str]: ...
+    def is_eea(self, flow_id: str) -> bool: ...
+    def direct_trigger(self, flow_id: str, trigger_id: str, payload: bytes) -> bool: ...
+
+
+class CommandDevice(Protocol):
+    """What commands need of the agent, and nothing more (the daemon provides it)."""
+
+    device_id: str
+    response_topic: str
+
+    @property
+    def flows(self) -> CommandFlows: ...
+    @property
+    def records(self) -> Mapping[str, FlowRecord]: ...
+
+    def send(self, topic: str, payload: bytes, *, correlation: bytes | None) -> None:
+        """Publish a response (QoS 1, through the outbox)."""
+
+    def publish_state_now(self) -> None: ...
+    def reconcile(self) -> None: ...
+    async def restart_flow(self, flow_id: str) -> Any: ...
+
+
 class CommandRouter:
     """Handles the device's command topic for one agent."""
 
-    def __init__(self, agent: Agent, max_age_s: float, flow_timeout_s: float) -> None:
-        self.agent = agent
+    def __init__(self, device: CommandDevice, *, max_age_s: float, flow_timeout_s: float) -> None:
+        self.device = device
         self.max_age_s = max_age_s
         self.flow_timeout_s = flow_timeout_s
         #: Past this, a command is answered ``ok: false`` even if its work goes on (a
@@ -140,6 +170,11 @@ class CommandRouter:
             "agent.reconcile": self._reconcile,
             "agent.direct-trigger": self._direct_trigger,
         }
+
+    def set_flow_timeout(self, flow_timeout_s: float) -> None:
+        """How long flows may take to answer (and the answer bound that follows)."""
+        self.flow_timeout_s = flow_timeout_s
+        self.answer_within_s = flow_timeout_s + 5
 
     async def handle(self, msg: Message) -> None:
         """Run one command and publish its one response; never raises."""
@@ -202,7 +237,7 @@ class CommandRouter:
         return await self._to_flows(cmd, msg)
 
     async def _to_flows(self, cmd: Command, msg: Message) -> Any:
-        host = self.agent.host
+        host = self.device.flows
         replies: dict[str, asyncio.Future[Any]] = {}
         host.command(cmd.name, json.dumps(cmd.payload).encode(), replies)
         eea = host.route(msg.topic, msg.payload)  # EEA bundles get the raw message
@@ -255,14 +290,14 @@ class CommandRouter:
         }
         doc["result" if ok else "error"] = body if ok else redact_text(str(body))
         doc["time"] = utc_now_iso()
-        topic = self.agent.topics.command_response
+        topic = self.device.response_topic
         correlation = None
         if msg.response_topic:
             topic = msg.response_topic
             correlation = msg.correlation_data
         log.info("command handled", command=doc["name"], ok=ok, error=None if ok else body)
         # Through the outbox: a response made while offline goes out after the reconnect.
-        self.agent.outbox.put(
+        self.device.send(
             topic, json.dumps(doc, separators=(",", ":")).encode(), correlation=correlation
         )
 
@@ -275,14 +310,14 @@ class CommandRouter:
         }
 
     async def _report(self, _payload: Any) -> Any:
-        self.agent.reporter.publish_state_now()
+        self.device.publish_state_now()
         return {"published": True}
 
     async def _flows(self, _payload: Any) -> Any:
-        state = self.agent.reconciler.state
+        records = self.device.records
         out = []
-        for flow_id, rec in sorted(state.flows.items()):
-            info = self.agent.host.info(flow_id) or {}
+        for flow_id, rec in sorted(records.items()):
+            info = self.device.flows.info(flow_id) or {}
             out.append(
                 {
                     "flowId": flow_id,
@@ -299,7 +334,7 @@ class CommandRouter:
 
     async def _restart_flow(self, payload: Any) -> Any:
         args = _args(FlowRef, payload)
-        runner = await self.agent.restart_flow(args.flow_id)
+        runner = await self.device.restart_flow(args.flow_id)
         return {
             "flowId": args.flow_id,
             "version": runner.version,
@@ -308,18 +343,18 @@ class CommandRouter:
 
     async def _logs(self, payload: Any) -> Any:
         args = _args(LogsArgs, payload)
-        if args.flow_id not in self.agent.reconciler.state.flows:
+        if args.flow_id not in self.device.records:
             raise CommandError(f"flow {args.flow_id!r} not found")
-        lines = capture.recent(self.agent.cfg.device_id, args.flow_id, args.lines)
+        lines = capture.recent(self.device.device_id, args.flow_id, args.lines)
         return {"flowId": args.flow_id, "lines": [m.model_dump() for m in lines]}
 
     async def _reconcile(self, _payload: Any) -> Any:
-        self.agent.reconciler.trigger()
+        self.device.reconcile()
         return {"triggered": True}
 
     async def _direct_trigger(self, payload: Any) -> Any:
         args = _args(DirectTriggerArgs, payload)
-        host = self.agent.host
+        host = self.device.flows
         if args.flow_id not in host.running:
             raise CommandError(f"flow {args.flow_id!r} not found or not running")
         body = json.dumps(args.payload).encode()

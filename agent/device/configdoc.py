@@ -79,8 +79,20 @@ def _rows(model: type[BaseModel]) -> list[str]:
     return rows
 
 
+def _reload_section() -> list[str]:
+    from agent.device.settings import NEEDS_RESTART
+
+    kept = ", ".join(f"`{k}`" for k in sorted(NEEDS_RESTART))
+    return [
+        "**Reload**: `systemctl reload edge-agent` (SIGHUP) reads the configuration again",
+        "and applies every option without stopping flows (MQTT changes reconnect), except",
+        f"these, which need a restart and keep their value until then (logged): {kept}.",
+        "",
+    ]
+
+
 def render() -> str:
-    parts = [INTRO, "## Top level", "", *_rows(AgentConfig), ""]
+    parts = [INTRO, *_reload_section(), "## Top level", "", *_rows(AgentConfig), ""]
     for name, field in AgentConfig.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):

@@ -21,21 +21,22 @@ from typing import Any
 import structlog
 
 from agent.device._logging import configure_logging
-from agent.device.artifacts import ArtifactStore, Fetcher, FetchLimits
+from agent.device.artifacts import ArtifactStore, Fetcher
 from agent.device.commands import CommandRouter
 from agent.device.config import AgentConfig
 from agent.device.losant import MAX_MESSAGE as MAX_LOSANT_MESSAGE
 from agent.device.losant import LosantProfile
 from agent.device.mqtt import Message, MqttSession, Will
-from agent.device.outbox import Outbox, OutboxLimits
-from agent.device.pacer import PaceLimits, Pacer
+from agent.device.outbox import Outbox
+from agent.device.pacer import Pacer
 from agent.device.reconciler import Reconciler
 from agent.device.records import FlowRecords
 from agent.device.reporter import Reporter, offline_status
 from agent.device.runtime.flows import FlowHost
-from agent.device.runtime.runner import FlowRunner, RunSpec, Supervision
+from agent.device.runtime.runner import FlowRunner, RunSpec
 from agent.device.runtime.sandbox import Limits, Runtime
 from agent.device.sdnotify import Notifier
+from agent.device.settings import NEEDS_RESTART, Settings, derive
 from agent.device.state import FlowRecord, StateStore
 from agent.errors import AgentError
 from agent.wire.manifest import Manifest
@@ -53,27 +54,8 @@ STOP_MQTT_S = 3.0
 
 
 def sandbox_limits(cfg: AgentConfig) -> Limits:
-    return Limits(
-        memory_limit=cfg.sandbox.memory_limit,
-        call_deadline_ms=cfg.sandbox.call_deadline_ms,
-        epoch_tick_ms=cfg.sandbox.epoch_tick_ms,
-        fuel_per_call=cfg.sandbox.fuel_per_call,
-        max_sleep_ms=cfg.sandbox.max_sleep_ms,
-    )
-
-
-def fetch_limits(cfg: AgentConfig) -> FetchLimits:
-    a = cfg.artifacts
-    return FetchLimits(
-        max_size=a.max_size,
-        connect_timeout=a.connect_timeout,
-        read_timeout=a.read_timeout,
-        stall_timeout=a.stall_timeout,
-        retries=a.retries,
-        backoff_initial=a.backoff_initial,
-        backoff_max=a.backoff_max,
-        min_free_bytes=a.min_free_space,
-    )
+    """The sandbox limits ``cfg`` gives (for parts built outside an agent)."""
+    return derive(cfg).sandbox
 
 
 class Agent:
@@ -91,9 +73,11 @@ class Agent:
         notifier: Notifier | None = None,
     ) -> None:
         self.cfg = cfg
+        #: What every part is told by the configuration (see :mod:`.settings`).
+        self.settings = derive(cfg)
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.runtime = runtime or Runtime(
-            sandbox_limits(cfg),
+            self.settings.sandbox,
             workers=cfg.sandbox.workers,
             cache_dir=cfg.state_dir / "cache" / "modules",
         )
@@ -148,35 +132,17 @@ class Agent:
         for note in records.recover():
             log.info("recovered after restart", note=note)
         artifacts = ArtifactStore(cfg.state_dir / "artifacts")
-        mqtt_cfg = cfg.effective_mqtt()
+        s = self.settings
         self.session = MqttSession(
-            mqtt_cfg,
-            mqtt_cfg.client_id or cfg.client_id,
+            s.mqtt,
+            s.client_id,
             # No last will on Losant's broker: it accepts only losant/{id}/... topics.
             will=None if self.losant else Will(self.topics.status, offline_status()),
         )
-        self.pacer = (
-            Pacer(
-                self.session.publish,
-                PaceLimits(
-                    window_s=cfg.losant.window_s,
-                    per_topic=cfg.losant.per_topic,
-                    per_connection=cfg.losant.per_connection,
-                ),
-            )
-            if self.losant
-            else None
-        )
-        fetcher = Fetcher(artifacts, fetch_limits(cfg), mqtt_fetch=self.session.fetch_retained)
-        self.outbox = Outbox(
-            cfg.state_dir / "outbox.sqlite3",
-            OutboxLimits(
-                max_messages=cfg.outbox.max_messages,
-                max_bytes=cfg.outbox.max_bytes,
-                drain_rate=cfg.outbox.drain_rate,
-                batch=min(20, cfg.mqtt.max_inflight),
-            ),
-        )
+        self.pacer = Pacer(self.session.publish, s.pace) if self.losant else None
+        fetcher = Fetcher(artifacts, s.fetch, mqtt_fetch=self.session.fetch_retained)
+        self.fetcher = fetcher
+        self.outbox = Outbox(cfg.state_dir / "outbox.sqlite3", s.outbox)
         if self.outbox.count:
             log.info("outbox has messages from before the restart", queued=self.outbox.count)
         reporter = Reporter(
@@ -185,28 +151,23 @@ class Agent:
             state,
             device_type=cfg.device_type,
             runtime=self.runtime.description,
-            coalesce_ms=cfg.reconcile.state_coalesce_ms,
+            coalesce_ms=round(s.state_coalesce_s * 1000),
             outbox=self.outbox,
             silent=self.losant is not None,
         )
         self.host = FlowHost(
             self.runtime,
-            sandbox_limits(cfg),
+            s.sandbox,
             cfg.device_id,
             flows_dir=cfg.state_dir / "flows",
             device_base=self.topics.base,
-            supervision=Supervision(
-                max_failures=cfg.sandbox.max_failures,
-                failure_window=cfg.sandbox.failure_window_s,
-                backoff_initial=cfg.sandbox.restart_backoff_initial,
-                backoff_max=cfg.sandbox.restart_backoff_max,
-            ),
+            supervision=s.supervision,
             publish=self._flow_publish,
             subscribe=self.session.subscribe,
             unsubscribe=self.session.unsubscribe,
             on_health=self._on_health,
-            eea_defaults=cfg.eea,
-            losant_device_id=cfg.losant.device_id,
+            eea_defaults=s.eea,
+            losant_device_id=s.losant_device_id,
             protected=frozenset(
                 self.losant.subscriptions()
                 if self.losant
@@ -229,13 +190,13 @@ class Agent:
         self.reporter = reporter
         reporter.runtime_info = self._runtime_info
         self.commands = CommandRouter(
-            self,
-            max_age_s=cfg.commands.max_age_s,
-            flow_timeout_s=cfg.sandbox.call_deadline_ms / 1000 * 2 + 5,
+            _CommandDevice(self),
+            max_age_s=s.command_max_age_s,
+            flow_timeout_s=s.flow_timeout_s,
         )
         if self.losant is not None:
             self.reconciler.on_status = self.losant.on_status
-        self._command_slots = asyncio.Semaphore(cfg.commands.max_concurrent)
+        self._command_slots = asyncio.Semaphore(s.command_slots)
         self._command_tasks: set[asyncio.Task[None]] = set()
         return fetcher
 
@@ -352,45 +313,68 @@ class Agent:
 
     async def reload(self, cfg: AgentConfig, trust: Trust | None = None) -> None:
         """Apply a new configuration without stopping flows (SIGHUP). ``trust`` is the
-        signature policy loaded from ``cfg`` (loaded here when not given)."""
+        signature policy loaded from ``cfg`` (loaded here when not given). Options of
+        :data:`~agent.device.settings.NEEDS_RESTART` keep their values (logged)."""
         if trust is None:
             trust = Trust.from_files(
                 cfg.artifacts.trusted_keys, require=cfg.artifacts.require_signature
             )
         self.notifier.reloading()
         old = self.cfg
-        if (cfg.device_id, cfg.state_dir, cfg.losant.enabled) != (
-            old.device_id,
-            old.state_dir,
-            old.losant.enabled,
-        ):
-            log.warning("device_id, state_dir and the profile change only with a restart")
-            cfg = cfg.model_copy(
-                update={
-                    "device_id": old.device_id,
-                    "state_dir": old.state_dir,
-                    "losant": old.losant,
-                }
-            )
-        configure_logging(cfg.log.level, cfg.log.format)
+        kept = sorted(k for k in NEEDS_RESTART if _option(cfg, k) != _option(old, k))
+        if kept:
+            log.warning("these options change only with a restart", options=kept)
+            cfg = _with_options(cfg, {k: _option(old, k) for k in kept})
         self.cfg = cfg
         self.reconciler.cfg = cfg
         if trust.policy != self.reconciler.trust.policy:
             self.reconciler.set_trust(trust)
-        self.host.limits = sandbox_limits(cfg)
-        self.commands.max_age_s = cfg.commands.max_age_s
-        self.outbox.limits = OutboxLimits(
-            max_messages=cfg.outbox.max_messages,
-            max_bytes=cfg.outbox.max_bytes,
-            drain_rate=cfg.outbox.drain_rate,
-            batch=min(20, cfg.mqtt.max_inflight),
-        )
-        new_mqtt, old_mqtt = cfg.effective_mqtt(), old.effective_mqtt()
-        if new_mqtt != old_mqtt:
-            log.info("MQTT settings changed; reconnecting", broker=new_mqtt.broker)
-            await self.session.reconfigure(new_mqtt, new_mqtt.client_id or cfg.client_id)
+        await self.apply(derive(cfg))
+        self.reporter.device_type = cfg.device_type
+        self.reconciler.trigger()  # e.g. a new device_type: re-judge deviceTypes
         log.info("configuration reloaded")
         self.notifier.ready(self._status_line())
+
+    async def apply(self, new: Settings) -> None:
+        """Hand every part its settings (a reload; start-up built them from the same)."""
+        old, self.settings = self.settings, new
+        configure_logging(new.log.level, new.log.format)
+        self.host.limits = new.sandbox
+        self.host.supervision = new.supervision
+        self.host.eea_defaults = new.eea
+        self.host.losant_device_id = new.losant_device_id
+        self.fetcher.limits = new.fetch
+        self.outbox.limits = new.outbox
+        if self.pacer is not None:
+            self.pacer.set_limits(new.pace)
+        self.reporter.coalesce = new.state_coalesce_s
+        self.commands.max_age_s = new.command_max_age_s
+        self.commands.set_flow_timeout(new.flow_timeout_s)
+        if new.command_slots != old.command_slots:
+            self._command_slots = asyncio.Semaphore(new.command_slots)
+        if (new.mqtt, new.client_id) != (old.mqtt, old.client_id):
+            log.info("MQTT settings changed; reconnecting", broker=new.mqtt.broker)
+            await self.session.reconfigure(new.mqtt, new.client_id)
+
+    def live_settings(self) -> Settings:
+        """The settings the parts hold now (what :meth:`apply` gave them)."""
+        s = self.settings
+        return Settings(
+            sandbox=self.host.limits,
+            supervision=self.host.supervision,
+            fetch=self.fetcher.limits,
+            outbox=self.outbox.limits,
+            pace=self.pacer.limits if self.pacer is not None else s.pace,
+            eea=self.host.eea_defaults,
+            losant_device_id=self.host.losant_device_id,
+            command_max_age_s=self.commands.max_age_s,
+            command_slots=s.command_slots,
+            flow_timeout_s=self.commands.flow_timeout_s,
+            state_coalesce_s=self.reporter.coalesce,
+            mqtt=self.session.cfg,
+            client_id=self.session.client_id,
+            log=s.log,
+        )
 
     def _on_connect(self) -> None:
         self.reporter.on_connect()
@@ -548,3 +532,51 @@ class Agent:
                 log.error("message handling failed", topic=msg.topic, error=str(exc))
             except Exception:  # a bug on one message must not stop the agent
                 log.exception("internal error handling a message", topic=msg.topic)
+
+
+def _option(cfg: AgentConfig, key: str) -> object:
+    value: object = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _with_options(cfg: AgentConfig, values: dict[str, object]) -> AgentConfig:
+    """``cfg`` with dotted options replaced (sections copied, never shared)."""
+    for key, value in values.items():
+        section, _, name = key.rpartition(".")
+        if not section:
+            cfg = cfg.model_copy(update={name: value})
+        else:
+            sub = getattr(cfg, section).model_copy(update={name: value})
+            cfg = cfg.model_copy(update={section: sub})
+    return cfg
+
+
+class _CommandDevice:
+    """What :class:`CommandRouter` may use of an agent (its ``CommandDevice``)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self.device_id = agent.cfg.device_id
+        self.response_topic = agent.topics.command_response
+
+    @property
+    def flows(self) -> FlowHost:
+        return self._agent.host
+
+    @property
+    def records(self) -> FlowRecords:
+        return self._agent.reconciler.records
+
+    def send(self, topic: str, payload: bytes, *, correlation: bytes | None) -> None:
+        self._agent.outbox.put(topic, payload, correlation=correlation)
+
+    def publish_state_now(self) -> None:
+        self._agent.reporter.publish_state_now()
+
+    def reconcile(self) -> None:
+        self._agent.reconciler.trigger()
+
+    async def restart_flow(self, flow_id: str) -> FlowRunner:
+        return await self._agent.restart_flow(flow_id)

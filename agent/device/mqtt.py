@@ -569,6 +569,15 @@ class MqttSession:
             if owned:
                 self.unsubscribe(topic)
 
+    @property
+    def cfg(self) -> MqttConfig:
+        """The settings the session connects with."""
+        return self._cfg
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
     async def reconfigure(self, cfg: MqttConfig, client_id: str) -> None:
         """Reconnect with new settings (a config reload): subscriptions are kept and made
         again on the new connection; QoS 1 messages in flight are sent again by the

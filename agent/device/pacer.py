@@ -87,6 +87,11 @@ class Pacer:
         self.dropped = 0
         self.delayed = 0
 
+    def set_limits(self, limits: PaceLimits) -> None:
+        """New limits (a reload); the windows keep what was sent."""
+        self.limits = limits
+        self.windows.limits = limits
+
     def publish(
         self,
         topic: str,

@@ -308,7 +308,7 @@ class Fetcher:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._store = store
-        self._limits = limits
+        self.limits = limits
         self._mqtt_fetch = mqtt_fetch
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -338,7 +338,7 @@ class Fetcher:
             raise ArtifactError("artifact fetcher is closed")
         hex_digest = normalize_sha256(sha256)
         display = _display_url(url)
-        limits = self._limits
+        limits = self.limits
         if size is not None:
             if size < 0:
                 raise ArtifactError(f"invalid size {size} for {display}")
@@ -419,7 +419,7 @@ class Fetcher:
         except OSError as exc:
             log.warning("artifact_disk_usage_failed", root=str(self._store.root), error=str(exc))
             return
-        reserve = self._limits.min_free_bytes
+        reserve = self.limits.min_free_bytes
         if max(remaining, 0) + reserve > free:
             raise ArtifactTooLarge(
                 f"not enough disk space for {job.display}: need {max(remaining, 0)} bytes "
@@ -428,10 +428,10 @@ class Fetcher:
 
     def _too_large(self, job: _Job, amount: int, *, declared: bool) -> ArtifactTooLarge:
         what = "declares" if declared else "sent more than"
-        if job.size is not None and job.cap == job.size and job.size < self._limits.max_size:
+        if job.size is not None and job.cap == job.size and job.size < self.limits.max_size:
             limit = f"the declared size of {job.size} bytes"
         else:
-            limit = f"the limit of {self._limits.max_size} bytes"
+            limit = f"the limit of {self.limits.max_size} bytes"
         if declared:
             return ArtifactTooLarge(f"{job.display} {what} {amount} bytes, over {limit}")
         return ArtifactTooLarge(f"{job.display} {what} {limit}")
@@ -474,7 +474,7 @@ class Fetcher:
             raise ArtifactError(f"invalid MQTT artifact URL {job.display}: needs a plain topic")
         if self._mqtt_fetch is None:
             raise ArtifactError(f"cannot fetch {job.display}: MQTT artifact delivery is off")
-        timeout = self._limits.read_timeout
+        timeout = self.limits.read_timeout
         try:
             payload = await self._mqtt_fetch(topic, timeout)
         except TimeoutError:
@@ -554,7 +554,7 @@ class Fetcher:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            limits = self._limits
+            limits = self.limits
             self._client = httpx.AsyncClient(
                 transport=self._transport,
                 timeout=httpx.Timeout(
@@ -573,7 +573,7 @@ class Fetcher:
         return self._client
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        limits = self._limits
+        limits = self.limits
         base = min(limits.backoff_max, limits.backoff_initial * 2.0**attempt)
         delay = base * (0.5 + random.random() / 2)  # jitter, not cryptography
         if retry_after is not None:
@@ -601,7 +601,7 @@ class Fetcher:
                 _discard(job.part)
                 raise
             except DownloadError as exc:
-                if not exc.retryable or retry >= self._limits.retries:
+                if not exc.retryable or retry >= self.limits.retries:
                     raise
                 delay = self._backoff(retry, job.retry_after)
                 job.retry_after = None
@@ -611,7 +611,7 @@ class Fetcher:
                     url=job.display,
                     error=str(exc),
                     retry=retry,
-                    of=self._limits.retries,
+                    of=self.limits.retries,
                     delay=round(delay, 3),
                 )
                 await asyncio.sleep(delay)
@@ -653,7 +653,7 @@ class Fetcher:
         complete already (416 and the digest matches).
         """
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        limits = self._limits
+        limits = self.limits
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(None) as watchdog:
@@ -678,7 +678,7 @@ class Fetcher:
 
     def _translate(self, job: _Job, exc: httpx.HTTPError) -> ArtifactError:
         """An httpx exception as the agent error the layers above understand."""
-        limits = self._limits
+        limits = self.limits
         if isinstance(exc, httpx.ConnectTimeout):
             return DownloadError(
                 f"cannot connect for {job.display}: timed out after {limits.connect_timeout:g} s"
@@ -772,7 +772,7 @@ class Fetcher:
     ) -> None:
         """Append the body to the partial while hashing it; keep the watchdog fed."""
         loop = asyncio.get_running_loop()
-        stall = self._limits.stall_timeout
+        stall = self.limits.stall_timeout
         try:
             fd = await asyncio.to_thread(_open_partial, job.part, offset)
         except OSError as exc:
