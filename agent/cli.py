@@ -108,7 +108,63 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--broker", help="use this broker (default: a private Mosquitto)")
     fleet_parser.add_parser(sub)
     _add_sim(sub)
+    _finish(parser)
     return parser
+
+
+#: Help for flags that several subcommands share (where they are defined bare).
+_SHARED_HELP = {
+    "--log-format": "console or json (default: the configuration's)",
+    "--log-level": "debug, info, warning or error (default: the configuration's)",
+    "dir": "a directory with manifest.json or manifest.toml and the modules",
+    "--output": "the .tar.gz to write",
+    "file": "the file to read",
+    "--username": "MQTT username",
+    "--password-file": "file whose first line is the MQTT password",
+    "--ca-file": "CA bundle for mqtts:// (default: the system's)",
+    "--cert-file": "client certificate (PEM) for mutual TLS",
+    "--key-file": "client private key (PEM) for mutual TLS",
+    "--flow": "the flow id",
+    "--kind": "what the artifact is: wasm, eea or bundle",
+    "--retries": "attempts after a failed one, per device",
+    "--version": "the version label",
+    "--device-type": "only devices of this type (repeatable)",
+    "--deployment-id": "the deployment id (default: <flow>-<version>)",
+    "--old-version": "the version to replace",
+    "--device": "a device id",
+    "--sort-field": "sort by this column",
+    "--sort-direction": "asc or desc",
+    "--per-page": "rows per page",
+    "--json": "print JSON instead of a table",
+    "--deployment": "the deployment id",
+    "--key": "the private key file (PEM)",
+}
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help that names a flag's default when it has one (and says none yet)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text
+            or not action.option_strings
+            or action.default in (None, False, argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Every flag has help, and help shows defaults, in every subcommand."""
+    parser.formatter_class = _HelpWithDefaults
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _finish(sub)
+        elif not action.help:
+            names = [*action.option_strings, action.dest]
+            action.help = next((_SHARED_HELP[n] for n in names if n in _SHARED_HELP), None)
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -176,10 +232,21 @@ async def _run_agent(cfg: Any, args: argparse.Namespace | None = None) -> None:
         restore()
 
 
+def _usable_state_dir(path: Path) -> None:
+    """The state directory exists or can be made: else a config error (exit 2)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("state_dir", "", f"cannot use {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError("state_dir", "", f"{path} is not writable") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.device._logging import configure_logging
 
     cfg = _load(args)
+    _usable_state_dir(cfg.state_dir)
     configure_logging(cfg.log.level, cfg.log.format)
     try:
         asyncio.run(_run_agent(cfg, args))
@@ -263,6 +330,11 @@ COMMANDS = {
 }
 
 
+#: What a command cut off by a closed pipe (``edge-agent schema | head``) exits with,
+#: as a process killed by SIGPIPE would.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -270,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"edge-agent: config error: {exc}\n")
         return EXIT_CONFIG
+    except BrokenPipeError:
+        # The reader went away: no traceback, and no second error when Python
+        # flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

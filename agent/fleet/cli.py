@@ -229,7 +229,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         client.settle()
         rows = table_rows(client.devices().values())
     if args.device:
-        rows = [r for r in rows if r["deviceId"] == args.device]
+        rows = [r for r in rows if r["deviceId"] in args.device]
     if args.flow:
         rows = [r for r in rows if r["flowId"] == args.flow]
     if args.version:

@@ -110,7 +110,7 @@ def _add_replace_remove(fsub: Any) -> None:
 def _add_queries(fsub: Any) -> None:
     get = fsub.add_parser("get", help="desired vs current, per device and flow")
     _common(get)
-    get.add_argument("--device")
+    get.add_argument("--device", action="append", help="only this device (repeatable)")
     get.add_argument("--flow")
     get.add_argument("--version", help="desired or current version")
     get.add_argument(

@@ -259,6 +259,8 @@ async def test_release_get_filters_sort_paging_and_stats(
         ("sim-0002", "counter"),
         ("sim-0002", "hello"),
     ]
+    two = await rows(broker, "--device", "sim-0001", "--device", "sim-0003")
+    assert {r["deviceId"] for r in two} == {"sim-0001", "sim-0003"}  # both, not the last
     assert {r["flowId"] for r in await rows(broker, "--version", "1.0.0")} == {"counter"}
     desc = await rows(broker, "--sort-field", "deviceId", "--sort-direction", "desc")
     assert [r["deviceId"] for r in desc] == [

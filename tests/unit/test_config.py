@@ -201,3 +201,62 @@ def test_losant_profile_flag_and_effective_mqtt(tmp_path: Path) -> None:
     assert mqtt.password is not None
     assert mqtt.password.get_secret_value() == "s3cr3t"
     assert load_config(path, environ={}).effective_mqtt() == load_config(path, environ={}).mqtt
+
+
+def test_every_flag_of_every_subcommand_has_help() -> None:
+    import argparse
+
+    from agent.cli import build_parser
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "edge-agent")
+    assert missing == []
+
+
+def test_cli_errors_without_tracebacks(tmp_path: Path) -> None:
+    """A state dir that is a file is a config error (exit 2, one line); a reader that
+    closes the pipe early (`| head`) gets no traceback."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--device-id",
+            "d1",
+            "--state-dir",
+            str(blocker / "sub"),
+            "--broker",
+            "mqtt://127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"edge-agent: config error: state_dir: cannot use {blocker / 'sub'}: Not a directory"
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "schema"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the first write (like `| head -0`)
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err
+    assert proc.returncode == 141
