@@ -471,16 +471,25 @@ def load_config(
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        msg = _LOC_RE.sub("", err["msg"])
-        if err["type"] == "extra_forbidden":
-            msg = "unknown option"
-        source = next(
-            (name for name, layer in reversed(sources) if _has_path(layer, err["loc"])),
-            sources[0][0],
-        )
-        raise ConfigError(source, key, msg) from None
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            msg = _LOC_RE.sub("", err["msg"])
+            if err["type"] == "extra_forbidden":
+                msg = "unknown option"
+            source = next(
+                (name for name, layer in reversed(sources) if _has_path(layer, err["loc"])),
+                sources[0][0],
+            )
+            problems.append(ConfigError(source, key, msg))
+        first = problems[0]
+        if len(problems) == 1:
+            raise first from None
+        # Every problem at once (one line each), so a file is fixed in one pass.
+        more = "\n".join(f"  {p}" for p in problems[1:])
+        raise ConfigError(
+            first.source, first.key, f"{first.problem}\n  and {len(problems) - 1} more:\n{more}"
+        ) from None
 
 
 def _has_path(layer: Mapping[str, Any], loc: tuple[int | str, ...]) -> bool:

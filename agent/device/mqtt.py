@@ -35,6 +35,7 @@ import selectors
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,8 @@ from agent.device.config import MqttConfig
 from agent.device.runtime._handoff import Handoff, post_or_drop
 
 log = structlog.get_logger("agent.device.mqtt")
+#: While the broker stays unreachable, a warning says so at most this often (s).
+STILL_FAILING_EVERY_S = 60.0
 
 
 def _ignore_socket(_client: paho.Client, _userdata: Any, _sock: Any) -> None:
@@ -136,6 +139,7 @@ class MqttSession:
         self.connects = 0
         self.last_error: str | None = None
         self._error_repeats = 0
+        self._still_failing_at = 0.0
         self._client = self._make_client()
 
     # ----------------------------------------------------------------- set-up
@@ -349,14 +353,26 @@ class MqttSession:
 
     def _note_error(self, text: str) -> None:
         # The first occurrence of a problem is a warning; identical repeats during
-        # the backoff are debug lines, so a long outage does not flood the journal.
+        # the backoff are debug lines, plus a warning at most every
+        # STILL_FAILING_EVERY_S, so a long outage neither floods the journal nor
+        # goes silent.
         repeat = text == self.last_error
         self.last_error = text
         self._error_repeats = self._error_repeats + 1 if repeat else 0
-        if repeat:
-            log.debug("mqtt connection problem (repeated)", error=text, repeats=self._error_repeats)
-        else:
+        now = time.monotonic()
+        if not repeat:
+            self._still_failing_at = now
             log.warning("mqtt connection problem", error=text)
+        elif now - self._still_failing_at >= STILL_FAILING_EVERY_S:
+            self._still_failing_at = now
+            log.warning(
+                "mqtt still cannot connect; retrying",
+                error=text,
+                attempts=self._error_repeats + 1,
+                broker=self._cfg.broker,
+            )
+        else:
+            log.debug("mqtt connection problem (repeated)", error=text, repeats=self._error_repeats)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         post_or_drop(self._handoff, fn, *args)

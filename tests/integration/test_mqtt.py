@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import resource
+import socket
 from typing import Any
 
 import pytest
@@ -167,6 +168,35 @@ async def test_a_connection_dropped_before_connack_is_reported() -> None:
         await wait_until(lambda: session.last_error is not None, 5, "an error")
         assert "lost before the broker accepted it" in (session.last_error or "")
         assert not session.connected.is_set()
+
+
+async def test_an_unreachable_broker_is_reported_at_a_bounded_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first failure is a warning; while it lasts, the session says it is still
+    retrying at most every STILL_FAILING_EVERY_S (60 s; 0.3 s here), never silent and
+    never a line per attempt."""
+    import structlog
+
+    from agent.device import mqtt as mqtt_mod
+
+    monkeypatch.setattr(mqtt_mod, "STILL_FAILING_EVERY_S", 0.3)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = MqttConfig.model_validate(
+        {"broker": f"mqtt://127.0.0.1:{port}", "reconnect_min": 0.02, "reconnect_max": 0.05}
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with MqttSession(conf, "unreachable") as session:
+            await asyncio.sleep(1.5)
+            attempts = session._error_repeats + 1
+    first = [e for e in logs if e["event"] == "mqtt connection problem"]
+    still = [e for e in logs if e["event"] == "mqtt still cannot connect; retrying"]
+    assert len(first) == 1
+    assert 2 <= len(still) <= 1.5 / 0.3 + 1
+    assert attempts > len(still) + 1  # more attempts than warnings
+    assert still[-1]["broker"] == conf.broker
 
 
 async def _hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

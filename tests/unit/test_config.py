@@ -260,3 +260,20 @@ def test_cli_errors_without_tracebacks(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert b"Traceback" not in err
     assert proc.returncode == 141
+
+
+def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        'device_id = "a b"\n[mqtt]\nkeepalive = 1\nbogus = 3\n[sandbox]\nmemory_limit = 10\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith(f"{path}: device_id: 'a b' is not an id")
+    assert lines[1] == "  and 3 more:"
+    assert [line.split(": ")[1] for line in lines[2:]] == [
+        "mqtt.keepalive",
+        "mqtt.bogus",
+        "sandbox.memory_limit",
+    ]
