@@ -47,8 +47,12 @@ def counter_wasm() -> bytes:
     )
 
 
+#: The counter's triggers, as examples/flows/counter/counter.json ships them: the
+#: startup trigger loads the count from the flow's storage, so it goes on across
+#: upgrades (a test compares the two).
 COUNTER_MANIFEST = {
     "triggers": [
+        {"type": "startup"},
         {"type": "interval", "name": "tick", "ms": 1000},
         {"type": "command", "command": "counter.get"},
         {"type": "command", "command": "counter.reset"},

@@ -195,7 +195,7 @@ def test_demo_command_converges() -> None:
         )
     ]
     assert len(counts) == 2
-    assert counts[1] >= counts[0]  # storage survived the upgrade
+    assert counts[1] > counts[0]  # the count went on: storage survived the upgrade
     assert '"success": 5' in out
     assert set(Path(tempfile.gettempdir()).glob("edge-agent-demo-*")) == before
 

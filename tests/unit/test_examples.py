@@ -104,3 +104,16 @@ def test_examples_rebuild_to_the_committed_bytes(tmp_path: Path) -> None:
         built = hashlib.sha256((work / rel).read_bytes()).hexdigest()
         committed = hashlib.sha256((EXAMPLES / rel).read_bytes()).hexdigest()
         assert built == committed, f"{rel} rebuilt differently: run examples/flows/build.sh"
+
+
+def test_the_counter_manifest_shipped_is_the_demo_s() -> None:
+    """The README's fleet block deploys examples/flows/counter/counter.json; the demo
+    deploys COUNTER_MANIFEST: the same triggers (a startup trigger among them, so the
+    count goes on across upgrades)."""
+    import json
+
+    from agent.fleet.demo import COUNTER_MANIFEST
+
+    shipped = json.loads((REPO / "examples" / "flows" / "counter" / "counter.json").read_text())
+    assert shipped == COUNTER_MANIFEST
+    assert {"type": "startup"} in shipped["triggers"]
