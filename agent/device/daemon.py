@@ -293,7 +293,7 @@ class Agent:
 
     def _status_line(self) -> str:
         connected = self.session.connected.is_set()
-        broker = self.cfg.effective_mqtt().broker
+        broker = self.settings.mqtt.broker  # (not effective_mqtt(): it reads a secret file)
         return (
             f"{'connected to' if connected else 'connecting to'} {broker}; "
             f"{len(self.host.running)} flow(s) running; outbox {self.outbox.count} queued"
