@@ -23,7 +23,7 @@ import structlog
 from agent.device._logging import configure_logging
 from agent.device.artifacts import ArtifactStore, Fetcher
 from agent.device.commands import CommandRouter
-from agent.device.config import AgentConfig
+from agent.device.config import AgentConfig, LosantConfig
 from agent.device.losant import MAX_MESSAGE as MAX_LOSANT_MESSAGE
 from agent.device.losant import LosantProfile
 from agent.device.mqtt import Message, MqttSession, Will
@@ -84,7 +84,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        self.losant = LosantProfile(self) if cfg.losant.enabled else None
+        self.losant = LosantProfile(_LosantDevice(self)) if cfg.losant.enabled else None
         self.notifier = notifier or Notifier()
         self._reconciler_task: asyncio.Task[None] | None = None
         self.reconciler: Reconciler
@@ -580,3 +580,44 @@ class _CommandDevice:
 
     async def restart_flow(self, flow_id: str) -> FlowRunner:
         return await self._agent.restart_flow(flow_id)
+
+
+class _LosantDevice:
+    """What :class:`LosantProfile` may use of an agent (its ``LosantDevice``)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self.device_id = agent.cfg.device_id
+
+    @property
+    def losant(self) -> LosantConfig:
+        return self._agent.cfg.losant
+
+    @property
+    def command_max_age_s(self) -> float:
+        return self._agent.settings.command_max_age_s
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        return self._agent.reconciler.artifacts
+
+    @property
+    def applied_generation(self) -> int | None:
+        return self._agent.reconciler.state.generation
+
+    def installed_version(self, flow_id: str) -> str | None:
+        rec = self._agent.reconciler.records.get(flow_id)
+        return rec.installed.version if rec is not None and rec.installed else None
+
+    def running(self, flow_id: str) -> FlowRunner | None:
+        return self._agent.host.running.get(flow_id)
+
+    async def validate_module(self, data: bytes) -> None:
+        runtime = self._agent.runtime
+        await runtime.run(lambda: runtime.validate(data))
+
+    async def offer_desired(self, payload: bytes) -> bool:
+        return await self._agent.reconciler.offer_desired(payload)
+
+    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+        self._agent.pacer_publish(topic, payload, qos=qos)

@@ -22,19 +22,19 @@ import hashlib
 import json
 import time
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
+from agent.device.artifacts import ArtifactStore
+from agent.device.config import LosantConfig
 from agent.device.runtime.eea import EEARunner
 from agent.device.runtime.eea_identity import INTERFACE_VERSION, static_identity
+from agent.device.runtime.runner import FlowRunner
 from agent.errors import AgentError
 from agent.wire._boundedjson import load as load_json
 from agent.wire.protocol import Status
 from agent.wire.timevalue import issued_at
-
-if TYPE_CHECKING:
-    from agent.device.daemon import Agent
 
 log = structlog.get_logger("agent.device.losant")
 
@@ -58,11 +58,33 @@ def gunzip_bounded(data: bytes, limit: int) -> bytes:
     return bytes(out)
 
 
+class LosantDevice(Protocol):
+    """What the Losant profile needs of the agent, and nothing more."""
+
+    device_id: str
+
+    @property
+    def losant(self) -> LosantConfig:
+        """The ``[losant]`` settings in force (they change on reload)."""
+
+    @property
+    def command_max_age_s(self) -> float: ...
+    @property
+    def artifacts(self) -> ArtifactStore: ...
+    @property
+    def applied_generation(self) -> int | None: ...
+    def installed_version(self, flow_id: str) -> str | None: ...
+    def running(self, flow_id: str) -> FlowRunner | None: ...
+    async def validate_module(self, data: bytes) -> None: ...
+    async def offer_desired(self, payload: bytes) -> bool: ...
+    def publish(self, topic: str, payload: bytes, qos: int) -> None: ...
+
+
 class LosantProfile:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        device = agent.cfg.device_id
-        self.base = f"losant/{device}"
+    def __init__(self, device: LosantDevice) -> None:
+        self.device = device
+        device_id = device.device_id
+        self.base = f"losant/{device_id}"
         self.flows_topic = f"{self.base}/toAgent/flows"
         self.hello_topic = f"{self.base}/fromAgent/hello"
         self.command_topic = f"{self.base}/command"
@@ -83,7 +105,7 @@ class LosantProfile:
             age = time.time() - issued_at(when) if when is not None else 0.0
         except (AgentError, ValueError, OverflowError, OSError):
             return True
-        max_age = self.agent.cfg.commands.max_age_s
+        max_age = self.device.command_max_age_s
         if age <= max_age:
             return True
         self.stale_commands += 1
@@ -97,25 +119,23 @@ class LosantProfile:
 
     # ------------------------------------------------------------ bundles in
     async def on_bundle(self, payload: bytes) -> None:
-        cfg = self.agent.cfg.losant
+        cfg = self.device.losant
         try:
             data = payload
             if data[:2] == b"\x1f\x8b":
                 data = gunzip_bounded(data, cfg.max_bundle_bytes)
             if len(data) > cfg.max_bundle_bytes:
                 raise AgentError(f"bundle of {len(data)} bytes is over {cfg.max_bundle_bytes}")
-            runtime = self.agent.runtime
-            await runtime.run(lambda: runtime.validate(data))
+            await self.device.validate_module(data)
         except AgentError as exc:
             log.error("Losant bundle refused", error=str(exc), bytes=len(payload))
             return
         sha = hashlib.sha256(data).hexdigest()
-        artifacts = self.agent.reconciler.artifacts
+        artifacts = self.device.artifacts
         await asyncio.to_thread(artifacts.put_bytes, data, sha)
         ident = static_identity(data).identifier
-        state = self.agent.reconciler.state
         doc = {
-            "generation": (state.generation or 0) + 1,
+            "generation": (self.device.applied_generation or 0) + 1,
             "flows": {
                 FLOW_ID: {
                     "version": ident or f"nullVersion-{sha[:12]}",
@@ -143,7 +163,7 @@ class LosantProfile:
             bundle=ident or "nullVersion",
             gzip=payload[:2] == b"\x1f\x8b",
         )
-        await self.agent.reconciler.offer_desired(json.dumps(doc).encode())
+        await self.device.offer_desired(json.dumps(doc).encode())
 
     def on_status(self, flow_id: str, status: Status) -> None:
         """Hello again once a bundle is loaded (and after a failed load: the old one runs)."""
@@ -159,13 +179,13 @@ class LosantProfile:
         """The running bundle's identifier (read from the bundle itself), or the
         version it was installed under (its identifier when it arrived), or
         ``nullVersion``: what Losant compares to decide whether to send a bundle."""
-        runner = self.agent.host.running.get(FLOW_ID)
+        runner = self.device.running(FLOW_ID)
         if isinstance(runner, EEARunner) and runner.eea.identity.identifier:
             return runner.eea.identity.identifier
-        rec = self.agent.reconciler.state.flows.get(FLOW_ID)
-        if rec is None or rec.installed is None or rec.installed.version.startswith("nullVersion"):
+        version = self.device.installed_version(FLOW_ID)
+        if version is None or version.startswith("nullVersion"):
             return "nullVersion"
-        return rec.installed.version
+        return version
 
     def hello_payload(self) -> dict[str, Any]:
         return {
@@ -174,11 +194,11 @@ class LosantProfile:
             "bundle": self.current_bundle(),
             "compilerOptions": {
                 "exportMemory": False,  # both work; imported memory is the default
-                "traceLevel": self.agent.cfg.losant.trace_level,
+                "traceLevel": self.device.losant.trace_level,
                 "gzip": True,
             },
         }
 
     def hello(self) -> None:
         payload = json.dumps(self.hello_payload()).encode()
-        self.agent.pacer_publish(self.hello_topic, payload, qos=1)
+        self.device.publish(self.hello_topic, payload, 1)
