@@ -23,23 +23,24 @@ import structlog
 from agent.device._logging import configure_logging
 from agent.device.artifacts import ArtifactStore, Fetcher
 from agent.device.commands import CommandRouter
-from agent.device.config import AgentConfig, LosantConfig
+from agent.device.config import AgentConfig
+from agent.device.local import LocalStore
 from agent.device.losant import MAX_MESSAGE as MAX_LOSANT_MESSAGE
 from agent.device.losant import LosantProfile
 from agent.device.mqtt import Message, MqttSession, Will
 from agent.device.outbox import Outbox
 from agent.device.pacer import Pacer
+from agent.device.ports import CommandPort, LosantPort
 from agent.device.reconciler import Reconciler
 from agent.device.records import FlowRecords
 from agent.device.reporter import Reporter, offline_status
 from agent.device.runtime.flows import FlowHost
-from agent.device.runtime.runner import FlowRunner, RunSpec
+from agent.device.runtime.runner import FlowRunner
 from agent.device.runtime.sandbox import Limits, Runtime
 from agent.device.sdnotify import Notifier
 from agent.device.settings import NEEDS_RESTART, Settings, derive
-from agent.device.state import FlowRecord, StateStore
+from agent.device.state import StateStore
 from agent.errors import AgentError
-from agent.wire.manifest import Manifest
 from agent.wire.protocol import FlowRuntime, utc_now_iso
 from agent.wire.signing import Trust
 from agent.wire.topics import Topics
@@ -84,7 +85,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        self.losant = LosantProfile(_LosantDevice(self)) if cfg.losant.enabled else None
+        self.losant = LosantProfile(LosantPort(self)) if cfg.losant.enabled else None
         self.notifier = notifier or Notifier()
         self._reconciler_task: asyncio.Task[None] | None = None
         self.reconciler: Reconciler
@@ -188,9 +189,11 @@ class Agent:
             ),
         )
         self.reporter = reporter
+        #: Installed flows started from the local store (at boot, and on command).
+        self.local = LocalStore(self.reconciler.records, self.host, artifacts)
         reporter.runtime_info = self._runtime_info
         self.commands = CommandRouter(
-            _CommandDevice(self),
+            CommandPort(self),
             max_age_s=s.command_max_age_s,
             flow_timeout_s=s.flow_timeout_s,
         )
@@ -439,76 +442,14 @@ class Agent:
         task.add_done_callback(self._command_tasks.discard)
 
     async def _start_installed(self) -> None:
-        """Start every installed flow from the local store, without the network.
-
-        Concurrently: one flow that blocks at start-up does not delay the others."""
-        state = self.reconciler.state
-        await asyncio.gather(
-            *(
-                self._start_one(flow_id, rec)
-                for flow_id, rec in sorted(state.flows.items())
-                if rec.installed is not None
-            )
-        )
-
-    async def _prepare_installed(self, flow_id: str, rec: FlowRecord) -> FlowRunner:
-        """A started runner for the installed version, from the local store."""
-        inst = rec.installed
-        if inst is None:
-            raise AgentError(f"flow {flow_id!r} has no installed version")
-        if not await asyncio.to_thread(self.reconciler.artifacts.verify, inst.sha256):
-            raise AgentError(f"installed artifact {inst.sha256[:12]}… missing or corrupt")
-        data = await asyncio.to_thread(self.reconciler.artifacts.read, inst.sha256)
-        manifest = Manifest.from_json(inst.manifest)
-        return await self.host.prepare(
-            RunSpec(
-                flow_id=flow_id,
-                version=inst.version,
-                sha256=inst.sha256,
-                kind=inst.kind,
-                config=inst.config,
-                triggers=manifest.triggers,
-                permissions=manifest.permissions,
-            ),
-            data,
-        )
+        await self.local.start_all()
 
     async def restart_flow(self, flow_id: str) -> FlowRunner:
         """Start the installed version afresh (clears ``broken``); for agent.restart-flow."""
-        rec = self.reconciler.state.flows.get(flow_id)
-        if rec is None or rec.installed is None:
-            raise AgentError(f"flow {flow_id!r} not found or not installed")
-        runner = await self._prepare_installed(flow_id, rec)
-        await self.host.activate(flow_id, runner)
-        self.reconciler.records.set_broken(flow_id, False)
+        runner = await self.local.restart(flow_id)
         await self.reconciler.persist()
         self.reporter.mark_dirty()
-        log.info("flow restarted on command", flow_id=flow_id, version=runner.version)
         return runner
-
-    async def _start_one(self, flow_id: str, rec: FlowRecord) -> None:
-        inst = rec.installed
-        if inst is not None and rec.broken:
-            log.warning(
-                "flow is broken; not started (deploy again or restart it)",
-                flow_id=flow_id,
-                version=inst.version,
-            )
-            return
-        if inst is not None:
-            try:
-                runner = await self._prepare_installed(flow_id, rec)
-            except AgentError as exc:
-                log.error(
-                    "installed flow could not start; it will be installed again",
-                    flow_id=flow_id,
-                    version=inst.version,
-                    error=str(exc),
-                )
-                self.reconciler.records.lost(flow_id, f"could not start from local store: {exc}")
-                return
-            await self.host.activate(flow_id, runner)
-            log.info("flow started from local store", flow_id=flow_id, version=inst.version)
 
     async def _dispatch(self) -> None:
         while True:
@@ -551,73 +492,3 @@ def _with_options(cfg: AgentConfig, values: dict[str, object]) -> AgentConfig:
             sub = getattr(cfg, section).model_copy(update={name: value})
             cfg = cfg.model_copy(update={section: sub})
     return cfg
-
-
-class _CommandDevice:
-    """What :class:`CommandRouter` may use of an agent (its ``CommandDevice``)."""
-
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
-        self.device_id = agent.cfg.device_id
-        self.response_topic = agent.topics.command_response
-
-    @property
-    def flows(self) -> FlowHost:
-        return self._agent.host
-
-    @property
-    def records(self) -> FlowRecords:
-        return self._agent.reconciler.records
-
-    def send(self, topic: str, payload: bytes, *, correlation: bytes | None) -> None:
-        self._agent.outbox.put(topic, payload, correlation=correlation)
-
-    def publish_state_now(self) -> None:
-        self._agent.reporter.publish_state_now()
-
-    def reconcile(self) -> None:
-        self._agent.reconciler.trigger()
-
-    async def restart_flow(self, flow_id: str) -> FlowRunner:
-        return await self._agent.restart_flow(flow_id)
-
-
-class _LosantDevice:
-    """What :class:`LosantProfile` may use of an agent (its ``LosantDevice``)."""
-
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
-        self.device_id = agent.cfg.device_id
-
-    @property
-    def losant(self) -> LosantConfig:
-        return self._agent.cfg.losant
-
-    @property
-    def command_max_age_s(self) -> float:
-        return self._agent.settings.command_max_age_s
-
-    @property
-    def artifacts(self) -> ArtifactStore:
-        return self._agent.reconciler.artifacts
-
-    @property
-    def applied_generation(self) -> int | None:
-        return self._agent.reconciler.state.generation
-
-    def installed_version(self, flow_id: str) -> str | None:
-        rec = self._agent.reconciler.records.get(flow_id)
-        return rec.installed.version if rec is not None and rec.installed else None
-
-    def running(self, flow_id: str) -> FlowRunner | None:
-        return self._agent.host.running.get(flow_id)
-
-    async def validate_module(self, data: bytes) -> None:
-        runtime = self._agent.runtime
-        await runtime.run(lambda: runtime.validate(data))
-
-    async def offer_desired(self, payload: bytes) -> bool:
-        return await self._agent.reconciler.offer_desired(payload)
-
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
-        self._agent.pacer_publish(topic, payload, qos=qos)

@@ -1,0 +1,90 @@
+"""The narrow views of an agent that its commands and its Losant profile get.
+
+:class:`CommandPort` is a :class:`~agent.device.commands.CommandDevice` and
+:class:`LosantPort` a :class:`~agent.device.losant.LosantDevice`: each exposes the
+few things that part needs, so neither reaches through the whole agent, and each
+is replaced by a fake in unit tests.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from agent.device.artifacts import ArtifactStore
+from agent.device.config import LosantConfig
+from agent.device.records import FlowRecords
+from agent.device.runtime.flows import FlowHost
+from agent.device.runtime.runner import FlowRunner
+
+if TYPE_CHECKING:
+    from agent.device.daemon import Agent
+
+
+class CommandPort:
+    """What :class:`CommandRouter` may use of an agent (its ``CommandDevice``)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self.device_id = agent.cfg.device_id
+        self.response_topic = agent.topics.command_response
+
+    @property
+    def flows(self) -> FlowHost:
+        return self._agent.host
+
+    @property
+    def records(self) -> FlowRecords:
+        return self._agent.reconciler.records
+
+    def send(self, topic: str, payload: bytes, *, correlation: bytes | None) -> None:
+        self._agent.outbox.put(topic, payload, correlation=correlation)
+
+    def publish_state_now(self) -> None:
+        self._agent.reporter.publish_state_now()
+
+    def reconcile(self) -> None:
+        self._agent.reconciler.trigger()
+
+    async def restart_flow(self, flow_id: str) -> FlowRunner:
+        return await self._agent.restart_flow(flow_id)
+
+
+class LosantPort:
+    """What :class:`LosantProfile` may use of an agent (its ``LosantDevice``)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self.device_id = agent.cfg.device_id
+
+    @property
+    def losant(self) -> LosantConfig:
+        return self._agent.cfg.losant
+
+    @property
+    def command_max_age_s(self) -> float:
+        return self._agent.settings.command_max_age_s
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        return self._agent.reconciler.artifacts
+
+    @property
+    def applied_generation(self) -> int | None:
+        return self._agent.reconciler.state.generation
+
+    def installed_version(self, flow_id: str) -> str | None:
+        rec = self._agent.reconciler.records.get(flow_id)
+        return rec.installed.version if rec is not None and rec.installed else None
+
+    def running(self, flow_id: str) -> FlowRunner | None:
+        return self._agent.host.running.get(flow_id)
+
+    async def validate_module(self, data: bytes) -> None:
+        runtime = self._agent.runtime
+        await runtime.run(lambda: runtime.validate(data))
+
+    async def offer_desired(self, payload: bytes) -> bool:
+        return await self._agent.reconciler.offer_desired(payload)
+
+    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+        self._agent.pacer_publish(topic, payload, qos=qos)
