@@ -290,11 +290,10 @@ class CommandRouter:
         }
         doc["result" if ok else "error"] = body if ok else redact_text(str(body))
         doc["time"] = utc_now_iso()
-        topic = self.device.response_topic
-        correlation = None
-        if msg.response_topic:
-            topic = msg.response_topic
-            correlation = msg.correlation_data
+        topic = msg.response_topic or self.device.response_topic
+        # Correlation data comes back even without a response topic: it is the only
+        # way to match the answer to a request that was not JSON (and has no id).
+        correlation = msg.correlation_data
         log.info("command handled", command=doc["name"], ok=ok, error=None if ok else body)
         # Through the outbox: a response made while offline goes out after the reconnect.
         self.device.send(

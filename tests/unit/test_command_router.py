@@ -68,12 +68,14 @@ class FakeDevice:
         return type("Runner", (), {"version": "v1", "health_info": lambda _s: {"health": "ok"}})()
 
 
-def msg(doc: dict[str, Any] | bytes, correlation: bytes | None = None) -> Message:
+def msg(
+    doc: dict[str, Any] | bytes, correlation: bytes | None = None, reply_to: str | None = None
+) -> Message:
     payload = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     return Message(
         topic="edge/dev1/command",
         payload=payload,
-        response_topic="replies/x" if correlation else None,
+        response_topic=reply_to if reply_to is not None else ("replies/x" if correlation else None),
         correlation_data=correlation,
     )
 
@@ -129,3 +131,18 @@ async def test_work_past_the_answer_bound_is_answered_once() -> None:
     await asyncio.sleep(0.3)  # the restart completes in the background
     assert not router._unfinished
     assert len(device.sent) == 1
+
+
+async def test_correlation_data_comes_back_without_a_response_topic() -> None:
+    """An MQTT 5 request with correlation data but no response topic, that is not even
+    JSON (so it has no id): the answer on command/response carries the correlation
+    data, the only way to match it (found by bench/fuzz.py)."""
+    device = FakeDevice()
+    router = router_for(device)
+    reply = await answer(
+        router, device, b'{"name": "x", "payflow", "id": "r1"}', correlation=b"C-9", reply_to=""
+    )
+    assert reply["topic"] == "edge/dev1/command/response"
+    assert reply["correlation"] == b"C-9"
+    assert reply["id"] is None
+    assert reply["error"].startswith("malformed command: ")
