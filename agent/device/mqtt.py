@@ -88,6 +88,10 @@ class Will:
 class _Sub:
     qos: int
     waiters: list[asyncio.Future[bytes]] = field(default_factory=list)
+    #: Made only for a :meth:`MqttSession.fetch_retained`: its messages go to the
+    #: waiters alone. A subscription the agent holds anyway (its command topic, a
+    #: flow's trigger) still delivers every message to the queue as well.
+    fetch_only: bool = False
     #: Refusals in a row (SUBACK failure codes): the retry backs off with them.
     refusals: int = 0
     retry: asyncio.TimerHandle | None = None
@@ -473,7 +477,8 @@ class MqttSession:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(msg.payload)
-            return
+            if sub.fetch_only:
+                return
         self.messages.put_nowait(msg)
 
     def _published(self, mid: int) -> None:
@@ -526,6 +531,8 @@ class MqttSession:
         subscription is asked for again, with backoff."""
         if topic not in self._subs:
             self._subs[topic] = _Sub(qos)
+        else:
+            self._subs[topic].fetch_only = False  # held for its own sake now
         if self.connected.is_set():
             self._send_subscribe(topic, qos)
             self._poke()
@@ -577,12 +584,15 @@ class MqttSession:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bytes] = loop.create_future()
         owned = topic not in self._subs
-        self.subscribe(topic, qos=1)
+        if owned:
+            self.subscribe(topic, qos=1)
+            self._subs[topic].fetch_only = True
         self._subs[topic].waiters.append(waiter)
         try:
             return await asyncio.wait_for(waiter, timeout)
         finally:
-            if owned:
+            sub = self._subs.get(topic)
+            if owned and sub is not None and sub.fetch_only:
                 self.unsubscribe(topic)
 
     @property

@@ -458,3 +458,30 @@ async def generations_refused_then_the_bound_applies(
         assert agent.reconciler.state.generation is None
     op.publish(DESIRED, {"generation": MAX_GENERATION, "flows": {"g": entry}})
     await op.wait_for(STATE, flow_state("g", status="success"))
+
+
+async def test_an_mqtt_artifact_on_the_command_topic_steals_no_command(
+    op: Operator, running_agent: Any
+) -> None:
+    """A desired entry whose artifact is `mqtt:` + the device's own command topic: the
+    download waits on that topic, and a command published meanwhile is still
+    handled (the fetch used to take it, and the command got no response)."""
+    await running_agent()
+    op.publish(
+        DESIRED,
+        {
+            "generation": 1,
+            "flows": {
+                "thief": {
+                    "version": "v1",
+                    "retries": 0,
+                    "artifact": {"url": f"mqtt:{COMMAND}", "sha256": "a" * 64},
+                }
+            },
+        },
+    )
+    await op.wait_for(STATE, flow_state("thief", status="downloading"))
+    reply = await ask(op, {"name": "agent.ping"}, "after-theft")
+    assert reply["ok"] is True
+    state = await op.wait_for(STATE, flow_state("thief", status="failure"))
+    assert "mismatch" in state["flows"]["thief"]["error"]

@@ -170,6 +170,26 @@ async def test_a_connection_dropped_before_connack_is_reported() -> None:
         assert not session.connected.is_set()
 
 
+async def test_fetching_an_artifact_from_a_subscribed_topic_steals_no_message(
+    broker: Broker, operator: Operator
+) -> None:
+    """An mqtt: artifact URL naming a topic the agent subscribes anyway (its command
+    topic, in a hostile desired document): the message goes to the fetch and still
+    to the agent. It used to be taken by the fetch alone, so the command was never
+    handled (found by bench/fuzz.py: commands that never reached the handler)."""
+    async with MqttSession(cfg(broker), "steal-client") as session:
+        session.subscribe("t/cmd")
+        await asyncio.wait_for(session.connected.wait(), 5)
+        await asyncio.sleep(0.2)  # the SUBACK
+        fetch = asyncio.create_task(session.fetch_retained("t/cmd", 5))
+        await asyncio.sleep(0.1)
+        operator.publish("t/cmd", b"a command", retain=False)
+        assert await fetch == b"a command"
+        msg = await asyncio.wait_for(session.messages.get(), 5)
+        assert (msg.topic, msg.payload) == ("t/cmd", b"a command")
+        assert "t/cmd" in session._subs  # the agent's own subscription stays
+
+
 async def test_an_unreachable_broker_is_reported_at_a_bounded_rate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
