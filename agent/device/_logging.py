@@ -100,7 +100,7 @@ def configure_logging(level: str = "info", fmt: str = "console", stream: Any = N
             redact.log_processor,  # before the capture: deployment logs are redacted too
             capture,
             structlog.processors.format_exc_info,
-            redact.log_processor,  # the traceback text
+            redact.exception_processor,  # the traceback text
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -69,6 +69,17 @@ def redact_value(value: Any) -> Any:
     return value
 
 
+def exception_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor after ``format_exc_info``: redact the traceback text (the
+    other values were redacted by :func:`log_processor` already)."""
+    text = event_dict.get("exception")
+    if isinstance(text, str) and "://" in text:
+        event_dict["exception"] = redact_text(text)
+    return event_dict
+
+
 def log_processor(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:

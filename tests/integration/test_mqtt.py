@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import os
@@ -180,7 +181,14 @@ async def test_fetching_an_artifact_from_a_subscribed_topic_steals_no_message(
     async with MqttSession(cfg(broker), "steal-client") as session:
         session.subscribe("t/cmd")
         await asyncio.wait_for(session.connected.wait(), 5)
-        await asyncio.sleep(0.2)  # the SUBACK
+        for _ in range(50):  # probe until the subscription delivers
+            operator.publish("t/cmd", b"probe", retain=False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.messages.get(), 0.1)
+                break
+        with contextlib.suppress(TimeoutError):  # take late probes until it is quiet
+            while True:
+                await asyncio.wait_for(session.messages.get(), 0.3)
         fetch = asyncio.create_task(session.fetch_retained("t/cmd", 5))
         await asyncio.sleep(0.1)
         operator.publish("t/cmd", b"a command", retain=False)

@@ -9,6 +9,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from common import wait_until
+
 from agent.device.commands import CommandRouter
 from agent.device.mqtt import Message
 from agent.device.state import FlowRecord, Installed
@@ -128,8 +130,7 @@ async def test_work_past_the_answer_bound_is_answered_once() -> None:
     )
     assert reply["ok"] is False
     assert "no result within 0.05 s" in reply["error"]
-    await asyncio.sleep(0.3)  # the restart completes in the background
-    assert not router._unfinished
+    await wait_until(lambda: not router._unfinished, 5, "the restart to finish")
     assert len(device.sent) == 1
 
 

@@ -150,11 +150,6 @@ class _Job:
         return f"{self.done} bytes"
 
 
-def _display_url(url: str) -> str:
-    """The URL for messages and logs: no user-info, no query string (may hold tokens)."""
-    return redact_url(url)
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -337,7 +332,7 @@ class Fetcher:
         if self._closed:
             raise ArtifactError("artifact fetcher is closed")
         hex_digest = normalize_sha256(sha256)
-        display = _display_url(url)
+        display = redact_url(url)  # no user-info or query in messages and logs
         limits = self.limits
         if size is not None:
             if size < 0:
