@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING
 
 from agent.device.artifacts import ArtifactStore
 from agent.device.config import LosantConfig
-from agent.device.records import FlowRecords
+from agent.device.local import LocalStore
+from agent.device.outbox import Outbox
+from agent.device.reconciler import Reconciler
+from agent.device.reporter import Reporter
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner
 
@@ -23,30 +26,41 @@ if TYPE_CHECKING:
 class CommandPort:
     """What :class:`CommandRouter` may use of an agent (its ``CommandDevice``)."""
 
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
-        self.device_id = agent.cfg.device_id
-        self.response_topic = agent.topics.command_response
-
-    @property
-    def flows(self) -> FlowHost:
-        return self._agent.host
-
-    @property
-    def records(self) -> FlowRecords:
-        return self._agent.reconciler.records
+    def __init__(
+        self,
+        device_id: str,
+        response_topic: str,
+        *,
+        host: FlowHost,
+        reconciler: Reconciler,
+        local: LocalStore,
+        outbox: Outbox,
+        reporter: Reporter,
+    ) -> None:
+        self.device_id = device_id
+        self.response_topic = response_topic
+        self.flows = host
+        self.records = reconciler.records
+        self._reconciler = reconciler
+        self._local = local
+        self._outbox = outbox
+        self._reporter = reporter
 
     def send(self, topic: str, payload: bytes, *, correlation: bytes | None) -> None:
-        self._agent.outbox.put(topic, payload, correlation=correlation)
+        self._outbox.put(topic, payload, correlation=correlation)
 
     def publish_state_now(self) -> None:
-        self._agent.reporter.publish_state_now()
+        self._reporter.publish_state_now()
 
     def reconcile(self) -> None:
-        self._agent.reconciler.trigger()
+        self._reconciler.trigger()
 
     async def restart_flow(self, flow_id: str) -> FlowRunner:
-        return await self._agent.restart_flow(flow_id)
+        """Start the installed version afresh (clears ``broken``); for agent.restart-flow."""
+        runner = await self._local.restart(flow_id)
+        await self._reconciler.persist()
+        self._reporter.mark_dirty()
+        return runner
 
 
 class LosantPort:
@@ -66,25 +80,25 @@ class LosantPort:
 
     @property
     def artifacts(self) -> ArtifactStore:
-        return self._agent.reconciler.artifacts
+        return self._agent.parts.reconciler.artifacts
 
     @property
     def applied_generation(self) -> int | None:
-        return self._agent.reconciler.state.generation
+        return self._agent.parts.reconciler.state.generation
 
     def installed_version(self, flow_id: str) -> str | None:
-        rec = self._agent.reconciler.records.get(flow_id)
+        rec = self._agent.parts.reconciler.records.get(flow_id)
         return rec.installed.version if rec is not None and rec.installed else None
 
     def running(self, flow_id: str) -> FlowRunner | None:
-        return self._agent.host.running.get(flow_id)
+        return self._agent.parts.host.running.get(flow_id)
 
     async def validate_module(self, data: bytes) -> None:
         runtime = self._agent.runtime
         await runtime.run(lambda: runtime.validate(data))
 
     async def offer_desired(self, payload: bytes) -> bool:
-        return await self._agent.reconciler.offer_desired(payload)
+        return await self._agent.parts.reconciler.offer_desired(payload)
 
     def publish(self, topic: str, payload: bytes, qos: int) -> None:
-        self._agent.pacer_publish(topic, payload, qos=qos)
+        self._agent.parts.publisher.now(topic, payload, qos=qos)

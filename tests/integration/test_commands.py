@@ -333,13 +333,13 @@ async def test_a_command_whose_work_runs_long_is_still_answered(
     import structlog
 
     agent.commands.answer_within_s = 0.3
-    real = agent.restart_flow
+    real = agent.local.restart
 
     async def slow(flow_id: str) -> Any:
         await asyncio.sleep(1.0)
         return await real(flow_id)
 
-    monkeypatch.setattr(agent, "restart_flow", slow)
+    monkeypatch.setattr(agent.local, "restart", slow)
     with structlog.testing.capture_logs() as logs:
         reply = await ask(
             op, {"name": "agent.restart-flow", "payload": {"flowId": "echo"}}, "slow-1"
