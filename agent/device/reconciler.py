@@ -1,4 +1,7 @@
-"""Applying desired state: accepts desired documents, runs the planner's steps.
+"""Applying desired state: runs the planner's steps for the document taken in.
+
+- Documents come in through :class:`~agent.device.intake.DesiredIntake` (bounds,
+  signature policy, generation order, intent persisted before any work).
 
 - Exactly one reconcile run at a time (:meth:`Reconciler.run_forever`). Within a run
   each flow's steps run as one named task, so flows don't wait for each other.
@@ -27,6 +30,7 @@ from agent.device._logging import capture
 from agent.device.artifacts import ArtifactStore, Fetcher
 from agent.device.config import AgentConfig
 from agent.device.executors import Chain, Executors
+from agent.device.intake import DesiredIntake
 from agent.device.planner import (
     Download,
     Step,
@@ -44,14 +48,8 @@ from agent.device.state import (
     StateStore,
     serialise,
 )
-from agent.errors import AgentError, ProtocolError, StateError
-from agent.wire.protocol import (
-    DesiredState,
-    RejectedDesired,
-    Status,
-    parse_desired,
-    utc_now_iso,
-)
+from agent.errors import AgentError, StateError
+from agent.wire.protocol import DesiredState, Status
 from agent.wire.signing import Trust
 
 log = structlog.get_logger("agent.device.reconciler")
@@ -73,8 +71,6 @@ class Reconciler:
         trust: Trust | None = None,
         records: FlowRecords | None = None,
     ) -> None:
-        self.cfg = cfg
-        self.trust = trust or Trust({})
         self.state = state
         self.store = store
         self.host = host
@@ -82,12 +78,24 @@ class Reconciler:
         self.fetcher = fetcher
         self.reporter = reporter
         self.device_id = cfg.device_id
-        self.desired = self._parse_persisted()
+        #: The one writer of flow records (see :mod:`agent.device.records`).
+        self.records = records or FlowRecords(state)
+        self.records.on_change = self._announce
+        self.records.on_touch = lambda _flow_id: self.reporter.mark_dirty()
         self._trigger = asyncio.Event()
+        self.intake = DesiredIntake(
+            cfg,
+            state,
+            self.records,
+            reporter,
+            persist=self.persist,
+            trigger=self.trigger,
+            trust=trust or Trust({}),
+        )
         #: Held while a desired document is taken in (supersede, apply, persist) and
         #: while the loop plans and starts a run, so a run never starts from a
         #: document whose intent is not yet on disk (or was refused for it).
-        self._intake = asyncio.Lock()
+        self._intake_lock = asyncio.Lock()
         self._run_task: asyncio.Task[None] | None = None
         self._active: dict[str, str] = {}
         self._writer = _SerialWriter()
@@ -95,10 +103,6 @@ class Reconciler:
         self.on_status: Callable[[str, Status], None] = lambda _f, _s: None
         self._background: set[asyncio.Task[None]] = set()
         self.runs = 0
-        #: The one writer of flow records (see :mod:`agent.device.records`).
-        self.records = records or FlowRecords(state)
-        self.records.on_change = self._announce
-        self.records.on_touch = lambda _flow_id: self.reporter.mark_dirty()
         self.executors = Executors(
             self.records,
             host,
@@ -109,106 +113,46 @@ class Reconciler:
             on_activated=self._completed,
         )
 
-    def _parse_persisted(self) -> DesiredState | None:
-        if self.state.desired_raw is None:
-            return None
-        try:
-            desired = parse_desired(self.state.desired_raw.encode(), max_bytes=1 << 30)
-        except ProtocolError as exc:  # cannot happen for a document we accepted
-            log.error("persisted desired document unreadable", error=str(exc))
-            return None
-        return self._admit(desired)
+    @property
+    def cfg(self) -> AgentConfig:
+        return self.intake.cfg
 
-    def _admit(self, desired: DesiredState) -> DesiredState:
-        """Apply the signature policy: an entry whose artifact it refuses becomes an
-        invalid entry (status ``failure``, no retries; the running version keeps running)."""
-        for flow_id, spec in list(desired.flows.items()):
-            if spec.artifact is None:
-                continue
-            reason = self.trust.check(spec.artifact)
-            if reason is not None:
-                del desired.flows[flow_id]
-                desired.invalid[flow_id] = reason
-        return desired
+    @cfg.setter
+    def cfg(self, cfg: AgentConfig) -> None:
+        self.intake.cfg = cfg
+
+    @property
+    def desired(self) -> DesiredState | None:
+        return self.intake.desired
+
+    @property
+    def trust(self) -> Trust:
+        return self.intake.trust
 
     def set_trust(self, trust: Trust) -> None:
         """A new signature policy (configuration reload): re-judge the desired state."""
-        self.trust = trust
-        self.desired = self._parse_persisted()
+        self.intake.set_trust(trust)
         self.trigger()
 
     # ------------------------------------------------------------ desired in
     async def offer_desired(self, payload: bytes) -> bool:
         """Accept or reject a desired document. Returns whether it was accepted."""
-        async with self._intake:
-            return await self._take_in(payload)
+        async with self._intake_lock:
+            return await self.intake.take_in(payload, self._supersede)
 
-    async def _take_in(self, payload: bytes) -> bool:
-        if not payload:
-            self._reject(None, "empty desired document (retained message cleared); ignored")
-            return False
-        try:
-            desired = self._admit(parse_desired(payload, self.cfg.reconcile.desired_max_bytes))
-        except ProtocolError as exc:
-            self._reject(None, str(exc))
-            return False
-        applied = self.state.generation
-        if applied is not None and desired.generation < applied:
-            self._reject(
-                desired.generation,
-                f"generation {desired.generation} is older than the applied {applied}; ignored",
-            )
-            return False
-        text = payload.decode()
-        if applied is not None and desired.generation == applied:
-            if text != self.state.desired_raw:
-                self._reject(
-                    desired.generation,
-                    f"generation {applied} is already applied with other content; "
-                    "a changed document needs a higher generation",
-                )
-            return False
-        await self._supersede(desired)
-        before = self.state.model_copy(deep=True)
-        self.desired = desired
-        self.state.desired_raw = text
-        self.state.generation = desired.generation
-        self.state.rejected = None
-        log.info(
-            "desired state accepted",
-            generation=desired.generation,
-            flows=len(desired.flows),
-            invalid=len(desired.invalid),
+    def _plan(self, desired: DesiredState | None = None) -> list[Step]:
+        return plan(
+            desired if desired is not None else self.desired,
+            self.state.flows,
+            device_type=self.cfg.device_type,
+            now=time.time(),
         )
-        self._mark_pending(desired)
-        try:
-            await self.persist()  # the intent is on disk before any work starts
-        except StateError as exc:
-            # Without persisted intent nothing is started: restore what was applied.
-            for name in PersistedState.model_fields:
-                setattr(self.state, name, getattr(before, name))
-            self.desired = self._parse_persisted()
-            self._reject(desired.generation, f"cannot persist the desired state: {exc}")
-            self.trigger()  # resume what the cancelled run was doing for the applied state
-            return False
-        self.reporter.mark_dirty()
-        self.trigger()
-        return True
-
-    def _reject(self, generation: int | None, reason: str) -> None:
-        log.warning("desired document rejected", generation=generation, reason=reason)
-        self.state.rejected = RejectedDesired(
-            generation=generation, reason=reason, time=utc_now_iso()
-        )
-        self.reporter.mark_dirty()
 
     async def _supersede(self, desired: DesiredState) -> None:
         task = self._run_task
         if task is None or task.done():
             return
-        new_plan = plan(
-            desired, self.state.flows, device_type=self.cfg.device_type, now=time.time()
-        )
+        new_plan = self._plan(desired)
         new_targets = {s.target.flow_id: s.target.key for s in new_plan if isinstance(s, Download)}
         changed = {f for f, key in self._active.items() if new_targets.get(f) != key}
         task.cancel()
@@ -225,27 +169,6 @@ class Reconciler:
                     error=f"superseded by generation {desired.generation}",
                     inflight=None,
                 )
-
-    def _mark_pending(self, desired: DesiredState) -> None:
-        for step in plan(
-            desired, self.state.flows, device_type=self.cfg.device_type, now=time.time()
-        ):
-            if isinstance(step, Download):
-                t = step.target
-                rec = self.state.flows.get(t.flow_id)
-                if rec is None or rec.target != t.key:
-                    self.records.transition(
-                        t.flow_id,
-                        Status.PENDING,
-                        target=t.key,
-                        generation=t.generation,
-                        desired_version=t.version,
-                        deployment_id=t.deployment_id,
-                        attempts=0,
-                        error=None,
-                        inflight=None,
-                        next_retry_at=None,
-                    )
 
     def trigger(self) -> None:
         self._trigger.set()
@@ -290,23 +213,22 @@ class Reconciler:
     # ------------------------------------------------------------ the loop
     async def run_forever(self) -> None:
         runs_without_trigger = 0
+        wake_at: float | None = None  # the earliest retry the last plan waits for
         self.trigger()
         while True:
+            timeout = None if wake_at is None else max(0.0, wake_at - time.time())
             try:
-                await asyncio.wait_for(self._trigger.wait(), self._next_wake())
+                await asyncio.wait_for(self._trigger.wait(), timeout)
                 self._trigger.clear()
                 runs_without_trigger = 0
             except TimeoutError:
                 pass
             while True:
-                async with self._intake:  # no run from a document still being taken in
-                    steps = plan(
-                        self.desired,
-                        self.state.flows,
-                        device_type=self.cfg.device_type,
-                        now=time.time(),
-                    )
+                async with self._intake_lock:  # no run from a document still being taken in
+                    steps = self._plan()  # one plan per run: its waits give the next wake
                     work = [s for s in steps if not isinstance(s, Wait)]
+                    waits = [s.until for s in steps if isinstance(s, Wait)]
+                    wake_at = min(waits) if waits else None
                     runs_without_trigger += 1 if work else 0
                     settling = runs_without_trigger <= MAX_RUNS_WITHOUT_TRIGGER
                     if work and settling:
@@ -327,16 +249,6 @@ class Reconciler:
                     raise
                 finally:
                     self._run_task = None
-
-    def _next_wake(self) -> float | None:
-        waits = [
-            s.until
-            for s in plan(
-                self.desired, self.state.flows, device_type=self.cfg.device_type, now=time.time()
-            )
-            if isinstance(s, Wait)
-        ]
-        return max(0.0, min(waits) - time.time()) if waits else None
 
     async def _run(self, steps: Sequence[Step]) -> None:
         self.runs += 1

@@ -395,10 +395,10 @@ async def test_internal_error_on_one_message_does_not_stop_the_agent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A bug triggered by one message (injected) is logged; the next message works."""
-    from agent.device import reconciler
+    from agent.device import intake
 
     agent: Agent = await running_agent()
-    real = reconciler.parse_desired
+    real = intake.parse_desired
     calls = 0
 
     def buggy_once(payload: bytes, max_bytes: int = 0) -> Any:
@@ -408,7 +408,7 @@ async def test_internal_error_on_one_message_does_not_stop_the_agent(
             raise KeyError("injected bug")
         return real(payload, max_bytes)
 
-    monkeypatch.setattr(reconciler, "parse_desired", buggy_once)
+    monkeypatch.setattr(intake, "parse_desired", buggy_once)
     op.publish(DESIRED, {"generation": 1, "flows": {}})
     await wait_until(lambda: calls >= 1, what="the buggy call")
     op.publish(
