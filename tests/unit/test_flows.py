@@ -369,8 +369,7 @@ async def test_mqtt_trigger_filters_are_checked(h: Host, topic_filter: str, allo
 async def test_the_agents_own_subscriptions_are_never_released_by_a_flow(tmp_path: Path) -> None:
     from hosts import recording_host
 
-    async with recording_host(tmp_path) as rec:
-        rec.host.protected = frozenset({"losant/dev1/command"})
+    async with recording_host(tmp_path, protected=frozenset({"losant/dev1/command"})) as rec:
         trig = [{"type": "mqtt", "topic": "losant/dev1/command"}]
         await rec.deploy(wat.echo_flow(), triggers=trig)
         await rec.deploy(wat.echo_flow(), version="v2", triggers=trig)  # an upgrade

@@ -5,8 +5,9 @@ running one (start-up and the ``startup`` trigger included); only
 :meth:`FlowHost.activate` swaps it in, stops the old one and starts its triggers.
 
 It also owns what outlives one version of a flow: its key/value storage and data
-directory (under ``<state_dir>/flows/<flowId>/``), and the MQTT subscriptions made
-on behalf of ``mqtt`` triggers (reference-counted across flows).
+directory (under ``<state_dir>/flows/<flowId>/``), and, through
+:class:`~agent.device.runtime.subscriptions.TriggerSubscriptions`, the MQTT
+subscriptions made on behalf of ``mqtt`` triggers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 
 import structlog
 import wasmtime
-from paho.mqtt.client import topic_matches_sub
 
 from agent.device._fsutil import child_path
 from agent.device.runtime._handoff import Handoff, post_or_drop
@@ -32,9 +32,10 @@ from agent.device.runtime.hostapi import EDGE_FUNCTIONS, FlowContext, define_edg
 from agent.device.runtime.kvstore import KVStore
 from agent.device.runtime.runner import BundleRunner, FlowRunner, Outcome, RunSpec, Supervision
 from agent.device.runtime.sandbox import FlowInstance, HostBindings, Limits, Runtime
+from agent.device.runtime.subscriptions import TriggerSubscriptions
 from agent.errors import InstantiationError
 from agent.wire.bundle import read_bundle
-from agent.wire.manifest import MqttTrigger, TopicPolicy, check_subscription
+from agent.wire.manifest import TopicPolicy
 
 log = structlog.get_logger("agent.device.runtime.flows")
 
@@ -99,14 +100,12 @@ class FlowHost:
         self.device_base = device_base or f"edge/{device_id}"
         self.supervision = supervision or Supervision()
         self._publish = publish
-        self._subscribe = subscribe
-        self._unsubscribe = unsubscribe
         self.on_health = on_health or (lambda _r: None)
-        #: Topics the agent subscribes to itself: a flow never unsubscribes them.
-        self.protected = protected
+        self.triggers = TriggerSubscriptions(
+            self.device_base, subscribe=subscribe, unsubscribe=unsubscribe, protected=protected
+        )
         self.running: dict[str, FlowRunner] = {}
         self._kv: dict[str, KVStore] = {}
-        self._subs: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handoff: Handoff | None = None
         #: The agent's broker connection, as EEA bundles are told.
@@ -157,7 +156,7 @@ class FlowHost:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop, self._handoff = loop, Handoff(loop)
-        self._check_triggers(spec.triggers)
+        self.triggers.check(spec.triggers)
         if spec.kind == "bundle":
             runner: FlowRunner = await self._bundle_runner(spec, data)
         else:
@@ -165,20 +164,6 @@ class FlowHost:
             runner = self._module_runner(spec, module, data)
         await runner.start()
         return runner
-
-    def _check_triggers(self, triggers: tuple[Any, ...]) -> None:
-        prefix, _, device = self.device_base.rpartition("/")
-        control = (f"{self.device_base}/desired", f"{self.device_base}/command")
-        for trig in triggers:
-            if isinstance(trig, MqttTrigger):
-                problem = check_subscription(trig.topic, prefix or "edge", device)
-                if problem is None and any(topic_matches_sub(trig.topic, t) for t in control):
-                    problem = (
-                        f"mqtt trigger {trig.topic!r} reaches the device's own desired "
-                        "or command topic (use a command trigger for commands)"
-                    )
-                if problem:
-                    raise InstantiationError(problem)
 
     def _module_runner(self, spec: RunSpec, module: Any, data: bytes) -> FlowRunner:
         if spec.kind == "eea" or is_eea_module(module):
@@ -191,7 +176,7 @@ class FlowHost:
         for entry in bundle.manifest.modules:
             blob = bundle.modules[entry.name]
             assert entry.sha256 is not None
-            self._check_triggers(entry.triggers)
+            self.triggers.check(entry.triggers)
             part_spec = RunSpec(
                 flow_id=spec.flow_id,
                 version=spec.version,
@@ -287,7 +272,7 @@ class FlowHost:
         old = self.running.get(flow_id)
         self.running[flow_id] = runner
         for trig in runner.mqtt_filters():  # before the old version lets go of them
-            self._ref_sub(trig.topic, trig.qos)
+            self.triggers.ref(trig.topic, trig.qos)
         if old is not None:
             await self._stop(old)
         runner.activate()
@@ -295,7 +280,7 @@ class FlowHost:
 
     async def _stop(self, runner: FlowRunner) -> None:
         for trig in runner.mqtt_filters():
-            self._unref_sub(trig.topic)
+            self.triggers.unref(trig.topic)
         await runner.shutdown(self.limits.call_deadline_ms / 1000)
 
     async def remove(self, flow_id: str, *, purge: bool = False) -> bool:
@@ -332,20 +317,6 @@ class FlowHost:
         return isinstance(runner, EEARunner) and runner.direct_trigger(trigger_id, payload)
 
     # ------------------------------------------------------------ routing
-    def _ref_sub(self, topic: str, qos: int) -> None:
-        self._subs[topic] = self._subs.get(topic, 0) + 1
-        if self._subs[topic] == 1 and self._subscribe is not None and topic not in self.protected:
-            self._subscribe(topic, qos)
-
-    def _unref_sub(self, topic: str) -> None:
-        count = self._subs.get(topic, 0) - 1
-        if count <= 0:
-            self._subs.pop(topic, None)
-            if self._unsubscribe is not None and topic not in self.protected:
-                self._unsubscribe(topic)
-        else:
-            self._subs[topic] = count
-
     def command(
         self, name: str, payload: bytes, replies: dict[str, asyncio.Future[Outcome]] | None = None
     ) -> list[str]:
@@ -373,7 +344,8 @@ class FlowHost:
 
     @property
     def subscriptions(self) -> dict[str, int]:
-        return dict(self._subs)
+        """Each trigger filter subscribed for flows, with how many flows use it."""
+        return self.triggers.counts()
 
     def module_digests(self) -> set[str]:
         """sha256 of every module running (a bundle's modules included)."""
