@@ -35,7 +35,9 @@ import httpx
 import structlog
 
 from agent import __version__
-from agent.device.artifacts._store import ArtifactStore, hash_file, normalize_sha256, short_hex
+from agent.device.artifacts._errors import describe, download_error
+from agent.device.artifacts._partial import append, discard, load_partial, open_partial
+from agent.device.artifacts._store import ArtifactStore, normalize_sha256, short_hex
 from agent.errors import ArtifactError, ArtifactTooLarge, DownloadError, IntegrityError
 from agent.wire.redact import redact_url
 
@@ -87,13 +89,6 @@ class _StartOver(Exception):
     def __init__(self, error: ArtifactError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def _download_error(message: str, *, retryable: bool) -> DownloadError:
-    """A DownloadError whose ``retryable`` is decided per instance (4xx: no)."""
-    error = DownloadError(message)
-    error.retryable = retryable
-    return error
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -148,15 +143,6 @@ class _Job:
         if self.total is not None:
             return f"{self.done} of {self.total} bytes"
         return f"{self.done} bytes"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _describe(exc: BaseException) -> str:
-    text = _one_line(str(exc))
-    return text or type(exc).__name__
 
 
 def _scheme(url: str) -> str | None:
@@ -219,34 +205,6 @@ def _file_url_path(url: str) -> Path:
     return Path(unquote(parts.path))
 
 
-def _open_partial(part: Path, offset: int) -> int:
-    """Open ``part`` for appending after exactly ``offset`` bytes (blocking)."""
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-    try:
-        os.ftruncate(fd, offset)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _append(fd: int, chunk: bytes, hasher: _Hash) -> None:
-    """Write the whole chunk, then account for it in the running digest (blocking)."""
-    view = memoryview(chunk)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-    hasher.update(chunk)
-
-
-def _load_partial(part: Path) -> tuple[int, _Hash]:
-    """Length and running digest of an existing partial (0 and empty if none)."""
-    try:
-        return hash_file(part)
-    except FileNotFoundError:
-        return 0, hashlib.sha256()
-
-
 async def _to_thread_uninterruptible(func: Callable[..., _T], *args: Any) -> _T:
     """Run blocking ``func`` in a thread; if we are cancelled, wait for it to finish first.
 
@@ -264,15 +222,6 @@ async def _to_thread_uninterruptible(func: Callable[..., _T], *args: Any) -> _T:
         if not task.cancelled():
             task.exception()  # retrieved: the cancellation wins
         raise
-
-
-def _discard(part: Path) -> None:
-    try:
-        part.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("artifact_partial_discard_failed", path=str(part), error=_describe(exc))
 
 
 class _LockEntry:
@@ -450,15 +399,15 @@ class Fetcher:
 
     async def _write(self, job: _Job, fd: int, chunk: bytes, hasher: _Hash) -> None:
         try:
-            await _to_thread_uninterruptible(_append, fd, chunk, hasher)
+            await _to_thread_uninterruptible(append, fd, chunk, hasher)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ArtifactTooLarge(
                     f"not enough disk space for {job.display}: disk full after "
-                    f"{job.position()} ({_describe(exc)})"
+                    f"{job.position()} ({describe(exc)})"
                 ) from exc
             raise ArtifactError(
-                f"cannot write partial download {job.part}: {_describe(exc)}"
+                f"cannot write partial download {job.part}: {describe(exc)}"
             ) from exc
 
     # -- mqtt: --------------------------------------------------------------------------
@@ -479,7 +428,7 @@ class Fetcher:
         except ArtifactError:
             raise
         except OSError as exc:
-            raise DownloadError(f"MQTT fetch of {job.display} failed: {_describe(exc)}") from exc
+            raise DownloadError(f"MQTT fetch of {job.display} failed: {describe(exc)}") from exc
         payload = bytes(payload)
         job.done = len(payload)
         if len(payload) > job.cap:
@@ -500,7 +449,7 @@ class Fetcher:
         except FileNotFoundError:
             raise ArtifactError(f"artifact file not found: {source}") from None
         except OSError as exc:
-            raise ArtifactError(f"cannot read artifact file {source}: {_describe(exc)}") from exc
+            raise ArtifactError(f"cannot read artifact file {source}: {describe(exc)}") from exc
         if not stat.S_ISREG(st.st_mode):
             raise ArtifactError(f"artifact file {source} is not a regular file")
         if st.st_size > job.cap:
@@ -510,7 +459,7 @@ class Fetcher:
         try:
             await self._copy_file(job, source)
         except (ArtifactTooLarge, IntegrityError):
-            _discard(job.part)
+            discard(job.part)
             raise
         return await self._commit(job)
 
@@ -519,9 +468,9 @@ class Fetcher:
         try:
             src = await asyncio.to_thread(source.open, "rb")
         except OSError as exc:
-            raise ArtifactError(f"cannot read artifact file {source}: {_describe(exc)}") from exc
+            raise ArtifactError(f"cannot read artifact file {source}: {describe(exc)}") from exc
         try:
-            fd = await asyncio.to_thread(_open_partial, job.part, 0)
+            fd = await asyncio.to_thread(open_partial, job.part, 0)
         except OSError as exc:
             src.close()
             raise ArtifactError(f"cannot create partial file {job.part}: {exc}") from exc
@@ -531,7 +480,7 @@ class Fetcher:
                     chunk = await asyncio.to_thread(src.read, _COPY_CHUNK)
                 except OSError as exc:
                     raise ArtifactError(
-                        f"cannot read artifact file {source}: {_describe(exc)}"
+                        f"cannot read artifact file {source}: {describe(exc)}"
                     ) from exc
                 if not chunk:
                     break
@@ -590,10 +539,10 @@ class Fetcher:
                     )
                     job.started_over = True
                     job.resumed = False
-                    _discard(job.part)
+                    discard(job.part)
                     continue
             except (ArtifactTooLarge, IntegrityError):
-                _discard(job.part)
+                discard(job.part)
                 raise
             except DownloadError as exc:
                 if not exc.retryable or retry >= self.limits.retries:
@@ -612,9 +561,9 @@ class Fetcher:
                 await asyncio.sleep(delay)
 
     async def _http_attempt(self, job: _Job) -> Path:
-        offset, hasher = await asyncio.to_thread(_load_partial, job.part)
+        offset, hasher = await asyncio.to_thread(load_partial, job.part)
         if offset > job.cap:
-            _discard(job.part)
+            discard(job.part)
             offset, hasher = 0, hashlib.sha256()
         job.done = offset
         if offset and job.size is not None and offset == job.size:
@@ -629,7 +578,7 @@ class Fetcher:
         except httpx.HTTPError as exc:
             raise self._translate(job, exc) from exc
         except httpx.InvalidURL as exc:
-            raise ArtifactError(f"invalid artifact URL {job.display}: {_describe(exc)}") from exc
+            raise ArtifactError(f"invalid artifact URL {job.display}: {describe(exc)}") from exc
         if result is None:
             log.info("artifact_partial_was_complete", url=job.display, size=job.done)
             return await self._commit(job)
@@ -684,23 +633,23 @@ class Fetcher:
                 f"after {job.position()}"
             )
         if isinstance(exc, httpx.ConnectError):
-            return DownloadError(f"cannot connect for {job.display}: {_describe(exc)}")
+            return DownloadError(f"cannot connect for {job.display}: {describe(exc)}")
         if isinstance(exc, httpx.RemoteProtocolError):
             return DownloadError(
                 f"connection dropped during download of {job.display} after {job.position()}: "
-                f"{_describe(exc)}"
+                f"{describe(exc)}"
             )
         if isinstance(exc, httpx.UnsupportedProtocol):
-            return ArtifactError(f"invalid artifact URL {job.display}: {_describe(exc)}")
+            return ArtifactError(f"invalid artifact URL {job.display}: {describe(exc)}")
         if isinstance(exc, httpx.TooManyRedirects):
-            return _download_error(f"too many redirects for {job.display}", retryable=False)
+            return download_error(f"too many redirects for {job.display}", retryable=False)
         if isinstance(exc, httpx.TransportError):
             return DownloadError(
                 f"download of {job.display} failed after {job.position()}: "
-                f"{type(exc).__name__}: {_describe(exc)}"
+                f"{type(exc).__name__}: {describe(exc)}"
             )
-        return _download_error(
-            f"download of {job.display} failed: {type(exc).__name__}: {_describe(exc)}",
+        return download_error(
+            f"download of {job.display} failed: {type(exc).__name__}: {describe(exc)}",
             retryable=False,
         )
 
@@ -740,7 +689,7 @@ class Fetcher:
             retryable = status in _RETRYABLE_STATUS or 500 <= status <= 599
             reason = f" {response.reason_phrase}" if response.reason_phrase else ""
             job.retry_after = _retry_after(response.headers.get("retry-after"))
-            raise _download_error(f"HTTP {status}{reason} from {job.display}", retryable=retryable)
+            raise download_error(f"HTTP {status}{reason} from {job.display}", retryable=retryable)
         job.total = total
         if total is not None:
             if total > job.cap:
@@ -769,7 +718,7 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         stall = self.limits.stall_timeout
         try:
-            fd = await asyncio.to_thread(_open_partial, job.part, offset)
+            fd = await asyncio.to_thread(open_partial, job.part, offset)
         except OSError as exc:
             raise ArtifactError(f"cannot open partial download {job.part}: {exc}") from exc
         next_disk_check = offset + _DISK_RECHECK
