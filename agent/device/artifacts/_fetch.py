@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import os
 import random
-import shutil
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -36,7 +33,10 @@ import structlog
 
 from agent import __version__
 from agent.device.artifacts._errors import describe, download_error
-from agent.device.artifacts._partial import append, discard, load_partial, open_partial
+from agent.device.artifacts._job import Job
+from agent.device.artifacts._limits import FetchLimits
+from agent.device.artifacts._partial import discard, load_partial, open_partial
+from agent.device.artifacts._progress import Progress, ProgressReporter
 from agent.device.artifacts._store import ArtifactStore, normalize_sha256, short_hex
 from agent.errors import ArtifactError, ArtifactTooLarge, DownloadError, IntegrityError
 from agent.wire.redact import redact_url
@@ -46,38 +46,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-#: Progress callback: ``(bytes_done, total or None)``; called at most every 0.25 s
-#: while data flows, plus once at the end with ``(size, size)``. Must not block.
-Progress = Callable[[int, int | None], None]
-
-_T = TypeVar("_T")
-
-_PROGRESS_INTERVAL = 0.25  # seconds between two progress callbacks
 _COPY_CHUNK = 1024 * 1024  # file:// read size
 _DISK_RECHECK = 4 * 1024 * 1024  # re-check free space this often when the size is unknown
 _RETRYABLE_STATUS = frozenset({408, 429})
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    """Caps, timeouts and retry policy of :class:`Fetcher` (sizes in bytes, times in s)."""
-
-    max_size: int = 64 * 1024 * 1024  # hard cap on an artifact's size
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0  # httpx read timeout per read
-    stall_timeout: float = 30.0  # abort if no byte arrived for this long
-    retries: int = 3  # extra attempts inside one fetch() for retryable errors
-    backoff_initial: float = 0.5  # seconds; exponential, jittered, capped by backoff_max
-    backoff_max: float = 10.0
-    min_free_bytes: int = 16 * 1024 * 1024  # keep this much free on the store's filesystem
-
-    def __post_init__(self) -> None:
-        if self.max_size <= 0 or self.retries < 0 or self.min_free_bytes < 0:
-            raise ValueError(f"invalid FetchLimits: {self}")
-        if min(self.connect_timeout, self.read_timeout, self.stall_timeout) <= 0:
-            raise ValueError(f"invalid FetchLimits: timeouts must be > 0: {self}")
-        if self.backoff_initial < 0 or self.backoff_max < 0:
-            raise ValueError(f"invalid FetchLimits: backoff must be >= 0: {self}")
 
 
 # -- internal signals ---------------------------------------------------------------------
@@ -92,57 +63,6 @@ class _StartOver(Exception):
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-class _ProgressReporter:
-    """Rate-limits the caller's progress callback; a failing callback is logged, not raised."""
-
-    def __init__(self, callback: Progress | None, total: int | None) -> None:
-        self._callback = callback
-        self.total = total
-        self._last = float("-inf")
-        self._broken = False
-
-    def update(self, done: int) -> None:
-        now = asyncio.get_running_loop().time()
-        if now - self._last >= _PROGRESS_INTERVAL:
-            self._last = now
-            self._call(done, self.total)
-
-    def finish(self, done: int) -> None:
-        self._call(done, done)
-
-    def _call(self, done: int, total: int | None) -> None:
-        if self._callback is None or self._broken:
-            return
-        try:
-            self._callback(done, total)
-        except Exception:  # a broken UI callback must not fail the download
-            self._broken = True
-            log.exception("artifact_progress_callback_failed")
-
-
-@dataclass
-class _Job:
-    """One fetch() call: what is being fetched and how far it got."""
-
-    url: str
-    display: str
-    hex: str
-    size: int | None
-    cap: int
-    part: Path
-    progress: _ProgressReporter
-    done: int = 0
-    total: int | None = None
-    resumed: bool = False  # some bytes came from an earlier attempt or process
-    started_over: bool = False  # the one restart from byte 0 was used
-    retry_after: float | None = None  # the last error status's Retry-After, in seconds
-
-    def position(self) -> str:
-        if self.total is not None:
-            return f"{self.done} of {self.total} bytes"
-        return f"{self.done} bytes"
 
 
 def _scheme(url: str) -> str | None:
@@ -203,25 +123,6 @@ def _file_url_path(url: str) -> Path:
     if not parts.path:
         raise ArtifactError(f"file URL {url[:400]} has no path")
     return Path(unquote(parts.path))
-
-
-async def _to_thread_uninterruptible(func: Callable[..., _T], *args: Any) -> _T:
-    """Run blocking ``func`` in a thread; if we are cancelled, wait for it to finish first.
-
-    Used for writes and commits so that a cancelled fetch never leaves a writer running
-    behind its back: the partial only ever grows by whole chunks and is quiescent by the
-    time the cancellation propagates.
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():  # even if cancelled again: the fd must outlive the write
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()  # retrieved: the cancellation wins
-        raise
 
 
 class _LockEntry:
@@ -300,14 +201,16 @@ class Fetcher:
             )
         if scheme in ("http", "https") and not _has_host(url):
             raise ArtifactError(f"invalid artifact URL {display}: no host")
-        job = _Job(
+        job = Job(
             url=url,
             display=display,
             hex=hex_digest,
             size=size,
             cap=min(limits.max_size, size) if size is not None else limits.max_size,
             part=self._store.partial_path(hex_digest),
-            progress=_ProgressReporter(progress, size),
+            progress=ProgressReporter(progress, size),
+            store=self._store,
+            limits=lambda: self.limits,
         )
         async with self._exclusive(hex_digest):
             cached = await self._cached(job)
@@ -336,7 +239,7 @@ class Fetcher:
             if entry.users == 0:
                 del self._locks[hex_digest]
 
-    async def _cached(self, job: _Job) -> Path | None:
+    async def _cached(self, job: Job) -> Path | None:
         """The stored artifact if present and intact (a corrupt one is deleted)."""
         if not self._store.has(job.hex):
             return None
@@ -356,63 +259,9 @@ class Fetcher:
         job.progress.finish(actual)
         return path
 
-    def _check_disk(self, job: _Job, remaining: int) -> None:
-        """Refuse a download that would leave less than ``min_free_bytes`` free."""
-        try:
-            free = shutil.disk_usage(self._store.root).free
-        except OSError as exc:
-            log.warning("artifact_disk_usage_failed", root=str(self._store.root), error=str(exc))
-            return
-        reserve = self.limits.min_free_bytes
-        if max(remaining, 0) + reserve > free:
-            raise ArtifactTooLarge(
-                f"not enough disk space for {job.display}: need {max(remaining, 0)} bytes "
-                f"plus a reserve of {reserve}, but only {free} are free in {self._store.root}"
-            )
-
-    def _too_large(self, job: _Job, amount: int, *, declared: bool) -> ArtifactTooLarge:
-        what = "declares" if declared else "sent more than"
-        if job.size is not None and job.cap == job.size and job.size < self.limits.max_size:
-            limit = f"the declared size of {job.size} bytes"
-        else:
-            limit = f"the limit of {self.limits.max_size} bytes"
-        if declared:
-            return ArtifactTooLarge(f"{job.display} {what} {amount} bytes, over {limit}")
-        return ArtifactTooLarge(f"{job.display} {what} {limit}")
-
-    def _check_result(self, job: _Job, hasher: _Hash) -> None:
-        if job.size is not None and job.done != job.size:
-            raise IntegrityError(
-                f"size mismatch for {job.display}: expected {job.size} bytes, got {job.done}"
-            )
-        actual = hasher.hexdigest()
-        if actual != job.hex:
-            raise IntegrityError(
-                f"sha256 mismatch for {job.display}: expected {short_hex(job.hex)}, "
-                f"got {short_hex(actual)}"
-            )
-
-    async def _commit(self, job: _Job) -> Path:
-        path = await _to_thread_uninterruptible(self._store.commit, job.part, job.hex)
-        job.progress.finish(job.done)
-        return path
-
-    async def _write(self, job: _Job, fd: int, chunk: bytes, hasher: _Hash) -> None:
-        try:
-            await _to_thread_uninterruptible(append, fd, chunk, hasher)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ArtifactTooLarge(
-                    f"not enough disk space for {job.display}: disk full after "
-                    f"{job.position()} ({describe(exc)})"
-                ) from exc
-            raise ArtifactError(
-                f"cannot write partial download {job.part}: {describe(exc)}"
-            ) from exc
-
     # -- mqtt: --------------------------------------------------------------------------
 
-    async def _fetch_mqtt(self, job: _Job) -> Path:
+    async def _fetch_mqtt(self, job: Job) -> Path:
         topic = job.url[len("mqtt:") :]
         if not topic or "+" in topic or "#" in topic:
             raise ArtifactError(f"invalid MQTT artifact URL {job.display}: needs a plain topic")
@@ -432,17 +281,15 @@ class Fetcher:
         payload = bytes(payload)
         job.done = len(payload)
         if len(payload) > job.cap:
-            raise self._too_large(job, len(payload), declared=False)
-        self._check_disk(job, len(payload))
+            raise job.too_large(len(payload), declared=False)
+        job.check_disk(len(payload))
         hasher = await asyncio.to_thread(hashlib.sha256, payload)
-        self._check_result(job, hasher)
-        path = await _to_thread_uninterruptible(self._store.put_bytes, payload, job.hex)
-        job.progress.finish(job.done)
-        return path
+        job.check_result(hasher)
+        return await job.put_bytes(payload)
 
     # -- file:// ------------------------------------------------------------------------
 
-    async def _fetch_file(self, job: _Job) -> Path:
+    async def _fetch_file(self, job: Job) -> Path:
         source = _file_url_path(job.url)
         try:
             st = await asyncio.to_thread(os.stat, source)
@@ -453,17 +300,17 @@ class Fetcher:
         if not stat.S_ISREG(st.st_mode):
             raise ArtifactError(f"artifact file {source} is not a regular file")
         if st.st_size > job.cap:
-            raise self._too_large(job, st.st_size, declared=True)
-        self._check_disk(job, st.st_size)
+            raise job.too_large(st.st_size, declared=True)
+        job.check_disk(st.st_size)
         job.total = job.progress.total = st.st_size
         try:
             await self._copy_file(job, source)
         except (ArtifactTooLarge, IntegrityError):
             discard(job.part)
             raise
-        return await self._commit(job)
+        return await job.commit()
 
-    async def _copy_file(self, job: _Job, source: Path) -> None:
+    async def _copy_file(self, job: Job, source: Path) -> None:
         hasher = hashlib.sha256()
         try:
             src = await asyncio.to_thread(source.open, "rb")
@@ -485,14 +332,14 @@ class Fetcher:
                 if not chunk:
                     break
                 if job.done + len(chunk) > job.cap:
-                    raise self._too_large(job, job.done + len(chunk), declared=False)
-                await self._write(job, fd, chunk, hasher)
+                    raise job.too_large(job.done + len(chunk), declared=False)
+                await job.write(fd, chunk, hasher)
                 job.done += len(chunk)
                 job.progress.update(job.done)
         finally:
             os.close(fd)
             src.close()
-        self._check_result(job, hasher)
+        job.check_result(hasher)
 
     # -- http(s):// ---------------------------------------------------------------------
 
@@ -524,7 +371,7 @@ class Fetcher:
             delay = max(delay, min(retry_after, limits.backoff_max))
         return delay
 
-    async def _fetch_http(self, job: _Job) -> Path:
+    async def _fetch_http(self, job: Job) -> Path:
         """Attempts with retries; a partial survives retryable errors and cancellation."""
         retry = 0
         while True:
@@ -560,7 +407,7 @@ class Fetcher:
                 )
                 await asyncio.sleep(delay)
 
-    async def _http_attempt(self, job: _Job) -> Path:
+    async def _http_attempt(self, job: Job) -> Path:
         offset, hasher = await asyncio.to_thread(load_partial, job.part)
         if offset > job.cap:
             discard(job.part)
@@ -569,10 +416,10 @@ class Fetcher:
         if offset and job.size is not None and offset == job.size:
             # A previous run downloaded everything but did not commit.
             if hasher.hexdigest() == job.hex:
-                return await self._commit(job)
+                return await job.commit()
             raise _StartOver(ArtifactError(f"complete partial of {job.display} is corrupt"))
         if job.size is not None:
-            self._check_disk(job, job.size - offset)
+            job.check_disk(job.size - offset)
         try:
             result = await self._transfer(job, offset, hasher)
         except httpx.HTTPError as exc:
@@ -581,16 +428,16 @@ class Fetcher:
             raise ArtifactError(f"invalid artifact URL {job.display}: {describe(exc)}") from exc
         if result is None:
             log.info("artifact_partial_was_complete", url=job.display, size=job.done)
-            return await self._commit(job)
+            return await job.commit()
         try:
-            self._check_result(job, result)
+            job.check_result(result)
         except IntegrityError as exc:
             if job.resumed:  # the old bytes may be the culprit: try once from scratch
                 raise _StartOver(exc) from None
             raise
-        return await self._commit(job)
+        return await job.commit()
 
-    async def _transfer(self, job: _Job, offset: int, hasher: _Hash) -> _Hash | None:
+    async def _transfer(self, job: Job, offset: int, hasher: _Hash) -> _Hash | None:
         """One GET (with Range when resuming) under the stall watchdog.
 
         Returns the digest of the whole partial, or None if the partial turned out to be
@@ -620,7 +467,7 @@ class Fetcher:
                 f"after {job.position()}"
             ) from None
 
-    def _translate(self, job: _Job, exc: httpx.HTTPError) -> ArtifactError:
+    def _translate(self, job: Job, exc: httpx.HTTPError) -> ArtifactError:
         """An httpx exception as the agent error the layers above understand."""
         limits = self.limits
         if isinstance(exc, httpx.ConnectTimeout):
@@ -654,7 +501,7 @@ class Fetcher:
         )
 
     def _accept(
-        self, job: _Job, response: httpx.Response, offset: int, hasher: _Hash
+        self, job: Job, response: httpx.Response, offset: int, hasher: _Hash
     ) -> tuple[int, _Hash] | None:
         """Check status and headers; return where the body starts (None: partial complete)."""
         status = response.status_code
@@ -693,22 +540,22 @@ class Fetcher:
         job.total = total
         if total is not None:
             if total > job.cap:
-                raise self._too_large(job, total, declared=True)
+                raise job.too_large(total, declared=True)
             if job.size is not None and total < job.size:
                 raise IntegrityError(
                     f"size mismatch for {job.display}: expected {job.size} bytes, "
                     f"server has {total}"
                 )
             if job.size is None:
-                self._check_disk(job, total - offset)
+                job.check_disk(total - offset)
             job.progress.total = total
         elif job.size is None:
-            self._check_disk(job, 0)
+            job.check_disk(0)
         return offset, hasher
 
     async def _receive(
         self,
-        job: _Job,
+        job: Job,
         response: httpx.Response,
         offset: int,
         hasher: _Hash,
@@ -728,13 +575,13 @@ class Fetcher:
                 if not chunk:
                     continue
                 if job.done + len(chunk) > job.cap:
-                    raise self._too_large(job, job.done + len(chunk), declared=False)
-                await self._write(job, fd, chunk, hasher)
+                    raise job.too_large(job.done + len(chunk), declared=False)
+                await job.write(fd, chunk, hasher)
                 job.done += len(chunk)
                 watchdog.reschedule(loop.time() + stall)
                 job.progress.update(job.done)
                 if job.total is None and job.size is None and job.done >= next_disk_check:
-                    self._check_disk(job, 0)
+                    job.check_disk(0)
                     next_disk_check = job.done + _DISK_RECHECK
         finally:
             os.close(fd)
