@@ -1,49 +1,45 @@
-"""Fetching artifacts into the :class:`ArtifactStore`.
+"""Fetching artifacts into the :class:`ArtifactStore`: the :class:`Fetcher`.
 
-:class:`Fetcher` owns the transfer of an artifact's bytes from its URL into the store:
-``http(s)://`` (streamed with httpx, resumed with ``Range`` from a partial file,
-retried with jittered exponential backoff, guarded by a stall watchdog),
-``file://`` (copied off the event loop) and ``mqtt:<topic>`` (delegated to the MQTT
-layer's ``mqtt_fetch`` callable). Whatever the source, the size cap, the free-space
-reserve and the SHA-256 check are enforced here, and third-party exceptions (httpx,
-OSError) leave this module only as :mod:`agent.errors` exceptions with one-line
-messages.
+:class:`Fetcher` is the orchestrator. It checks the request (digest, declared size
+against ``max_size``, URL scheme), serialises concurrent fetches of the same digest
+(the second caller finds the artifact in the store), returns an intact stored
+artifact without fetching it, and hands the others to the source for their scheme:
 
-Concurrent fetches of the same digest are serialised inside one ``Fetcher``; the
-second caller finds the artifact in the store.
+- ``http(s)://``: :class:`HttpSource` in ``_http_source`` (streamed with httpx,
+  resumed with ``Range`` from a partial file, retried with jittered exponential
+  backoff, guarded by a stall watchdog);
+- ``file://``: ``fetch_file`` in ``_file_source`` (copied off the event loop);
+- ``mqtt:<topic>``: ``fetch_mqtt`` in ``_mqtt_source`` (delegated to the MQTT
+  layer's ``mqtt_fetch`` callable).
+
+Whatever the source, its bytes go through the :class:`Job` (``_job``): the size cap,
+the free-space reserve and the SHA-256 check are enforced there. Third-party
+exceptions (httpx, OSError) leave the package only as :mod:`agent.errors` exceptions
+with one-line messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import os
-import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
 
-from agent.device.artifacts._errors import describe
+from agent.device.artifacts._file_source import fetch_file
 from agent.device.artifacts._http_source import HttpSource
 from agent.device.artifacts._job import Job
 from agent.device.artifacts._limits import FetchLimits
-from agent.device.artifacts._partial import discard, open_partial
+from agent.device.artifacts._mqtt_source import fetch_mqtt
 from agent.device.artifacts._progress import Progress, ProgressReporter
 from agent.device.artifacts._store import ArtifactStore, normalize_sha256, short_hex
-from agent.errors import ArtifactError, ArtifactTooLarge, DownloadError, IntegrityError
+from agent.errors import ArtifactError, ArtifactTooLarge, IntegrityError
 from agent.wire.redact import redact_url
 
-if TYPE_CHECKING:
-    _Hash = hashlib._Hash
-
 log = structlog.get_logger(__name__)
-
-_COPY_CHUNK = 1024 * 1024  # file:// read size
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -67,15 +63,6 @@ def _has_host(url: str) -> bool:
         return False
 
 
-def _file_url_path(url: str) -> Path:
-    parts = urlsplit(url)
-    if parts.netloc not in ("", "localhost"):
-        raise ArtifactError(f"file URL {url[:400]} names a remote host; only local paths work")
-    if not parts.path:
-        raise ArtifactError(f"file URL {url[:400]} has no path")
-    return Path(unquote(parts.path))
-
-
 class _LockEntry:
     __slots__ = ("lock", "users")
 
@@ -90,7 +77,8 @@ class _LockEntry:
 class Fetcher:
     """Downloads artifacts into an :class:`ArtifactStore` and verifies them.
 
-    Owns one lazily created ``httpx.AsyncClient`` (closed by :meth:`aclose`).
+    Owns one lazily created ``httpx.AsyncClient`` (in its :class:`HttpSource`, closed
+    by :meth:`aclose`).
     ``mqtt_fetch(topic, timeout)`` returns the payload of an ``mqtt:<topic>`` artifact;
     ``transport`` replaces httpx's network transport (proxies, tests).
     """
@@ -165,9 +153,9 @@ class Fetcher:
             if cached is not None:
                 return cached
             if scheme == "mqtt":
-                path = await self._fetch_mqtt(job)
+                path = await fetch_mqtt(job, self._mqtt_fetch)
             elif scheme == "file":
-                path = await self._fetch_file(job)
+                path = await fetch_file(job)
             else:
                 path = await self._http.fetch(job)
         log.info("artifact_fetched", url=display, sha256=hex_digest, size=job.done)
@@ -206,85 +194,3 @@ class Fetcher:
         job.done = actual
         job.progress.finish(actual)
         return path
-
-    # -- mqtt: --------------------------------------------------------------------------
-
-    async def _fetch_mqtt(self, job: Job) -> Path:
-        topic = job.url[len("mqtt:") :]
-        if not topic or "+" in topic or "#" in topic:
-            raise ArtifactError(f"invalid MQTT artifact URL {job.display}: needs a plain topic")
-        if self._mqtt_fetch is None:
-            raise ArtifactError(f"cannot fetch {job.display}: MQTT artifact delivery is off")
-        timeout = self.limits.read_timeout
-        try:
-            payload = await self._mqtt_fetch(topic, timeout)
-        except TimeoutError:
-            raise DownloadError(
-                f"no artifact arrived on MQTT topic {topic} within {timeout:g} s"
-            ) from None
-        except ArtifactError:
-            raise
-        except OSError as exc:
-            raise DownloadError(f"MQTT fetch of {job.display} failed: {describe(exc)}") from exc
-        payload = bytes(payload)
-        job.done = len(payload)
-        if len(payload) > job.cap:
-            raise job.too_large(len(payload), declared=False)
-        job.check_disk(len(payload))
-        hasher = await asyncio.to_thread(hashlib.sha256, payload)
-        job.check_result(hasher)
-        return await job.put_bytes(payload)
-
-    # -- file:// ------------------------------------------------------------------------
-
-    async def _fetch_file(self, job: Job) -> Path:
-        source = _file_url_path(job.url)
-        try:
-            st = await asyncio.to_thread(os.stat, source)
-        except FileNotFoundError:
-            raise ArtifactError(f"artifact file not found: {source}") from None
-        except OSError as exc:
-            raise ArtifactError(f"cannot read artifact file {source}: {describe(exc)}") from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"artifact file {source} is not a regular file")
-        if st.st_size > job.cap:
-            raise job.too_large(st.st_size, declared=True)
-        job.check_disk(st.st_size)
-        job.total = job.progress.total = st.st_size
-        try:
-            await self._copy_file(job, source)
-        except (ArtifactTooLarge, IntegrityError):
-            discard(job.part)
-            raise
-        return await job.commit()
-
-    async def _copy_file(self, job: Job, source: Path) -> None:
-        hasher = hashlib.sha256()
-        try:
-            src = await asyncio.to_thread(source.open, "rb")
-        except OSError as exc:
-            raise ArtifactError(f"cannot read artifact file {source}: {describe(exc)}") from exc
-        try:
-            fd = await asyncio.to_thread(open_partial, job.part, 0)
-        except OSError as exc:
-            src.close()
-            raise ArtifactError(f"cannot create partial file {job.part}: {exc}") from exc
-        try:
-            while True:
-                try:
-                    chunk = await asyncio.to_thread(src.read, _COPY_CHUNK)
-                except OSError as exc:
-                    raise ArtifactError(
-                        f"cannot read artifact file {source}: {describe(exc)}"
-                    ) from exc
-                if not chunk:
-                    break
-                if job.done + len(chunk) > job.cap:
-                    raise job.too_large(job.done + len(chunk), declared=False)
-                await job.write(fd, chunk, hasher)
-                job.done += len(chunk)
-                job.progress.update(job.done)
-        finally:
-            os.close(fd)
-            src.close()
-        job.check_result(hasher)
