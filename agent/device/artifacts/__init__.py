@@ -6,7 +6,9 @@ partials, temp files); :class:`Fetcher` downloads ``http(s)://``, ``file://`` an
 :data:`Progress` callback. Failures are :mod:`agent.errors` exceptions.
 """
 
-from agent.device.artifacts._fetch import Fetcher, FetchLimits, Progress
+from agent.device.artifacts._fetch import Fetcher
+from agent.device.artifacts._limits import FetchLimits
+from agent.device.artifacts._progress import Progress
 from agent.device.artifacts._store import ArtifactStore
 
 __all__ = ["ArtifactStore", "FetchLimits", "Fetcher", "Progress"]

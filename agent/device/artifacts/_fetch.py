@@ -1,162 +1,48 @@
-"""Fetching artifacts into the :class:`ArtifactStore`.
+"""Fetching artifacts into the :class:`ArtifactStore`: the :class:`Fetcher`.
 
-:class:`Fetcher` owns the transfer of an artifact's bytes from its URL into the store:
-``http(s)://`` (streamed with httpx, resumed with ``Range`` from a partial file,
-retried with jittered exponential backoff, guarded by a stall watchdog),
-``file://`` (copied off the event loop) and ``mqtt:<topic>`` (delegated to the MQTT
-layer's ``mqtt_fetch`` callable). Whatever the source, the size cap, the free-space
-reserve and the SHA-256 check are enforced here, and third-party exceptions (httpx,
-OSError) leave this module only as :mod:`agent.errors` exceptions with one-line
-messages.
+:class:`Fetcher` is the orchestrator. It checks the request (digest, declared size
+against ``max_size``, URL scheme), serialises concurrent fetches of the same digest
+(the second caller finds the artifact in the store), returns an intact stored
+artifact without fetching it, and hands the others to the source for their scheme:
 
-Concurrent fetches of the same digest are serialised inside one ``Fetcher``; the
-second caller finds the artifact in the store.
+- ``http(s)://``: :class:`HttpSource` in ``_http_source`` (streamed with httpx,
+  resumed with ``Range`` from a partial file, retried with jittered exponential
+  backoff, guarded by a stall watchdog);
+- ``file://``: ``fetch_file`` in ``_file_source`` (copied off the event loop);
+- ``mqtt:<topic>``: ``fetch_mqtt`` in ``_mqtt_source`` (delegated to the MQTT
+  layer's ``mqtt_fetch`` callable).
+
+Whatever the source, its bytes go through the :class:`Job` (``_job``): the size cap,
+the free-space reserve and the SHA-256 check are enforced there. Third-party
+exceptions (httpx, OSError) leave the package only as :mod:`agent.errors` exceptions
+with one-line messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import hashlib
-import os
-import random
-import shutil
-import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
 
-from agent import __version__
-from agent.device.artifacts._store import ArtifactStore, hash_file, normalize_sha256, short_hex
-from agent.errors import ArtifactError, ArtifactTooLarge, DownloadError, IntegrityError
+from agent.device.artifacts._file_source import fetch_file
+from agent.device.artifacts._http_source import HttpSource
+from agent.device.artifacts._job import Job
+from agent.device.artifacts._limits import FetchLimits
+from agent.device.artifacts._mqtt_source import fetch_mqtt
+from agent.device.artifacts._progress import Progress, ProgressReporter
+from agent.device.artifacts._store import ArtifactStore, normalize_sha256, short_hex
+from agent.errors import ArtifactError, ArtifactTooLarge, IntegrityError
 from agent.wire.redact import redact_url
-
-if TYPE_CHECKING:
-    _Hash = hashlib._Hash
 
 log = structlog.get_logger(__name__)
 
-#: Progress callback: ``(bytes_done, total or None)``; called at most every 0.25 s
-#: while data flows, plus once at the end with ``(size, size)``. Must not block.
-Progress = Callable[[int, int | None], None]
-
-_T = TypeVar("_T")
-
-_PROGRESS_INTERVAL = 0.25  # seconds between two progress callbacks
-_COPY_CHUNK = 1024 * 1024  # file:// read size
-_DISK_RECHECK = 4 * 1024 * 1024  # re-check free space this often when the size is unknown
-_RETRYABLE_STATUS = frozenset({408, 429})
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    """Caps, timeouts and retry policy of :class:`Fetcher` (sizes in bytes, times in s)."""
-
-    max_size: int = 64 * 1024 * 1024  # hard cap on an artifact's size
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0  # httpx read timeout per read
-    stall_timeout: float = 30.0  # abort if no byte arrived for this long
-    retries: int = 3  # extra attempts inside one fetch() for retryable errors
-    backoff_initial: float = 0.5  # seconds; exponential, jittered, capped by backoff_max
-    backoff_max: float = 10.0
-    min_free_bytes: int = 16 * 1024 * 1024  # keep this much free on the store's filesystem
-
-    def __post_init__(self) -> None:
-        if self.max_size <= 0 or self.retries < 0 or self.min_free_bytes < 0:
-            raise ValueError(f"invalid FetchLimits: {self}")
-        if min(self.connect_timeout, self.read_timeout, self.stall_timeout) <= 0:
-            raise ValueError(f"invalid FetchLimits: timeouts must be > 0: {self}")
-        if self.backoff_initial < 0 or self.backoff_max < 0:
-            raise ValueError(f"invalid FetchLimits: backoff must be >= 0: {self}")
-
-
-# -- internal signals ---------------------------------------------------------------------
-
-
-class _StartOver(Exception):
-    """Discard the partial and download from byte 0 (allowed once per fetch)."""
-
-    def __init__(self, error: ArtifactError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-def _download_error(message: str, *, retryable: bool) -> DownloadError:
-    """A DownloadError whose ``retryable`` is decided per instance (4xx: no)."""
-    error = DownloadError(message)
-    error.retryable = retryable
-    return error
-
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-class _ProgressReporter:
-    """Rate-limits the caller's progress callback; a failing callback is logged, not raised."""
-
-    def __init__(self, callback: Progress | None, total: int | None) -> None:
-        self._callback = callback
-        self.total = total
-        self._last = float("-inf")
-        self._broken = False
-
-    def update(self, done: int) -> None:
-        now = asyncio.get_running_loop().time()
-        if now - self._last >= _PROGRESS_INTERVAL:
-            self._last = now
-            self._call(done, self.total)
-
-    def finish(self, done: int) -> None:
-        self._call(done, done)
-
-    def _call(self, done: int, total: int | None) -> None:
-        if self._callback is None or self._broken:
-            return
-        try:
-            self._callback(done, total)
-        except Exception:  # a broken UI callback must not fail the download
-            self._broken = True
-            log.exception("artifact_progress_callback_failed")
-
-
-@dataclass
-class _Job:
-    """One fetch() call: what is being fetched and how far it got."""
-
-    url: str
-    display: str
-    hex: str
-    size: int | None
-    cap: int
-    part: Path
-    progress: _ProgressReporter
-    done: int = 0
-    total: int | None = None
-    resumed: bool = False  # some bytes came from an earlier attempt or process
-    started_over: bool = False  # the one restart from byte 0 was used
-    retry_after: float | None = None  # the last error status's Retry-After, in seconds
-
-    def position(self) -> str:
-        if self.total is not None:
-            return f"{self.done} of {self.total} bytes"
-        return f"{self.done} bytes"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _describe(exc: BaseException) -> str:
-    text = _one_line(str(exc))
-    return text or type(exc).__name__
 
 
 def _scheme(url: str) -> str | None:
@@ -177,104 +63,6 @@ def _has_host(url: str) -> bool:
         return False
 
 
-def _int_header(value: str | None) -> int | None:
-    if value is None or not value.strip().isdigit():
-        return None
-    return int(value.strip())
-
-
-def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
-    """Parse ``bytes <start>-<end>/<total|*>``; None if absent or malformed."""
-    if value is None:
-        return None
-    unit, _, spec = value.strip().partition(" ")
-    span, _, total = spec.strip().partition("/")
-    start, _, end = span.partition("-")
-    if unit.lower() != "bytes" or not start.isdigit() or not end.isdigit():
-        return None
-    if total != "*" and not total.isdigit():
-        return None
-    return int(start), int(end), None if total == "*" else int(total)
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _file_url_path(url: str) -> Path:
-    parts = urlsplit(url)
-    if parts.netloc not in ("", "localhost"):
-        raise ArtifactError(f"file URL {url[:400]} names a remote host; only local paths work")
-    if not parts.path:
-        raise ArtifactError(f"file URL {url[:400]} has no path")
-    return Path(unquote(parts.path))
-
-
-def _open_partial(part: Path, offset: int) -> int:
-    """Open ``part`` for appending after exactly ``offset`` bytes (blocking)."""
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-    try:
-        os.ftruncate(fd, offset)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _append(fd: int, chunk: bytes, hasher: _Hash) -> None:
-    """Write the whole chunk, then account for it in the running digest (blocking)."""
-    view = memoryview(chunk)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-    hasher.update(chunk)
-
-
-def _load_partial(part: Path) -> tuple[int, _Hash]:
-    """Length and running digest of an existing partial (0 and empty if none)."""
-    try:
-        return hash_file(part)
-    except FileNotFoundError:
-        return 0, hashlib.sha256()
-
-
-async def _to_thread_uninterruptible(func: Callable[..., _T], *args: Any) -> _T:
-    """Run blocking ``func`` in a thread; if we are cancelled, wait for it to finish first.
-
-    Used for writes and commits so that a cancelled fetch never leaves a writer running
-    behind its back: the partial only ever grows by whole chunks and is quiescent by the
-    time the cancellation propagates.
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():  # even if cancelled again: the fd must outlive the write
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()  # retrieved: the cancellation wins
-        raise
-
-
-def _discard(part: Path) -> None:
-    try:
-        part.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("artifact_partial_discard_failed", path=str(part), error=_describe(exc))
-
-
 class _LockEntry:
     __slots__ = ("lock", "users")
 
@@ -289,7 +77,8 @@ class _LockEntry:
 class Fetcher:
     """Downloads artifacts into an :class:`ArtifactStore` and verifies them.
 
-    Owns one lazily created ``httpx.AsyncClient`` (closed by :meth:`aclose`).
+    Owns one lazily created ``httpx.AsyncClient`` (in its :class:`HttpSource`, closed
+    by :meth:`aclose`).
     ``mqtt_fetch(topic, timeout)`` returns the payload of an ``mqtt:<topic>`` artifact;
     ``transport`` replaces httpx's network transport (proxies, tests).
     """
@@ -305,17 +94,14 @@ class Fetcher:
         self._store = store
         self.limits = limits
         self._mqtt_fetch = mqtt_fetch
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._http = HttpSource(lambda: self.limits, transport)
         self._closed = False
         self._locks: dict[str, _LockEntry] = {}
 
     async def aclose(self) -> None:
         """Close the HTTP client. Fetches after this raise :class:`ArtifactError`."""
         self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self._http.aclose()
 
     async def fetch(
         self,
@@ -351,25 +137,27 @@ class Fetcher:
             )
         if scheme in ("http", "https") and not _has_host(url):
             raise ArtifactError(f"invalid artifact URL {display}: no host")
-        job = _Job(
+        job = Job(
             url=url,
             display=display,
             hex=hex_digest,
             size=size,
             cap=min(limits.max_size, size) if size is not None else limits.max_size,
             part=self._store.partial_path(hex_digest),
-            progress=_ProgressReporter(progress, size),
+            progress=ProgressReporter(progress, size),
+            store=self._store,
+            limits=lambda: self.limits,
         )
         async with self._exclusive(hex_digest):
             cached = await self._cached(job)
             if cached is not None:
                 return cached
             if scheme == "mqtt":
-                path = await self._fetch_mqtt(job)
+                path = await fetch_mqtt(job, self._mqtt_fetch)
             elif scheme == "file":
-                path = await self._fetch_file(job)
+                path = await fetch_file(job)
             else:
-                path = await self._fetch_http(job)
+                path = await self._http.fetch(job)
         log.info("artifact_fetched", url=display, sha256=hex_digest, size=job.done)
         return path
 
@@ -387,7 +175,7 @@ class Fetcher:
             if entry.users == 0:
                 del self._locks[hex_digest]
 
-    async def _cached(self, job: _Job) -> Path | None:
+    async def _cached(self, job: Job) -> Path | None:
         """The stored artifact if present and intact (a corrupt one is deleted)."""
         if not self._store.has(job.hex):
             return None
@@ -406,388 +194,3 @@ class Fetcher:
         job.done = actual
         job.progress.finish(actual)
         return path
-
-    def _check_disk(self, job: _Job, remaining: int) -> None:
-        """Refuse a download that would leave less than ``min_free_bytes`` free."""
-        try:
-            free = shutil.disk_usage(self._store.root).free
-        except OSError as exc:
-            log.warning("artifact_disk_usage_failed", root=str(self._store.root), error=str(exc))
-            return
-        reserve = self.limits.min_free_bytes
-        if max(remaining, 0) + reserve > free:
-            raise ArtifactTooLarge(
-                f"not enough disk space for {job.display}: need {max(remaining, 0)} bytes "
-                f"plus a reserve of {reserve}, but only {free} are free in {self._store.root}"
-            )
-
-    def _too_large(self, job: _Job, amount: int, *, declared: bool) -> ArtifactTooLarge:
-        what = "declares" if declared else "sent more than"
-        if job.size is not None and job.cap == job.size and job.size < self.limits.max_size:
-            limit = f"the declared size of {job.size} bytes"
-        else:
-            limit = f"the limit of {self.limits.max_size} bytes"
-        if declared:
-            return ArtifactTooLarge(f"{job.display} {what} {amount} bytes, over {limit}")
-        return ArtifactTooLarge(f"{job.display} {what} {limit}")
-
-    def _check_result(self, job: _Job, hasher: _Hash) -> None:
-        if job.size is not None and job.done != job.size:
-            raise IntegrityError(
-                f"size mismatch for {job.display}: expected {job.size} bytes, got {job.done}"
-            )
-        actual = hasher.hexdigest()
-        if actual != job.hex:
-            raise IntegrityError(
-                f"sha256 mismatch for {job.display}: expected {short_hex(job.hex)}, "
-                f"got {short_hex(actual)}"
-            )
-
-    async def _commit(self, job: _Job) -> Path:
-        path = await _to_thread_uninterruptible(self._store.commit, job.part, job.hex)
-        job.progress.finish(job.done)
-        return path
-
-    async def _write(self, job: _Job, fd: int, chunk: bytes, hasher: _Hash) -> None:
-        try:
-            await _to_thread_uninterruptible(_append, fd, chunk, hasher)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ArtifactTooLarge(
-                    f"not enough disk space for {job.display}: disk full after "
-                    f"{job.position()} ({_describe(exc)})"
-                ) from exc
-            raise ArtifactError(
-                f"cannot write partial download {job.part}: {_describe(exc)}"
-            ) from exc
-
-    # -- mqtt: --------------------------------------------------------------------------
-
-    async def _fetch_mqtt(self, job: _Job) -> Path:
-        topic = job.url[len("mqtt:") :]
-        if not topic or "+" in topic or "#" in topic:
-            raise ArtifactError(f"invalid MQTT artifact URL {job.display}: needs a plain topic")
-        if self._mqtt_fetch is None:
-            raise ArtifactError(f"cannot fetch {job.display}: MQTT artifact delivery is off")
-        timeout = self.limits.read_timeout
-        try:
-            payload = await self._mqtt_fetch(topic, timeout)
-        except TimeoutError:
-            raise DownloadError(
-                f"no artifact arrived on MQTT topic {topic} within {timeout:g} s"
-            ) from None
-        except ArtifactError:
-            raise
-        except OSError as exc:
-            raise DownloadError(f"MQTT fetch of {job.display} failed: {_describe(exc)}") from exc
-        payload = bytes(payload)
-        job.done = len(payload)
-        if len(payload) > job.cap:
-            raise self._too_large(job, len(payload), declared=False)
-        self._check_disk(job, len(payload))
-        hasher = await asyncio.to_thread(hashlib.sha256, payload)
-        self._check_result(job, hasher)
-        path = await _to_thread_uninterruptible(self._store.put_bytes, payload, job.hex)
-        job.progress.finish(job.done)
-        return path
-
-    # -- file:// ------------------------------------------------------------------------
-
-    async def _fetch_file(self, job: _Job) -> Path:
-        source = _file_url_path(job.url)
-        try:
-            st = await asyncio.to_thread(os.stat, source)
-        except FileNotFoundError:
-            raise ArtifactError(f"artifact file not found: {source}") from None
-        except OSError as exc:
-            raise ArtifactError(f"cannot read artifact file {source}: {_describe(exc)}") from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"artifact file {source} is not a regular file")
-        if st.st_size > job.cap:
-            raise self._too_large(job, st.st_size, declared=True)
-        self._check_disk(job, st.st_size)
-        job.total = job.progress.total = st.st_size
-        try:
-            await self._copy_file(job, source)
-        except (ArtifactTooLarge, IntegrityError):
-            _discard(job.part)
-            raise
-        return await self._commit(job)
-
-    async def _copy_file(self, job: _Job, source: Path) -> None:
-        hasher = hashlib.sha256()
-        try:
-            src = await asyncio.to_thread(source.open, "rb")
-        except OSError as exc:
-            raise ArtifactError(f"cannot read artifact file {source}: {_describe(exc)}") from exc
-        try:
-            fd = await asyncio.to_thread(_open_partial, job.part, 0)
-        except OSError as exc:
-            src.close()
-            raise ArtifactError(f"cannot create partial file {job.part}: {exc}") from exc
-        try:
-            while True:
-                try:
-                    chunk = await asyncio.to_thread(src.read, _COPY_CHUNK)
-                except OSError as exc:
-                    raise ArtifactError(
-                        f"cannot read artifact file {source}: {_describe(exc)}"
-                    ) from exc
-                if not chunk:
-                    break
-                if job.done + len(chunk) > job.cap:
-                    raise self._too_large(job, job.done + len(chunk), declared=False)
-                await self._write(job, fd, chunk, hasher)
-                job.done += len(chunk)
-                job.progress.update(job.done)
-        finally:
-            os.close(fd)
-            src.close()
-        self._check_result(job, hasher)
-
-    # -- http(s):// ---------------------------------------------------------------------
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            limits = self.limits
-            self._client = httpx.AsyncClient(
-                transport=self._transport,
-                timeout=httpx.Timeout(
-                    connect=limits.connect_timeout,
-                    read=limits.read_timeout,
-                    write=limits.read_timeout,
-                    pool=limits.connect_timeout,
-                ),
-                follow_redirects=True,
-                headers={
-                    # The digest is over the stored bytes, and ranges must count them.
-                    "Accept-Encoding": "identity",
-                    "User-Agent": f"edge-agent/{__version__}",
-                },
-            )
-        return self._client
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        limits = self.limits
-        base = min(limits.backoff_max, limits.backoff_initial * 2.0**attempt)
-        delay = base * (0.5 + random.random() / 2)  # jitter, not cryptography
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, limits.backoff_max))
-        return delay
-
-    async def _fetch_http(self, job: _Job) -> Path:
-        """Attempts with retries; a partial survives retryable errors and cancellation."""
-        retry = 0
-        while True:
-            try:
-                try:
-                    return await self._http_attempt(job)
-                except _StartOver as signal:
-                    if job.started_over:
-                        raise signal.error from None
-                    log.warning(
-                        "artifact_download_restart", url=job.display, reason=str(signal.error)
-                    )
-                    job.started_over = True
-                    job.resumed = False
-                    _discard(job.part)
-                    continue
-            except (ArtifactTooLarge, IntegrityError):
-                _discard(job.part)
-                raise
-            except DownloadError as exc:
-                if not exc.retryable or retry >= self.limits.retries:
-                    raise
-                delay = self._backoff(retry, job.retry_after)
-                job.retry_after = None
-                retry += 1
-                log.warning(
-                    "artifact_download_retry",
-                    url=job.display,
-                    error=str(exc),
-                    retry=retry,
-                    of=self.limits.retries,
-                    delay=round(delay, 3),
-                )
-                await asyncio.sleep(delay)
-
-    async def _http_attempt(self, job: _Job) -> Path:
-        offset, hasher = await asyncio.to_thread(_load_partial, job.part)
-        if offset > job.cap:
-            _discard(job.part)
-            offset, hasher = 0, hashlib.sha256()
-        job.done = offset
-        if offset and job.size is not None and offset == job.size:
-            # A previous run downloaded everything but did not commit.
-            if hasher.hexdigest() == job.hex:
-                return await self._commit(job)
-            raise _StartOver(ArtifactError(f"complete partial of {job.display} is corrupt"))
-        if job.size is not None:
-            self._check_disk(job, job.size - offset)
-        try:
-            result = await self._transfer(job, offset, hasher)
-        except httpx.HTTPError as exc:
-            raise self._translate(job, exc) from exc
-        except httpx.InvalidURL as exc:
-            raise ArtifactError(f"invalid artifact URL {job.display}: {_describe(exc)}") from exc
-        if result is None:
-            log.info("artifact_partial_was_complete", url=job.display, size=job.done)
-            return await self._commit(job)
-        try:
-            self._check_result(job, result)
-        except IntegrityError as exc:
-            if job.resumed:  # the old bytes may be the culprit: try once from scratch
-                raise _StartOver(exc) from None
-            raise
-        return await self._commit(job)
-
-    async def _transfer(self, job: _Job, offset: int, hasher: _Hash) -> _Hash | None:
-        """One GET (with Range when resuming) under the stall watchdog.
-
-        Returns the digest of the whole partial, or None if the partial turned out to be
-        complete already (416 and the digest matches).
-        """
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        limits = self.limits
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(None) as watchdog:
-                watchdog.reschedule(loop.time() + limits.connect_timeout + limits.stall_timeout)
-                async with self._http().stream("GET", job.url, headers=headers) as response:
-                    watchdog.reschedule(loop.time() + limits.stall_timeout)
-                    accepted = self._accept(job, response, offset, hasher)
-                    if accepted is None:
-                        return None
-                    offset, hasher = accepted
-                    await self._receive(job, response, offset, hasher, watchdog)
-                    return hasher
-        except TimeoutError as exc:
-            if not watchdog.expired():
-                raise DownloadError(
-                    f"download of {job.display} timed out after {job.position()}"
-                ) from exc
-            raise DownloadError(
-                f"download of {job.display} stalled: no data for {limits.stall_timeout:g} s "
-                f"after {job.position()}"
-            ) from None
-
-    def _translate(self, job: _Job, exc: httpx.HTTPError) -> ArtifactError:
-        """An httpx exception as the agent error the layers above understand."""
-        limits = self.limits
-        if isinstance(exc, httpx.ConnectTimeout):
-            return DownloadError(
-                f"cannot connect for {job.display}: timed out after {limits.connect_timeout:g} s"
-            )
-        if isinstance(exc, httpx.ReadTimeout):
-            return DownloadError(
-                f"download of {job.display} timed out: no data for {limits.read_timeout:g} s "
-                f"after {job.position()}"
-            )
-        if isinstance(exc, httpx.ConnectError):
-            return DownloadError(f"cannot connect for {job.display}: {_describe(exc)}")
-        if isinstance(exc, httpx.RemoteProtocolError):
-            return DownloadError(
-                f"connection dropped during download of {job.display} after {job.position()}: "
-                f"{_describe(exc)}"
-            )
-        if isinstance(exc, httpx.UnsupportedProtocol):
-            return ArtifactError(f"invalid artifact URL {job.display}: {_describe(exc)}")
-        if isinstance(exc, httpx.TooManyRedirects):
-            return _download_error(f"too many redirects for {job.display}", retryable=False)
-        if isinstance(exc, httpx.TransportError):
-            return DownloadError(
-                f"download of {job.display} failed after {job.position()}: "
-                f"{type(exc).__name__}: {_describe(exc)}"
-            )
-        return _download_error(
-            f"download of {job.display} failed: {type(exc).__name__}: {_describe(exc)}",
-            retryable=False,
-        )
-
-    def _accept(
-        self, job: _Job, response: httpx.Response, offset: int, hasher: _Hash
-    ) -> tuple[int, _Hash] | None:
-        """Check status and headers; return where the body starts (None: partial complete)."""
-        status = response.status_code
-        length = _int_header(response.headers.get("content-length"))
-        if status == 206:
-            content_range = _content_range(response.headers.get("content-range"))
-            if content_range is None or content_range[0] != offset:
-                raise _StartOver(
-                    DownloadError(
-                        f"{job.display} answered Range bytes={offset}- with Content-Range "
-                        f"{response.headers.get('content-range')!r}"
-                    )
-                )
-            total = content_range[2]
-            if total is None and length is not None:
-                total = offset + length
-            job.resumed = job.resumed or offset > 0
-        elif status == 200:
-            if offset:
-                log.info("artifact_range_ignored", url=job.display, offset=offset)
-            offset, hasher = 0, hashlib.sha256()
-            job.done = 0
-            job.resumed = False
-            total = length
-        elif status == 416 and offset:
-            if hasher.hexdigest() == job.hex:
-                return None
-            raise _StartOver(
-                DownloadError(f"HTTP 416 from {job.display} for Range bytes={offset}-")
-            )
-        else:
-            retryable = status in _RETRYABLE_STATUS or 500 <= status <= 599
-            reason = f" {response.reason_phrase}" if response.reason_phrase else ""
-            job.retry_after = _retry_after(response.headers.get("retry-after"))
-            raise _download_error(f"HTTP {status}{reason} from {job.display}", retryable=retryable)
-        job.total = total
-        if total is not None:
-            if total > job.cap:
-                raise self._too_large(job, total, declared=True)
-            if job.size is not None and total < job.size:
-                raise IntegrityError(
-                    f"size mismatch for {job.display}: expected {job.size} bytes, "
-                    f"server has {total}"
-                )
-            if job.size is None:
-                self._check_disk(job, total - offset)
-            job.progress.total = total
-        elif job.size is None:
-            self._check_disk(job, 0)
-        return offset, hasher
-
-    async def _receive(
-        self,
-        job: _Job,
-        response: httpx.Response,
-        offset: int,
-        hasher: _Hash,
-        watchdog: asyncio.Timeout,
-    ) -> None:
-        """Append the body to the partial while hashing it; keep the watchdog fed."""
-        loop = asyncio.get_running_loop()
-        stall = self.limits.stall_timeout
-        try:
-            fd = await asyncio.to_thread(_open_partial, job.part, offset)
-        except OSError as exc:
-            raise ArtifactError(f"cannot open partial download {job.part}: {exc}") from exc
-        next_disk_check = offset + _DISK_RECHECK
-        try:
-            job.progress.update(job.done)
-            async for chunk in response.aiter_raw():
-                if not chunk:
-                    continue
-                if job.done + len(chunk) > job.cap:
-                    raise self._too_large(job, job.done + len(chunk), declared=False)
-                await self._write(job, fd, chunk, hasher)
-                job.done += len(chunk)
-                watchdog.reschedule(loop.time() + stall)
-                job.progress.update(job.done)
-                if job.total is None and job.size is None and job.done >= next_disk_check:
-                    self._check_disk(job, 0)
-                    next_disk_check = job.done + _DISK_RECHECK
-        finally:
-            os.close(fd)
-        if job.total is not None and job.done < job.total:
-            raise DownloadError(f"download of {job.display} ended early after {job.position()}")
