@@ -70,6 +70,8 @@ class Parts:
         self.reporter.coalesce = new.state_coalesce_s
         self.commands.max_age_s = new.command_max_age_s
         self.commands.set_flow_timeout(new.flow_timeout_s)
+        self.reconciler.health.defaults = new.health
+        self.reconciler.updates = new.updates
         if new.command_slots != old.command_slots:
             self.dispatcher.set_command_slots(new.command_slots)
         if (new.mqtt, new.client_id) != (old.mqtt, old.client_id):
@@ -93,6 +95,8 @@ class Parts:
             mqtt=self.session.cfg,
             client_id=self.session.client_id,
             log=s.log,
+            health=self.reconciler.health.defaults,
+            updates=self.reconciler.updates,
         )
 
 
@@ -160,7 +164,7 @@ def assemble(
         records=records,
         trust=Trust.from_files(cfg.artifacts.trusted_keys, require=cfg.artifacts.require_signature),
     )
-    local = LocalStore(records, host, artifacts)
+    local = reconciler.local
     reporter.runtime_info = lambda flow_id: _runtime_info(reconciler, host, flow_id)
     port = CommandPort(
         cfg.device_id,

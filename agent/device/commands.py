@@ -17,11 +17,12 @@ outcome) and, raw, to EEA bundles. A command whose ``time`` is older than
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -69,6 +70,16 @@ class FlowRef(BaseModel):
 
 class LogsArgs(FlowRef):
     lines: Annotated[int, Field(ge=1, le=MAX_LOG_LINES)] = 50
+
+
+#: The most of an artifact one ``agent.artifact`` response carries (before base64).
+MAX_ARTIFACT_CHUNK = 96 * 1024
+
+
+class ArtifactArgs(FlowRef):
+    which: Literal["installed", "previous"] = "installed"
+    offset: Annotated[int, Field(ge=0, le=2**40)] = 0
+    length: Annotated[int, Field(ge=1, le=MAX_ARTIFACT_CHUNK)] = MAX_ARTIFACT_CHUNK
 
 
 class DirectTriggerArgs(FlowRef):
@@ -146,6 +157,8 @@ class CommandDevice(Protocol):
     def publish_state_now(self) -> None: ...
     def reconcile(self) -> None: ...
     async def restart_flow(self, flow_id: str) -> Any: ...
+    async def artifact_range(self, sha256: str, offset: int, length: int) -> tuple[int, bytes]:
+        """(size, bytes from ``offset``) of a stored artifact; ArtifactError if gone."""
 
 
 class CommandRouter:
@@ -169,6 +182,7 @@ class CommandRouter:
             "agent.logs": self._logs,
             "agent.reconcile": self._reconcile,
             "agent.direct-trigger": self._direct_trigger,
+            "agent.artifact": self._artifact,
         }
 
     def set_flow_timeout(self, flow_timeout_s: float) -> None:
@@ -350,6 +364,33 @@ class CommandRouter:
     async def _reconcile(self, _payload: Any) -> Any:
         self.device.reconcile()
         return {"triggered": True}
+
+    async def _artifact(self, payload: Any) -> Any:
+        """The installed (or previous) artifact of a flow, exactly as it runs: all of a
+        small one, a larger one a range at a time (``offset``; ``more`` says whether
+        bytes follow). ``sha256`` is what the whole must hash to."""
+        args = _args(ArtifactArgs, payload)
+        rec = self.device.records.get(args.flow_id)
+        if rec is None:
+            raise CommandError(f"flow {args.flow_id!r} not found")
+        inst = rec.installed if args.which == "installed" else rec.previous
+        if inst is None:
+            raise CommandError(f"flow {args.flow_id!r} has no {args.which} version")
+        size, data = await self.device.artifact_range(inst.sha256, args.offset, args.length)
+        if args.offset > size:
+            raise CommandError(f"offset {args.offset} is past the artifact's {size} bytes")
+        return {
+            "flowId": args.flow_id,
+            "which": args.which,
+            "version": inst.version,
+            "sha256": inst.sha256,
+            "kind": inst.kind,
+            "size": size,
+            "offset": args.offset,
+            "length": len(data),
+            "data": base64.b64encode(data).decode(),
+            "more": args.offset + len(data) < size,
+        }
 
     async def _direct_trigger(self, payload: Any) -> Any:
         args = _args(DirectTriggerArgs, payload)

@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from agent.device.runtime.eea_settings import LOSANT_ID_PATTERN, EEADefaults
+from agent.device.windows import MAINTENANCE_WINDOW_PATTERN, MaintenanceWindow, zone_error
 from agent.errors import ConfigError
 from agent.wire.protocol import ID_RULE, is_valid_id
 
@@ -241,6 +242,47 @@ class ReconcileConfig(BaseModel):
     )
 
 
+class HealthConfig(BaseModel):
+    """The health window after a new version starts (an entry's ``health`` overrides)."""
+
+    model_config = _Strict
+
+    window_s: Annotated[float, Field(ge=0, le=86_400)] = Field(
+        60.0,
+        description="A new version is on probation this long after it starts; 0: no window.",
+    )
+    revert: bool = Field(True, description="A failure on probation puts the previous version back.")
+
+
+class UpdatesConfig(BaseModel):
+    """When installs may happen: a maintenance window, and flows' defer requests."""
+
+    model_config = _Strict
+
+    maintenance_window: Annotated[str, Field(pattern=MAINTENANCE_WINDOW_PATTERN)] | None = Field(
+        None,
+        description='Daily "HH:MM-HH:MM" (may wrap midnight) outside which installs wait; '
+        "unset: any time. Removals never wait.",
+    )
+    timezone: str = Field("UTC", description="IANA time zone of maintenance_window.")
+    max_defer_s: Annotated[float, Field(ge=0, le=86_400)] = Field(
+        3600.0,
+        description="The longest flows' defer requests may hold one deployment back (s).",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        zone_error(name)
+        return name
+
+    @model_validator(mode="after")
+    def _window_parses(self) -> UpdatesConfig:
+        if self.maintenance_window is not None:
+            MaintenanceWindow.parse(self.maintenance_window, self.timezone)
+        return self
+
+
 class OutboxConfig(BaseModel):
     """The offline outbox (QoS 1 messages persisted until the broker acknowledges them)."""
 
@@ -333,6 +375,8 @@ class AgentConfig(BaseModel):
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)  # type: ignore[arg-type]
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)  # type: ignore[arg-type]
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)  # type: ignore[arg-type]
+    health: HealthConfig = Field(default_factory=HealthConfig)  # type: ignore[arg-type]
+    updates: UpdatesConfig = Field(default_factory=UpdatesConfig)  # type: ignore[arg-type]
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]
     losant: LosantConfig = Field(default_factory=LosantConfig)  # type: ignore[arg-type]
     eea: EEADefaults = Field(default_factory=EEADefaults)  # type: ignore[arg-type]

@@ -299,6 +299,7 @@ class Agent:
             runner.flow_id, runner.broken
         ):
             self.reconciler.persist_soon()
+        self.reconciler.health.on_runner(runner)
         self.reporter.mark_dirty()
 
 

@@ -19,12 +19,15 @@ from typing import assert_never
 import structlog
 
 from agent.device.artifacts import ArtifactStore, Fetcher
+from agent.device.health import HealthWatch
 from agent.device.planner import (
     Activate,
+    Defer,
     Download,
     Forget,
     Install,
     Remove,
+    Revert,
     SetStatus,
     Step,
     Target,
@@ -33,6 +36,7 @@ from agent.device.planner import (
 )
 from agent.device.records import FlowRecords
 from agent.device.reporter import Reporter
+from agent.device.revert import Reverter
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner, RunSpec
 from agent.device.state import Installed
@@ -80,6 +84,9 @@ class Executors:
         reporter: Reporter,
         persist: Callable[[], Awaitable[None]],
         on_activated: Callable[[str], None],
+        *,
+        reverter: Reverter,
+        health: HealthWatch,
     ) -> None:
         self.records = records
         self.host = host
@@ -89,6 +96,8 @@ class Executors:
         self.persist = persist
         #: Told when a flow's attempt completed (a newer document cannot abort it).
         self.on_activated = on_activated
+        self.reverter = reverter
+        self.health = health
 
     async def execute(self, step: Step, chain: Chain) -> None:
         match step:
@@ -109,6 +118,10 @@ class Executors:
                 # Shielded: once the new instance is up, the swap and its record
                 # complete even if a newer desired document cancels this run.
                 await asyncio.shield(self._activate(step.target, chain))
+            case Revert():
+                await asyncio.shield(self._revert(step))
+            case Defer():
+                await self._defer(step)
             case Wait():
                 pass  # the loop waits for it; never handed to an executor
             case _:
@@ -138,6 +151,45 @@ class Executors:
         log.info("flow removed", version=rec.previous.version if rec.previous else None)
         await self.persist()
 
+    async def _revert(self, step: Revert) -> None:
+        rec = self.records.get(step.flow_id)
+        installed = rec.installed if rec is not None else None
+        done = installed is not None and await self.reverter.revert(
+            step.flow_id,
+            installed.sha256,
+            step.status,
+            step.reason,
+            target=step.target,
+            generation=step.generation,
+            deployment_id=step.deployment_id,
+        )
+        if not done:  # (nothing to go back to any more): record the verdict anyway
+            self.records.transition(
+                step.flow_id, step.status, error=step.reason, target=step.target
+            )
+            await self.persist()
+
+    async def _defer(self, step: Defer) -> None:
+        t = step.target
+        rec = self.records.get(t.flow_id)
+        same = rec is not None and rec.target == t.key
+        since = rec.deferred_since if same and rec is not None else None
+        self.records.transition(
+            t.flow_id,
+            Status.PENDING,
+            target=t.key,
+            generation=t.generation,
+            desired_version=t.version,
+            deployment_id=t.deployment_id,
+            error=step.reason,
+            inflight=None,
+            next_retry_at=None,
+            deferred_since=since if since is not None else time.time(),
+            deferred_until=step.until,
+        )
+        log.info("install held back", version=t.version, reason=step.reason)
+        await self.persist()
+
     async def _download(self, step: Download, chain: Chain) -> None:
         t = step.target
         rec = self.records.get(t.flow_id)
@@ -160,6 +212,7 @@ class Executors:
             error=None,
             inflight="download",
             next_retry_at=None,
+            deferred_until=None,
         )
         await self.persist()  # saved before the work that can be interrupted
         log.info(
@@ -214,6 +267,7 @@ class Executors:
     async def _activate(self, t: Target, chain: Chain) -> None:
         assert chain.runner is not None
         old = await self.host.activate(t.flow_id, chain.runner)
+        window, revert = self.health.window(t.health_window, t.health_revert)
         self.records.activated(
             t.flow_id,
             Installed(
@@ -224,8 +278,11 @@ class Executors:
                 manifest=t.manifest_json,
                 deployment_id=t.deployment_id,
             ),
+            probation_until=time.time() + window if window > 0 else None,
+            revert_on_failure=revert,
         )
         self.on_activated(t.flow_id)
+        self.health.watch(t.flow_id)
         await self.persist()
         log.info(
             "flow running", version=t.version, replaced=old.version if old is not None else None

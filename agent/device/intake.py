@@ -69,13 +69,15 @@ class DesiredIntake:
         return self._admit(desired)
 
     def _admit(self, desired: DesiredState) -> DesiredState:
+        # Every artifact of an entry is judged (not only this device type's): the
+        # verdict does not change with the device type.
         for flow_id, spec in list(desired.flows.items()):
-            if spec.artifact is None:
-                continue
-            reason = self.trust.check(spec.artifact)
-            if reason is not None:
-                del desired.flows[flow_id]
-                desired.invalid[flow_id] = reason
+            for artifact in spec.all_artifacts():
+                reason = self.trust.check(artifact)
+                if reason is not None:
+                    del desired.flows[flow_id]
+                    desired.invalid[flow_id] = reason
+                    break
         return desired
 
     async def take_in(
@@ -160,4 +162,8 @@ class DesiredIntake:
                         error=None,
                         inflight=None,
                         next_retry_at=None,
+                        no_retry=False,
+                        reverted=False,
+                        deferred_since=None,
+                        deferred_until=None,
                     )

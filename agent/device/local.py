@@ -38,13 +38,19 @@ class LocalStore:
 
     async def restart(self, flow_id: str) -> FlowRunner:
         """Start the installed version afresh and clear ``broken``."""
+        runner = await self.start(flow_id)
+        log.info("flow restarted on command", flow_id=flow_id, version=runner.version)
+        return runner
+
+    async def start(self, flow_id: str) -> FlowRunner:
+        """Start the installed version in place of what runs (blue/green: the running
+        one stops only once the new one started), and clear ``broken``."""
         rec = self.records.get(flow_id)
         if rec is None or rec.installed is None:
             raise AgentError(f"flow {flow_id!r} not found or not installed")
         runner = await self._prepare(flow_id, rec)
         await self.host.activate(flow_id, runner)
         self.records.set_broken(flow_id, False)
-        log.info("flow restarted on command", flow_id=flow_id, version=runner.version)
         return runner
 
     async def _prepare(self, flow_id: str, rec: FlowRecord) -> FlowRunner:

@@ -7,13 +7,20 @@ For each flow, in id order, the plan is one of:
 
 - ``SetStatus(failure)`` for an entry that failed validation (the running version
   keeps running);
+- for an ``abort`` entry: ``SetStatus(aborted)`` when its deployment has not
+  activated here (the running version keeps running), ``Revert`` when it has and
+  the entry says ``revert`` (the previous version runs again), nothing otherwise;
 - ``Remove`` for a flow that is absent or has a blank/null version and is installed;
   ``SetStatus(removed)`` when nothing is installed; ``Forget`` for a removed flow that
   a later generation no longer mentions;
-- ``SetStatus(noartifact)`` when ``deviceTypes`` excludes this device;
+- ``SetStatus(noartifact)`` when ``deviceTypes`` excludes this device, or no
+  artifact of the entry is for its type;
 - ``SetStatus(already-installed)`` when the running version already matches;
-- nothing, when the status already describes this target, or its retries are spent;
+- nothing, when the status already describes this target, its retries are spent,
+  or it failed in a way retrying cannot fix (reverted, failed its health window);
 - ``Wait`` while a failed attempt's retry backoff runs;
+- ``Defer`` (then ``Wait``) while a :data:`Hold` keeps the install back: the running
+  version asked to defer updates, or the maintenance window is closed;
 - otherwise ``Download, Verify, Install, Activate``: blue/green, the old version
   runs until ``Activate``.
 """
@@ -21,7 +28,7 @@ For each flow, in id order, the plan is one of:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,21 +49,27 @@ class Target:
     deployment_id: str | None
     key: str
     generation: int
+    #: ``health`` of the entry (None: the agent's default).
+    health_window: float | None = None
+    health_revert: bool | None = None
 
     @classmethod
-    def from_spec(cls, flow_id: str, spec: FlowSpec, generation: int) -> Target:
+    def from_spec(
+        cls, flow_id: str, spec: FlowSpec, artifact: ArtifactRef, generation: int
+    ) -> Target:
         assert spec.version
-        assert spec.artifact is not None
         return cls(
             flow_id=flow_id,
             version=spec.version,
-            artifact=spec.artifact,
+            artifact=artifact,
             config_json=json.dumps(spec.config, sort_keys=True),
             manifest_json=spec.manifest().canonical(),
             retries=spec.retries,
             deployment_id=spec.deployment_id,
-            key=target_key(spec),
+            key=target_key(spec, artifact),
             generation=generation,
+            health_window=spec.health.window if spec.health else None,
+            health_revert=spec.health.revert if spec.health else None,
         )
 
     @property
@@ -95,6 +108,40 @@ class Wait:
 
 
 @dataclass(frozen=True)
+class Revert:
+    """Put the previous version back (an aborted deployment that had activated)."""
+
+    flow_id: str
+    status: Status
+    target: str
+    generation: int
+    deployment_id: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Defer:
+    """Hold an install back until ``until`` (recorded as ``pending`` with the reason)."""
+
+    target: Target
+    until: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why an install must wait, and until when at the latest."""
+
+    until: float
+    reason: str
+
+
+#: (flow id, its record, now) -> a Hold while its install must wait. The caller binds
+#: what it depends on (the running version's defer request, the maintenance window).
+HoldFn = Callable[[str, "FlowRecord | None", float], "Hold | None"]
+
+
+@dataclass(frozen=True)
 class Download:
     target: Target
 
@@ -114,14 +161,14 @@ class Activate:
     target: Target
 
 
-Step = SetStatus | Remove | Forget | Wait | Download | Verify | Install | Activate
+Step = SetStatus | Remove | Forget | Wait | Revert | Defer | Download | Verify | Install | Activate
 
 #: Steps that do work towards a target, in order.
 INSTALL_CHAIN = (Download, Verify, Install, Activate)
 
 
 def flow_id_of(step: Step) -> str:
-    if isinstance(step, Download | Verify | Install | Activate):
+    if isinstance(step, Defer | Download | Verify | Install | Activate):
         return step.target.flow_id
     return step.flow_id
 
@@ -139,6 +186,7 @@ def plan_flow(
     generation: int,
     device_type: str,
     now: float,
+    hold: HoldFn | None = None,
 ) -> list[Step]:
     """The steps for one flow. ``spec`` None means the flow is absent from desired."""
     if invalid is not None:
@@ -157,6 +205,9 @@ def plan_flow(
             )
         ]
 
+    if spec is not None and spec.abort:
+        return _plan_abort(flow_id, spec, rec, generation)
+
     if spec is None or spec.is_removal:
         deployment_id = spec.deployment_id if spec else None
         if rec is None:
@@ -169,25 +220,37 @@ def plan_flow(
             return []
         return [SetStatus(flow_id, Status.REMOVED, "remove", generation, None, deployment_id)]
 
-    target = Target.from_spec(flow_id, spec, generation)
-    if spec.device_types and device_type not in spec.device_types:
-        if _status_is(rec, target.key, Status.NOARTIFACT):
+    artifact = spec.artifact_for(device_type)
+    excluded = spec.device_types and device_type not in spec.device_types
+    if excluded or artifact is None:
+        key = (
+            target_key(spec, artifact)
+            if artifact is not None
+            else f"noartifact:{spec.version}#{spec.deployment_id}"
+        )
+        if _status_is(rec, key, Status.NOARTIFACT):
             return []
+        why = (
+            f"device type {device_type!r} is not in deviceTypes {spec.device_types}"
+            if excluded
+            else f"no artifact of this entry is for device type {device_type!r}"
+        )
         return [
             SetStatus(
                 flow_id,
                 Status.NOARTIFACT,
-                target.key,
+                key,
                 generation,
                 spec.version,
                 spec.deployment_id,
-                error=f"device type {device_type!r} is not in deviceTypes {spec.device_types}",
+                error=why,
             )
         ]
+    target = Target.from_spec(flow_id, spec, artifact, generation)
 
     if (
         rec is not None
-        and installed_matches(rec.installed, spec)
+        and installed_matches(rec.installed, spec, artifact)
         and not (rec.broken and rec.target != target.key)
     ):  # (a new deployment of the running version restarts a broken flow)
         if _status_is(rec, target.key, Status.SUCCESS, Status.ALREADY_INSTALLED):
@@ -204,12 +267,58 @@ def plan_flow(
         ]
 
     if rec is not None and rec.target == target.key and rec.status == Status.FAILURE:
-        if rec.attempts > spec.retries:
-            return []  # retries spent: wait for a new desired document
+        if rec.no_retry or rec.attempts > spec.retries:
+            return []  # wait for a new desired document (or a new deploymentId)
         if rec.next_retry_at is not None and now < rec.next_retry_at:
             return [Wait(flow_id, rec.next_retry_at)]
 
+    held = hold(flow_id, rec, now) if hold is not None else None
+    if held is not None:
+        waiting = (
+            _status_is(rec, target.key, Status.PENDING)
+            and rec is not None
+            and rec.deferred_until == held.until
+            and rec.error == held.reason
+        )
+        steps: list[Step] = [] if waiting else [Defer(target, held.until, held.reason)]
+        return [*steps, Wait(flow_id, held.until)]
+
     return [Download(target), Verify(target), Install(target), Activate(target)]
+
+
+def _plan_abort(
+    flow_id: str, spec: FlowSpec, rec: FlowRecord | None, generation: int
+) -> list[Step]:
+    deployment_id = spec.deployment_id
+    key = f"abort:{deployment_id}{':revert' if spec.revert else ''}"
+    if rec is not None and rec.target == key:
+        return []  # done already
+    installed = rec.installed if rec is not None else None
+    if installed is not None and installed.deployment_id == deployment_id:
+        # It activated here: only a revert undoes it (and only with a version to go back to).
+        if spec.revert and rec is not None and rec.previous is not None:
+            return [
+                Revert(
+                    flow_id,
+                    Status.ABORTED,
+                    key,
+                    generation,
+                    deployment_id,
+                    reason=f"deployment {deployment_id} aborted",
+                )
+            ]
+        return []
+    return [
+        SetStatus(
+            flow_id,
+            Status.ABORTED,
+            key,
+            generation,
+            desired_version=spec.version,
+            deployment_id=deployment_id,
+            error=f"deployment {deployment_id} aborted before it activated here",
+        )
+    ]
 
 
 def plan(
@@ -218,6 +327,7 @@ def plan(
     *,
     device_type: str,
     now: float,
+    hold: HoldFn | None = None,
 ) -> list[Step]:
     """All steps to take the device from ``current`` towards ``desired``."""
     if desired is None:
@@ -233,6 +343,7 @@ def plan(
                 generation=desired.generation,
                 device_type=device_type,
                 now=now,
+                hold=hold,
             )
         )
     return steps

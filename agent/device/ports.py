@@ -8,6 +8,7 @@ is replaced by a fake in unit tests.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from agent.device.artifacts import ArtifactStore
@@ -54,6 +55,10 @@ class CommandPort:
 
     def reconcile(self) -> None:
         self._reconciler.trigger()
+
+    async def artifact_range(self, sha256: str, offset: int, length: int) -> tuple[int, bytes]:
+        store = self._reconciler.artifacts
+        return await asyncio.to_thread(store.read_range, sha256, offset, length)
 
     async def restart_flow(self, flow_id: str) -> FlowRunner:
         """Start the installed version afresh (clears ``broken``); for agent.restart-flow."""

@@ -30,8 +30,11 @@ from agent.device._logging import capture
 from agent.device.artifacts import ArtifactStore, Fetcher
 from agent.device.config import AgentConfig
 from agent.device.executors import Chain, Executors
+from agent.device.health import HealthWatch
 from agent.device.intake import DesiredIntake
+from agent.device.local import LocalStore
 from agent.device.planner import (
+    Defer,
     Download,
     Step,
     Target,
@@ -41,7 +44,9 @@ from agent.device.planner import (
 )
 from agent.device.records import FlowRecords
 from agent.device.reporter import Reporter
+from agent.device.revert import Reverter
 from agent.device.runtime.flows import FlowHost
+from agent.device.settings import health_defaults, update_policy
 from agent.device.state import (
     FlowRecord,
     PersistedState,
@@ -103,6 +108,26 @@ class Reconciler:
         self.on_status: Callable[[str, Status], None] = lambda _f, _s: None
         self._background: set[asyncio.Task[None]] = set()
         self.runs = 0
+        #: Installed flows, started from the local store (at boot, on command, on revert).
+        self.local = LocalStore(self.records, host, artifacts)
+        self.reverter = Reverter(
+            self.records,
+            self.local,
+            reporter,
+            self.persist,
+            device_id=cfg.device_id,
+            log_lines=cfg.reconcile.log_lines,
+        )
+        self.health = HealthWatch(
+            self.records,
+            host,
+            self.reverter,
+            self.persist_soon,
+            lambda: self._intake_lock,
+            health_defaults(cfg),
+        )
+        #: ``[updates]``: the maintenance window and the bound on defer requests.
+        self.updates = update_policy(cfg)
         self.executors = Executors(
             self.records,
             host,
@@ -111,6 +136,8 @@ class Reconciler:
             reporter,
             self.persist,
             on_activated=self._completed,
+            reverter=self.reverter,
+            health=self.health,
         )
 
     @property
@@ -146,6 +173,7 @@ class Reconciler:
             self.state.flows,
             device_type=self.cfg.device_type,
             now=time.time(),
+            hold=self.updates.hold_fn(self.host.defer_until),
         )
 
     async def _supersede(self, desired: DesiredState) -> None:
@@ -153,7 +181,9 @@ class Reconciler:
         if task is None or task.done():
             return
         new_plan = self._plan(desired)
-        new_targets = {s.target.flow_id: s.target.key for s in new_plan if isinstance(s, Download)}
+        new_targets = {
+            s.target.flow_id: s.target.key for s in new_plan if isinstance(s, Download | Defer)
+        }
         changed = {f for f, key in self._active.items() if new_targets.get(f) != key}
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -212,6 +242,7 @@ class Reconciler:
 
     # ------------------------------------------------------------ the loop
     async def run_forever(self) -> None:
+        self.health.resume()  # probations saved before a restart go on
         runs_without_trigger = 0
         wake_at: float | None = None  # the earliest retry the last plan waits for
         self.trigger()
@@ -326,7 +357,7 @@ class Reconciler:
                 if inst is not None:
                     keep.add(inst.sha256)
         if self.desired is not None:
-            keep.update(s.artifact.sha256 for s in self.desired.flows.values() if s.artifact)
+            keep.update(a.sha256 for s in self.desired.flows.values() for a in s.all_artifacts())
         try:
             removed = await asyncio.to_thread(self.artifacts.gc, keep)
         except OSError as exc:  # a full or read-only disk must not end the run
@@ -339,6 +370,7 @@ class Reconciler:
             log.info("artifacts garbage-collected", count=len(removed))
 
     async def close(self) -> None:
+        await self.health.close()
         task = self._run_task
         if task is not None and not task.done():
             task.cancel()

@@ -9,9 +9,10 @@ reconciler turns it into an event, a state report and the Losant hello).
 
 The statuses fall in two groups (Mender's deployment statuses):
 
-- **verdicts** the planner or the intake can reach from any record: ``pending`` (a
-  new target), ``failure``, ``noartifact``, ``removed``, ``already-installed``, and
-  ``aborted`` (only for an attempt in progress);
+- **verdicts** the planner, the intake or the health watch can reach from any
+  record: ``pending`` (a new target, or an install held back), ``failure`` (a
+  failed attempt, a failed health window), ``noartifact``, ``removed``,
+  ``already-installed``, and ``aborted`` (an attempt superseded or aborted);
 - **the pipeline**, the only way to ``success``:
 
 ==================  ==========================================================
@@ -23,8 +24,9 @@ to                  from
 ``success``         installing
 ==================  ==========================================================
 
-A record is created by ``pending``, ``failure`` (an invalid entry) or
-``noartifact``. Anything else is a bug: :class:`IllegalTransition`.
+A record is created by ``pending``, ``failure`` (an invalid entry), ``noartifact``
+or ``aborted`` (a deployment aborted before it reached the device). Anything else
+is a bug: :class:`IllegalTransition`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from agent.errors import AgentError
 from agent.wire.protocol import MAX_GENERATION, Status, is_valid_id, utc_now_iso
 
 _ANY = frozenset(Status)
-_IN_PROGRESS = frozenset({Status.PENDING, Status.DOWNLOADING, Status.INSTALLING})
 
 #: status -> the statuses a record may be in before it (None: a new record).
 TRANSITIONS: Mapping[Status, frozenset[Status | None]] = {
@@ -47,7 +48,7 @@ TRANSITIONS: Mapping[Status, frozenset[Status | None]] = {
     Status.NOARTIFACT: _ANY | {None},
     Status.REMOVED: _ANY,
     Status.ALREADY_INSTALLED: _ANY,
-    Status.ABORTED: _IN_PROGRESS,
+    Status.ABORTED: _ANY | {None},
     Status.DOWNLOADING: frozenset(
         {
             Status.PENDING,
@@ -107,6 +108,11 @@ class FlowRecords(Mapping[str, FlowRecord]):
         inflight: InFlight | None = _UNSET,
         next_retry_at: float | None = _UNSET,
         installed: Installed | None = _UNSET,
+        no_retry: bool = _UNSET,
+        reverted: bool = _UNSET,
+        probation_until: float | None = _UNSET,
+        deferred_since: float | None = _UNSET,
+        deferred_until: float | None = _UNSET,
     ) -> FlowRecord:
         """Move ``flow_id`` to ``status`` with the given fields; announce it."""
         rec = self._state.flows.get(flow_id)
@@ -128,6 +134,11 @@ class FlowRecords(Mapping[str, FlowRecord]):
             "inflight": inflight,
             "next_retry_at": next_retry_at,
             "installed": installed,
+            "no_retry": no_retry,
+            "reverted": reverted,
+            "probation_until": probation_until,
+            "deferred_since": deferred_since,
+            "deferred_until": deferred_until,
         }
         for name, value in changes.items():
             if value is not _UNSET:
@@ -137,13 +148,22 @@ class FlowRecords(Mapping[str, FlowRecord]):
         self.on_change(flow_id, rec, previous)
         return rec
 
-    def activated(self, flow_id: str, installed: Installed) -> FlowRecord:
+    def activated(
+        self,
+        flow_id: str,
+        installed: Installed,
+        *,
+        probation_until: float | None = None,
+        revert_on_failure: bool = True,
+    ) -> FlowRecord:
         """A new version runs: it becomes ``installed`` (the old one ``previous``), the
-        flow is not broken any more, and the attempt is a ``success``."""
+        flow is not broken any more, and the attempt is a ``success`` (on probation
+        until ``probation_until``, when given)."""
         rec = self[flow_id]
         if rec.installed is not None and rec.installed.sha256 != installed.sha256:
             rec.previous = rec.installed
         rec.broken = False  # a new deployment gives a broken flow a fresh start
+        rec.revert_on_failure = revert_on_failure
         return self.transition(
             flow_id,
             Status.SUCCESS,
@@ -151,7 +171,57 @@ class FlowRecords(Mapping[str, FlowRecord]):
             error=None,
             inflight=None,
             next_retry_at=None,
+            probation_until=probation_until,
+            deferred_since=None,
+            deferred_until=None,
         )
+
+    def reverted(self, flow_id: str, status: Status, error: str, **fields: Any) -> FlowRecord:
+        """The installed version failed (its health window) or was aborted: ``previous``
+        is installed again (the failed one becomes ``previous``), the attempt ends with
+        ``status`` and is not retried. In flight ``revert`` until :meth:`settled`."""
+        rec = self[flow_id]
+        failed, back = rec.installed, rec.previous
+        if back is None:
+            raise IllegalTransition(f"flow {flow_id}: no previous version to revert to")
+        rec.previous = failed
+        rec.broken = False
+        return self.transition(
+            flow_id,
+            status,
+            installed=back,
+            error=error,
+            reverted=True,
+            no_retry=True,
+            probation_until=None,
+            inflight="revert",
+            next_retry_at=None,
+            **fields,
+        )
+
+    def health_failed(self, flow_id: str, error: str) -> FlowRecord:
+        """The installed version failed its health window and stays (nothing to go back
+        to, or revert is off): ``failure``, not retried."""
+        return self.transition(
+            flow_id, Status.FAILURE, error=error, no_retry=True, probation_until=None
+        )
+
+    def healthy(self, flow_id: str) -> None:
+        """The installed version survived its health window."""
+        self._touch(flow_id, probation_until=None)
+
+    def settled(self, flow_id: str) -> None:
+        """The work in flight (a revert) is done."""
+        self._touch(flow_id, inflight=None)
+
+    def _touch(self, flow_id: str, **fields: Any) -> None:
+        rec = self._state.flows.get(flow_id)
+        if rec is None:
+            return
+        for name, value in fields.items():
+            setattr(rec, name, value)
+        rec.last_updated = utc_now_iso()
+        self.on_touch(flow_id)
 
     def removed(self, flow_id: str, generation: int, deployment_id: str | None) -> FlowRecord:
         """The installed version was stopped and purged (kept as ``previous``)."""
@@ -203,6 +273,8 @@ class FlowRecords(Mapping[str, FlowRecord]):
         download        resume: the same attempt goes on (the partial is kept)
         install         the attempt counts as failed ("interrupted during
                         install"); retried if its retry budget allows
+        revert          done: ``installed`` is already the version gone back to,
+                        and it starts from the local store like any other
         (none)          nothing: installed flows start from the local store
         ==============  =====================================================
 
@@ -235,6 +307,13 @@ class FlowRecords(Mapping[str, FlowRecord]):
                 notes.append(f"{flow_id}: install was interrupted; counted as a failed attempt")
             elif rec.inflight == "download":
                 notes.append(f"{flow_id}: resuming interrupted download")
+            elif rec.inflight == "revert":
+                rec.inflight = None
+                notes.append(f"{flow_id}: revert to {_version(rec)} completes at start-up")
             elif rec.status in (Status.DOWNLOADING, Status.INSTALLING):
                 self.transition(flow_id, Status.PENDING)
         return notes
+
+
+def _version(rec: FlowRecord) -> str:
+    return rec.installed.version if rec.installed is not None else "nothing"

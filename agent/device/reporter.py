@@ -23,8 +23,10 @@ from agent.wire.protocol import (
     DeploymentLog,
     DeviceStatus,
     Event,
+    FlowHealth,
     FlowRuntime,
     FlowState,
+    HealthState,
     LogMessage,
     OutboxState,
     Progress,
@@ -83,6 +85,12 @@ class Reporter:
                 retryAt=_iso(rec.next_retry_at) if rec.status == Status.FAILURE else None,
                 deploymentId=rec.deployment_id,
                 lastUpdated=rec.last_updated,
+                sha256=rec.installed.sha256 if rec.installed else None,
+                previousVersion=rec.previous.version if rec.previous else None,
+                previousSha256=rec.previous.sha256 if rec.previous else None,
+                reverted=rec.reverted,
+                health=_health(rec),
+                deferredUntil=_iso(rec.deferred_until) if rec.status == Status.PENDING else None,
                 runtime=self.runtime_info(flow_id),
             )
             for flow_id, rec in sorted(self.state.flows.items())
@@ -208,3 +216,11 @@ def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _health(rec: FlowRecord) -> FlowHealth | None:
+    if rec.installed is None:
+        return None
+    if rec.probation_until is not None:
+        return FlowHealth(state=HealthState.PROBATION, until=_iso(rec.probation_until))
+    return FlowHealth(state=HealthState.HEALTHY)

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 from agent.device.artifacts import FetchLimits
 from agent.device.config import AgentConfig, LogConfig, MqttConfig
+from agent.device.health import HealthDefaults
 from agent.device.outbox import OutboxLimits
 from agent.device.pacer import PaceLimits
 from agent.device.runtime.eea_settings import EEADefaults
 from agent.device.runtime.runner import Supervision
 from agent.device.runtime.sandbox import Limits
+from agent.device.windows import MaintenanceWindow, UpdatePolicy
 
 #: Options a reload leaves as they were (logged as "needs a restart").
 NEEDS_RESTART: frozenset[str] = frozenset(
@@ -53,6 +55,21 @@ class Settings:
     mqtt: MqttConfig
     client_id: str
     log: LogConfig
+    health: HealthDefaults
+    updates: UpdatePolicy
+
+
+def health_defaults(cfg: AgentConfig) -> HealthDefaults:
+    """``[health]`` of ``cfg``."""
+    return HealthDefaults(window_s=cfg.health.window_s, revert=cfg.health.revert)
+
+
+def update_policy(cfg: AgentConfig) -> UpdatePolicy:
+    """``[updates]`` of ``cfg``."""
+    u = cfg.updates
+    text = u.maintenance_window
+    window = MaintenanceWindow.parse(text, u.timezone) if text is not None else None
+    return UpdatePolicy(window=window, max_defer_s=u.max_defer_s)
 
 
 def derive(cfg: AgentConfig) -> Settings:
@@ -103,4 +120,6 @@ def derive(cfg: AgentConfig) -> Settings:
         mqtt=mqtt,
         client_id=mqtt.client_id or cfg.client_id,
         log=cfg.log,
+        health=health_defaults(cfg),
+        updates=update_policy(cfg),
     )

@@ -35,6 +35,7 @@ from agent.device._fsutil import atomic_write, remove_stale_temps
 from agent.errors import StateError
 from agent.wire.manifest import Manifest
 from agent.wire.protocol import (
+    ArtifactRef,
     FlowSpec,
     RejectedDesired,
     Status,
@@ -46,7 +47,7 @@ log = structlog.get_logger("agent.device.state")
 SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
 
-InFlight = Literal["download", "install"]
+InFlight = Literal["download", "install", "revert"]
 
 
 class Installed(BaseModel):
@@ -84,6 +85,19 @@ class FlowRecord(BaseModel):
     generation: int | None = None
     inflight: InFlight | None = None
     next_retry_at: float | None = None
+    #: This target failed in a way retrying cannot fix (it was reverted, or failed its
+    #: health window): no retry until a new target (e.g. a new ``deploymentId``).
+    no_retry: bool = False
+    #: The installed version is on probation until then (epoch seconds): a failure
+    #: before it puts ``previous`` back when ``revert_on_failure``.
+    probation_until: float | None = None
+    revert_on_failure: bool = True
+    #: The last attempt's version was rolled back; ``installed`` is the one before.
+    reverted: bool = False
+    #: The install of ``target`` waits (a flow's defer, the maintenance window): since
+    #: when, and until when at the latest.
+    deferred_since: float | None = None
+    deferred_until: float | None = None
     last_updated: str = Field(default_factory=utc_now_iso)
 
 
@@ -98,25 +112,28 @@ class PersistedState(BaseModel):
     rejected: RejectedDesired | None = None
 
 
-def target_key(spec: FlowSpec) -> str:
-    """What makes two desired entries the same deployment target."""
-    if spec.is_removal or spec.artifact is None:
+def target_key(spec: FlowSpec, artifact: ArtifactRef | None) -> str:
+    """What makes two desired entries the same deployment target (``artifact`` is
+    the one this device picks from the entry)."""
+    if spec.is_removal or artifact is None:
         return "remove"
     cfg = json.dumps(spec.config, sort_keys=True, separators=(",", ":"))
     return (
-        f"{spec.version}@{spec.artifact.sha256}:{spec.artifact.kind}#{spec.deployment_id}"
+        f"{spec.version}@{artifact.sha256}:{artifact.kind}#{spec.deployment_id}"
         f"|{cfg}|{spec.manifest().canonical()}"
     )
 
 
-def installed_matches(installed: Installed | None, spec: FlowSpec) -> bool:
+def installed_matches(
+    installed: Installed | None, spec: FlowSpec, artifact: ArtifactRef | None
+) -> bool:
     """Whether the running version is what ``spec`` asks for (version, bytes, config)."""
-    if installed is None or spec.artifact is None:
+    if installed is None or artifact is None:
         return False
     return (
         installed.version == spec.version
-        and installed.sha256 == spec.artifact.sha256
-        and installed.kind == spec.artifact.kind.value
+        and installed.sha256 == artifact.sha256
+        and installed.kind == artifact.kind.value
         and installed.config == spec.config
         and installed.manifest == spec.manifest().canonical()
     )

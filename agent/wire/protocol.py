@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    StrictBool,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -147,6 +148,31 @@ class ArtifactRef(BaseModel):
         return url
 
 
+DeviceType = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+#: The longest health window a flow entry may ask for (one day).
+MAX_HEALTH_WINDOW_S = 86_400.0
+#: Per-device-type artifacts one entry may list.
+MAX_TYPED_ARTIFACTS = 32
+
+
+class TypedArtifact(ArtifactRef):
+    """One entry of ``artifacts``: an artifact for the device types it names."""
+
+    device_types: list[DeviceType] = Field(alias="deviceTypes", min_length=1, max_length=64)
+
+
+class HealthSpec(BaseModel):
+    """``health``: how long a new version is on probation after it starts, and whether
+    a failure in that time puts the previous version back. A field left out takes the
+    agent's default (``[health]`` in its configuration)."""
+
+    model_config = _STRICT
+
+    window: Annotated[float, Field(ge=0, le=MAX_HEALTH_WINDOW_S, allow_inf_nan=False)] | None = None
+    revert: StrictBool | None = None
+
+
 class FlowSpec(BaseModel):
     """One flow's entry in a desired document."""
 
@@ -154,14 +180,20 @@ class FlowSpec(BaseModel):
 
     version: Annotated[str, StringConstraints(max_length=128)] | None = None
     artifact: ArtifactRef | None = None
-    device_types: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] | None = (
-        Field(default=None, alias="deviceTypes")
-    )
+    #: Per-device-type artifacts: the first whose ``deviceTypes`` holds the device's
+    #: type is used; ``artifact`` (if any) serves every other type.
+    artifacts: list[TypedArtifact] | None = Field(default=None, max_length=MAX_TYPED_ARTIFACTS)
+    device_types: list[DeviceType] | None = Field(default=None, alias="deviceTypes")
     config: dict[str, Any] = Field(default_factory=dict)
     triggers: list[Trigger] = Field(default_factory=list, max_length=64)
     permissions: Permissions = Field(default_factory=Permissions)
     retries: Annotated[int, Field(ge=0, le=100)] = 2
     deployment_id: DeploymentId | None = Field(default=None, alias="deploymentId")
+    health: HealthSpec | None = None
+    #: Stop this deployment (``deploymentId``) on the device: an attempt that has not
+    #: activated ends ``aborted``; with ``revert``, an activated one is rolled back.
+    abort: StrictBool = False
+    revert: StrictBool = False
 
     def manifest(self) -> Manifest:
         return Manifest(triggers=tuple(self.triggers), permissions=self.permissions)
@@ -171,10 +203,25 @@ class FlowSpec(BaseModel):
         """A null or empty version means: remove the flow (like a blank Losant release)."""
         return not self.version
 
+    def artifact_for(self, device_type: str) -> ArtifactRef | None:
+        """The artifact a device of ``device_type`` installs (None: none fits it)."""
+        for typed in self.artifacts or ():
+            if device_type in typed.device_types:
+                return typed
+        return self.artifact
+
+    def all_artifacts(self) -> list[ArtifactRef]:
+        """Every artifact the entry names, for every device type."""
+        return [*(self.artifacts or ()), *([self.artifact] if self.artifact else [])]
+
     @model_validator(mode="after")
     def _artifact_when_versioned(self) -> FlowSpec:
-        if not self.is_removal and self.artifact is None:
-            raise ValueError("a flow with a version needs an artifact")
+        if not self.is_removal and self.artifact is None and not self.artifacts:
+            raise ValueError("a flow with a version needs an artifact (or artifacts)")
+        if self.abort and self.deployment_id is None:
+            raise ValueError("abort names the deployment it stops: deploymentId is required")
+        if self.revert and not self.abort:
+            raise ValueError("revert goes with abort (a failing version reverts by health)")
         return self
 
 
@@ -288,6 +335,21 @@ class FlowRuntime(BaseModel):
         return data
 
 
+class HealthState(StrEnum):
+    PROBATION = "probation"
+    HEALTHY = "healthy"
+
+
+class FlowHealth(BaseModel):
+    """Where the installed version stands after its install: on probation until
+    ``until`` (a failure then reverts it), or healthy."""
+
+    model_config = _LENIENT
+
+    state: HealthState
+    until: str | None = None
+
+
 class FlowState(BaseModel):
     """One flow in the state report."""
 
@@ -303,6 +365,16 @@ class FlowState(BaseModel):
     retry_at: str | None = Field(default=None, alias="retryAt")
     deployment_id: str | None = Field(default=None, alias="deploymentId")
     last_updated: str = Field(alias="lastUpdated")
+    #: sha256 of the installed artifact, and the version and sha256 of the one before.
+    sha256: str | None = None
+    previous_version: str | None = Field(default=None, alias="previousVersion")
+    previous_sha256: str | None = Field(default=None, alias="previousSha256")
+    #: The deployment's version failed (health or abort) and the previous one runs again.
+    reverted: bool = False
+    health: FlowHealth | None = None
+    #: With status ``pending``: the install waits (a flow's defer, the maintenance
+    #: window) until this time at the latest.
+    deferred_until: str | None = Field(default=None, alias="deferredUntil")
     runtime: FlowRuntime | None = None
 
 

@@ -513,7 +513,12 @@ async def test_broken_flow_is_reported_and_stays_stopped_until_redeployed(
             lambda d: (d["flows"].get("f1", {}).get("runtime") or {}).get("health") == "broken",
         )
     f1 = state["flows"]["f1"]
-    assert f1["status"] == "success"  # the deployment succeeded; the flow then broke
+    # It broke within its health window (60 s by default): the deployment failed, and
+    # with no version before it there is nothing to go back to.
+    assert f1["status"] == "failure"
+    assert "failed within its health window" in f1["error"]
+    assert "no previous version" in f1["error"]
+    assert (f1["reverted"], f1["retryAt"]) == (False, None)
     assert f1["runtime"]["restarts"] == 2
     assert "unreachable" in f1["runtime"]["lastError"]
 

@@ -10,6 +10,7 @@ from agent.device.planner import (
     Activate,
     Download,
     Forget,
+    Hold,
     Install,
     Remove,
     SetStatus,
@@ -39,11 +40,34 @@ def desired(gen: int = 5, **flows: Any) -> Any:
 
 
 def key(version: str = "v1", sha: str = SHA1, **extra: Any) -> str:
-    return target_key(FlowSpec.model_validate(spec(version, sha, **extra)))
+    entry = FlowSpec.model_validate(spec(version, sha, **extra))
+    return target_key(entry, entry.artifact)
 
 
 def installed(version: str = "v1", sha: str = SHA1) -> Installed:
     return Installed(version=version, sha256=sha)
+
+
+def typed(*device_types: list[str]) -> dict[str, Any]:
+    """An entry with one artifact per list of device types (and no plain artifact)."""
+    return {
+        "version": "v1",
+        "artifacts": [
+            {"deviceTypes": types, "url": f"http://h/{i}.wasm", "sha256": f"{i:x}" * 64}
+            for i, types in enumerate(device_types, start=1)
+        ],
+    }
+
+
+def activated_d2() -> FlowRecord:
+    """v2 of deployment d2 runs; v1 before it."""
+    return FlowRecord(
+        installed=Installed(version="v2", sha256=SHA2, deployment_id="d2"),
+        previous=installed(),
+        status=Status.SUCCESS,
+        target=key("v2", SHA2, deploymentId="d2"),
+        deployment_id="d2",
+    )
 
 
 def kinds(steps: list[Any]) -> list[str]:
@@ -195,6 +219,87 @@ CASES: list[tuple[str, dict[str, Any], dict[str, FlowRecord], list[str]]] = [
         {"f": FlowRecord(status=Status.ABORTED, target=key(), attempts=1)},
         CHAIN,
     ),
+    # ------------------------------------------------------------ revert (issue 13)
+    (
+        "reverted target, same deployment -> nothing (not retried)",
+        {"f": spec("v2", SHA2, retries=5)},
+        {
+            "f": FlowRecord(
+                installed=installed(),
+                status=Status.FAILURE,
+                target=key("v2", SHA2, retries=5),
+                attempts=1,
+                no_retry=True,
+                reverted=True,
+            )
+        },
+        [],
+    ),
+    (
+        "reverted target, new deploymentId -> chain",
+        {"f": spec("v2", SHA2, deploymentId="d3")},
+        {
+            "f": FlowRecord(
+                installed=installed(),
+                status=Status.FAILURE,
+                target=key("v2", SHA2, deploymentId="d2"),
+                no_retry=True,
+                reverted=True,
+            )
+        },
+        CHAIN,
+    ),
+    # ------------------------------------------------------------ typed artifacts
+    (
+        "artifacts: one for this device type -> chain",
+        {"f": typed(["gw-a"], ["rpi4"])},
+        {},
+        CHAIN,
+    ),
+    (
+        "artifacts: none for this device type -> noartifact",
+        {"f": typed(["gw-a"])},
+        {},
+        ["SetStatus"],
+    ),
+    # ------------------------------------------------------------ abort
+    (
+        "abort before the deployment reached the device -> aborted",
+        {"f": spec("v2", SHA2, deploymentId="d2", abort=True)},
+        {"f": FlowRecord(installed=installed(), status=Status.SUCCESS, target=key())},
+        ["SetStatus"],
+    ),
+    (
+        "abort of an attempt that failed and waits to retry -> aborted",
+        {"f": spec("v2", SHA2, deploymentId="d2", abort=True)},
+        {
+            "f": FlowRecord(
+                status=Status.FAILURE,
+                target=key("v2", SHA2, deploymentId="d2"),
+                deployment_id="d2",
+                next_retry_at=NOW + 5,
+            )
+        },
+        ["SetStatus"],
+    ),
+    (
+        "abort after activation without revert -> nothing (it stays)",
+        {"f": spec("v2", SHA2, deploymentId="d2", abort=True)},
+        {"f": activated_d2()},
+        [],
+    ),
+    (
+        "abort + revert after activation -> revert",
+        {"f": spec("v2", SHA2, deploymentId="d2", abort=True, revert=True)},
+        {"f": activated_d2()},
+        ["Revert"],
+    ),
+    (
+        "abort already carried out -> nothing",
+        {"f": spec("v2", SHA2, deploymentId="d2", abort=True, revert=True)},
+        {"f": FlowRecord(installed=installed(), status=Status.ABORTED, target="abort:d2:revert")},
+        [],
+    ),
 ]
 
 
@@ -295,3 +400,43 @@ def test_no_desired_no_steps() -> None:
 def test_forget_step_type() -> None:
     current = {"f": FlowRecord(status=Status.REMOVED, target="remove", generation=1)}
     assert plan(desired(2), current, device_type="x", now=NOW) == [Forget("f")]
+
+
+def test_typed_artifacts_pick_this_device_types_artifact() -> None:
+    entry = typed(["gw-a"], ["gw-b", "rpi4"])
+    entry["artifact"] = {"url": "http://h/any.wasm", "sha256": SHA1}
+    for device_type, sha in (("gw-a", "1" * 64), ("rpi4", "2" * 64), ("other", SHA1)):
+        steps = plan(desired(f=entry), {}, device_type=device_type, now=NOW)
+        assert isinstance(steps[0], Download)
+        assert steps[0].target.artifact.sha256 == sha, device_type
+
+
+@pytest.mark.parametrize(
+    ("held_before", "expected"),
+    [(None, ["Defer", "Wait"]), (NOW + 30, ["Wait"]), (NOW + 99, ["Defer", "Wait"])],
+    ids=["first hold", "same hold already recorded", "the hold moved"],
+)
+def test_a_hold_defers_the_install(held_before: float | None, expected: list[str]) -> None:
+    def hold(flow_id: str, rec: FlowRecord | None, now: float) -> Hold | None:
+        return Hold(NOW + 30, "busy")
+
+    current = {}
+    if held_before is not None:
+        current["f"] = FlowRecord(
+            status=Status.PENDING, target=key(), error="busy", deferred_until=held_before
+        )
+    steps = plan(desired(f=spec()), current, device_type="rpi4", now=NOW, hold=hold)
+    assert kinds(steps) == expected
+    assert steps[-1] == Wait("f", NOW + 30)
+
+
+def test_a_hold_never_holds_a_removal() -> None:
+    current = {"f": FlowRecord(installed=installed(), status=Status.SUCCESS, target=key())}
+    steps = plan(
+        desired(f=spec("")),
+        current,
+        device_type="rpi4",
+        now=NOW,
+        hold=lambda _f, _r, now: Hold(now + 60, "closed"),
+    )
+    assert kinds(steps) == ["Remove"]

@@ -97,6 +97,25 @@ def test_oversized_document_rejected() -> None:
         (entry(deploymentId="rel/1"), "deploymentId"),
         (entry(deploymentId="rel+#"), "deploymentId"),
         ("a string", "invalid flow entry"),
+        (entry(health={"window": -1}), "health.window"),
+        (entry(health={"window": 86_401}), "health.window"),
+        (entry(health={"window": 5, "after": 1}), "health.after"),
+        (entry(health={"revert": "yes"}), "health.revert"),
+        (entry(abort=True), "deploymentId is required"),
+        (entry(deploymentId="d", abort="true"), "abort"),
+        (entry(deploymentId="d", revert=True), "revert goes with abort"),
+        (
+            {"version": "v1", "artifacts": [{"url": "http://h/f", "sha256": SHA}]},
+            "artifacts.0.deviceTypes",
+        ),
+        (
+            {
+                "version": "v1",
+                "artifacts": [{"deviceTypes": [], "url": "http://h/f", "sha256": SHA}],
+            },
+            "artifacts.0.deviceTypes",
+        ),
+        ({"version": "v1", "artifacts": []}, "needs an artifact"),
     ],
 )
 def test_flow_entry_rejections_are_per_flow(flow: object, needle: str) -> None:
@@ -167,3 +186,34 @@ def test_desired_schema_matches_the_parser() -> None:
 
 def test_utf8_bom_is_tolerated() -> None:
     assert parse_desired(b'\xef\xbb\xbf{"generation": 3}').generation == 3
+
+
+def test_typed_artifacts_health_and_abort_parse() -> None:
+    doc = parse_desired(
+        json.dumps(
+            {
+                "generation": 1,
+                "flows": {
+                    "f": {
+                        "version": "v2",
+                        "artifacts": [
+                            {"deviceTypes": ["gw-a"], "url": "http://h/a", "sha256": SHA},
+                            {"deviceTypes": ["gw-b"], "url": "http://h/b", "sha256": "b" * 64},
+                        ],
+                        "health": {"window": 2.5},
+                        "deploymentId": "d2",
+                        "abort": True,
+                        "revert": True,
+                    }
+                },
+            }
+        ).encode()
+    )
+    spec = doc.flows["f"]
+    assert spec.health is not None
+    assert (spec.health.window, spec.health.revert) == (2.5, None)
+    assert (spec.abort, spec.revert) == (True, True)
+    assert spec.artifact_for("gw-b") is not None
+    assert spec.artifact_for("gw-b").url == "http://h/b"  # type: ignore[union-attr]
+    assert spec.artifact_for("gw-c") is None
+    assert [a.sha256 for a in spec.all_artifacts()] == [SHA, "b" * 64]

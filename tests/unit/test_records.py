@@ -57,8 +57,8 @@ def test_legal(before: Status | None, after: Status) -> None:
         (S.DOWNLOADING, S.SUCCESS),
         (S.SUCCESS, S.DOWNLOADING),  # a new target goes pending first
         (S.REMOVED, S.DOWNLOADING),
-        (S.SUCCESS, S.ABORTED),  # only an attempt in progress is aborted
-        (S.FAILURE, S.ABORTED),
+        (S.FAILURE, S.SUCCESS),  # a retry goes through downloading again
+        (S.ABORTED, S.INSTALLING),
     ],
 )
 def test_illegal(before: Status | None, after: Status) -> None:

@@ -168,6 +168,24 @@ class ArtifactStore:
             )
         return data
 
+    def read_range(self, sha256: str, offset: int, length: int) -> tuple[int, bytes]:
+        """(the stored artifact's size, up to ``length`` of its bytes from ``offset``),
+        without checking the digest (the reader checks the whole against it).
+
+        Raises :class:`ArtifactError` if it is not stored or cannot be read.
+        """
+        hex_digest = normalize_sha256(sha256)
+        path = self.path(hex_digest)
+        try:
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(min(offset, size))
+                return size, f.read(length)
+        except FileNotFoundError:
+            raise ArtifactError(f"artifact {short_hex(hex_digest)} is not in the store") from None
+        except OSError as exc:
+            raise ArtifactError(f"cannot read stored artifact {path}: {exc}") from exc
+
     def usage(self) -> tuple[int, int]:
         """(number of stored artifacts, their total size in bytes)."""
         count = 0

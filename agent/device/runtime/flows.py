@@ -355,6 +355,12 @@ class FlowHost:
             out.update(p.spec.sha256 for p in parts)
         return out
 
+    def defer_until(self, flow_id: str) -> float | None:
+        """Until when the running version of ``flow_id`` asked to defer updates."""
+        runner = self.running.get(flow_id)
+        ctx = runner.context if runner is not None else None
+        return ctx.defer_until if ctx is not None else None
+
     def info(self, flow_id: str) -> dict[str, Any] | None:
         runner = self.running.get(flow_id)
         return runner.health_info() if runner is not None else None

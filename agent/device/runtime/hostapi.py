@@ -19,6 +19,9 @@ Imports (module ``edge``), all returning i32 status (0 = ok, < 0 = error) except
     config_get(out_ptr, out_cap, out_len_ptr) -> i32        the flow's config JSON
     respond(body_ptr, body_len) -> i32      while handling a command: its result (UTF-8,
                                             JSON or text, <= 64 KiB; the last call wins)
+    defer_update(seconds) -> i32            the flow is busy: hold installs of a new
+                                            version back for up to ``seconds`` (0..3600;
+                                            0 withdraws the request; the last call wins)
 
 Exports a flow provides to receive trigger events::
 
@@ -79,8 +82,20 @@ EVENT_MQTT = 4
 
 #: The functions of the ``edge`` import module (flow ABI v1).
 EDGE_FUNCTIONS = frozenset(
-    {"publish", "log", "kv_get", "kv_set", "kv_delete", "time_ms", "config_get", "respond"}
+    {
+        "publish",
+        "log",
+        "kv_get",
+        "kv_set",
+        "kv_delete",
+        "time_ms",
+        "config_get",
+        "respond",
+        "defer_update",
+    }
 )
+#: The longest one ``defer_update`` call may ask for (the agent bounds the total).
+MAX_DEFER_CALL_S = 3600
 
 I32 = wasmtime.ValType.i32()
 I64 = wasmtime.ValType.i64()
@@ -158,6 +173,8 @@ class FlowContext:
     in_command: bool = False
     #: What the flow passed to ``respond`` while handling the current command.
     response: bytes | None = None
+    #: ``defer_update``: hold installs of a new version back until then (epoch s).
+    defer_until: float | None = None
 
     def __post_init__(self) -> None:
         self._publish_bucket = TokenBucket(self.publish_rate, self.publish_rate * 2)
@@ -317,6 +334,12 @@ def define_edge_api(  # noqa: PLR0915 - one small closure per host function
         ctx.response = data
         return EDGE_OK
 
+    def defer_update(_caller: Any, seconds: int) -> int:
+        if not 0 <= seconds <= MAX_DEFER_CALL_S:
+            return EDGE_ERR_INVALID
+        ctx.defer_until = time.time() + seconds if seconds else None
+        return EDGE_OK
+
     log_.__name__ = "log"
     table: list[tuple[str, Callable[..., int], list[wasmtime.ValType], list[wasmtime.ValType]]] = [
         ("publish", publish, [I32] * 5, [I32]),
@@ -327,6 +350,7 @@ def define_edge_api(  # noqa: PLR0915 - one small closure per host function
         ("time_ms", time_ms, [], [I64]),
         ("config_get", config_get, [I32] * 3, [I32]),
         ("respond", respond, [I32] * 2, [I32]),
+        ("defer_update", defer_update, [I32], [I32]),
     ]
     for name, fn, params, results in table:
         linker.define_func(
