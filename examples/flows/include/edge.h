@@ -60,6 +60,8 @@ EDGE_IMPORT("config_get") int32_t edge_config_get(void *out, int32_t out_cap, ui
 /* While handling EDGE_EVENT_COMMAND: the command's result, returned to whoever sent it
  * (UTF-8, JSON or text, at most 64 KiB; the last call wins). EDGE_ERR_INVALID otherwise. */
 EDGE_IMPORT("respond") int32_t edge_respond(const char *body, int32_t body_len);
+/* Hold installs of a new version of this flow back for up to `seconds` (0..3600; 0 withdraws). */
+EDGE_IMPORT("defer_update") int32_t edge_defer_update(int32_t seconds);
 
 /* Convenience wrappers for NUL-terminated strings. */
 static inline size_t edge_strlen_(const char *s) { size_t n = 0; while (s[n]) n++; return n; }
