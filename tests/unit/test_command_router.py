@@ -55,6 +55,8 @@ class FakeDevice:
         self.sent: list[dict[str, Any]] = []
         self.reconciled = 0
         self.restart_delay = 0.0
+        #: The artifact store: sha256 -> bytes.
+        self.stored: dict[str, bytes] = {"a" * 64: bytes(range(256)) * 5}
 
     def send(self, topic: str, payload: bytes, *, correlation: bytes | None) -> None:
         self.sent.append({"topic": topic, "correlation": correlation, **json.loads(payload)})
@@ -64,6 +66,14 @@ class FakeDevice:
 
     def reconcile(self) -> None:
         self.reconciled += 1
+
+    async def artifact_range(self, sha256: str, offset: int, length: int) -> tuple[int, bytes]:
+        from agent.errors import ArtifactError
+
+        if sha256 not in self.stored:
+            raise ArtifactError(f"artifact {sha256[:12]} is not in the store")
+        data = self.stored[sha256]
+        return len(data), data[offset : offset + length]
 
     async def restart_flow(self, flow_id: str) -> Any:
         await asyncio.sleep(self.restart_delay)
@@ -147,3 +157,51 @@ async def test_correlation_data_comes_back_without_a_response_topic() -> None:
     assert reply["correlation"] == b"C-9"
     assert reply["id"] is None
     assert reply["error"].startswith("malformed command: ")
+
+
+async def test_the_installed_artifact_comes_back_whole_or_a_range_at_a_time() -> None:
+    import base64
+
+    device = FakeDevice()
+    router = router_for(device)
+    whole = await answer(router, device, {"name": "agent.artifact", "payload": {"flowId": "f1"}})
+    assert whole["ok"] is True, whole
+    r = whole["result"]
+    assert (r["version"], r["sha256"], r["size"], r["more"]) == ("v1", "a" * 64, 1280, False)
+    assert base64.b64decode(r["data"]) == device.stored["a" * 64]
+
+    got, offset = b"", 0
+    while True:
+        page = await answer(
+            router,
+            device,
+            {
+                "name": "agent.artifact",
+                "payload": {"flowId": "f1", "offset": offset, "length": 500},
+            },
+        )
+        chunk = base64.b64decode(page["result"]["data"])
+        got, offset = got + chunk, offset + len(chunk)
+        if not page["result"]["more"]:
+            break
+    assert got == device.stored["a" * 64]
+    assert offset == 1280
+
+
+async def test_artifact_command_errors() -> None:
+    device = FakeDevice()
+    router = router_for(device)
+    cases = [
+        ({"flowId": "ghost"}, "flow 'ghost' not found"),
+        ({"flowId": "f1", "which": "previous"}, "has no previous version"),
+        ({"flowId": "f1", "offset": 5000}, "past the artifact's 1280 bytes"),
+        ({"flowId": "f1", "length": 0}, "bad payload: length"),
+        ({"flowId": "f1", "which": "next"}, "bad payload: which"),
+    ]
+    for payload, error in cases:
+        reply = await answer(router, device, {"name": "agent.artifact", "payload": payload})
+        assert reply["ok"] is False
+        assert error in reply["error"], (payload, reply["error"])
+    device.stored = {}
+    reply = await answer(router, device, {"name": "agent.artifact", "payload": {"flowId": "f1"}})
+    assert "not in the store" in reply["error"]
