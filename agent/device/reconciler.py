@@ -28,6 +28,7 @@ import structlog
 
 from agent.device._logging import capture
 from agent.device.artifacts import ArtifactStore, Fetcher
+from agent.device.cleanup import collect_garbage
 from agent.device.config import AgentConfig
 from agent.device.executors import Chain, Executors
 from agent.device.health import HealthWatch
@@ -289,7 +290,7 @@ class Reconciler:
         async with asyncio.TaskGroup() as tg:
             for flow_id, flow_steps in by_flow.items():
                 tg.create_task(self._run_flow(flow_id, flow_steps), name=f"reconcile-{flow_id}")
-        await self._collect_garbage()
+        await collect_garbage(self.records, self.desired, self.artifacts, self.host)
 
     async def _run_flow(self, flow_id: str, steps: list[Step]) -> None:
         structlog.contextvars.bind_contextvars(flow_id=flow_id, device_id=self.device_id)
@@ -349,25 +350,6 @@ class Reconciler:
             log.error("cannot persist the failure", error=str(exc))
         self.reporter.deployment_log(flow_id, rec, capture.take(self.device_id, flow_id))
         capture.start(self.device_id, flow_id, self.cfg.reconcile.log_lines)
-
-    async def _collect_garbage(self) -> None:
-        keep: set[str] = set()
-        for rec in self.state.flows.values():
-            for inst in (rec.installed, rec.previous):
-                if inst is not None:
-                    keep.add(inst.sha256)
-        if self.desired is not None:
-            keep.update(a.sha256 for s in self.desired.flows.values() for a in s.all_artifacts())
-        try:
-            removed = await asyncio.to_thread(self.artifacts.gc, keep)
-        except OSError as exc:  # a full or read-only disk must not end the run
-            log.warning("artifact garbage collection failed", error=str(exc))
-            return
-        for sha in removed:
-            self.host.runtime.forget(sha)
-        await asyncio.to_thread(self.host.runtime.forget_cached, keep | self.host.module_digests())
-        if removed:
-            log.info("artifacts garbage-collected", count=len(removed))
 
     async def close(self) -> None:
         await self.health.close()

@@ -28,6 +28,7 @@ from agent.fleet.controller import (
     failure_limit,
     load_artifact,
     phase_sizes,
+    place,
     table_rows,
 )
 from agent.fleet.parser import COLUMNS, EXIT_STOPPED, EXIT_TIMEOUT
@@ -125,6 +126,16 @@ def _entry(
     return entry
 
 
+def _typed(entry: dict[str, Any], device_types: list[str] | None) -> dict[str, Any]:
+    """``entry`` with its artifact for ``device_types`` only (``artifacts``), so that a
+    release for other types can go into the same entry (see ``place``)."""
+    if not device_types or "artifact" not in entry:
+        return entry
+    typed = {**entry, "artifacts": [{"deviceTypes": device_types, **entry["artifact"]}]}
+    del typed["artifact"]
+    return typed
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -148,20 +159,20 @@ def cmd_release(args: argparse.Namespace) -> int:
         client.settle()
         artifact = _artifact(client, args)
         dep = args.deployment_id or deployment_id(args.flow, args.version)
-        entry = _entry(
-            args.version,
-            artifact,
-            args.manifest,
-            deploymentId=dep,
-            retries=args.retries,
-            deviceTypes=args.device_type,
+        entry = _typed(
+            _entry(args.version, artifact, args.manifest, deploymentId=dep, retries=args.retries),
+            args.device_type,
         )
         targets = list(client.devices()) if args.all else args.device
         if not targets:
             raise FleetError("no devices found on the broker (use --device for new ones)")
-        written = client.update_many(
-            targets, lambda _d, doc: {**doc, "flows": {**doc.get("flows", {}), args.flow: entry}}
-        )
+
+        def change(_device_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+            flows = dict(doc.get("flows") or {})
+            flows[args.flow] = place(flows.get(args.flow), entry)
+            return {**doc, "flows": flows}
+
+        written = client.update_many(targets, change)
         for device_id, gen in written.items():
             print(f"{device_id}: {args.flow} {args.version or '(removed)'} generation {gen}")
         print(f"deployment {dep}: {len(written)} device(s)")
@@ -306,13 +317,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         if not args.version or artifact is None:
             raise FleetError("a rollout needs --version and --artifact (use remove to remove)")
         dep = args.deployment_id or deployment_id(args.flow, args.version)
-        entry = _entry(
-            args.version,
-            artifact,
-            args.manifest,
-            deploymentId=dep,
-            retries=args.retries,
-            deviceTypes=args.device_type,
+        entry = _typed(
+            _entry(args.version, artifact, args.manifest, deploymentId=dep, retries=args.retries),
+            args.device_type,
         )
         targets = args.device or list(client.devices())
         if not targets:

@@ -411,6 +411,30 @@ def load_artifact(client: FleetClient, source: str, limit: int, kind: str = "was
     return Artifact(artifact.url, artifact.sha256, artifact.size, kind)
 
 
+def place(current: Any, entry: dict[str, Any]) -> dict[str, Any]:
+    """The flow's desired entry once ``entry`` is released over ``current``.
+
+    A release for some device types (an entry with ``artifacts``) of the version
+    the entry already has adds to it: items for other types are kept, items for the
+    same types replaced (devices of the other types keep their artifact and report
+    ``already-installed``). Anything else replaces the entry."""
+    items = entry.get("artifacts")
+    if (
+        not items
+        or not isinstance(current, dict)
+        or current.get("version") != entry.get("version")
+        or current.get("abort")
+    ):
+        return entry
+    types = {t for item in items for t in item.get("deviceTypes", ())}
+    kept = [
+        item
+        for item in current.get("artifacts") or []
+        if isinstance(item, dict) and not types & set(item.get("deviceTypes") or ())
+    ]
+    return {**current, **entry, "artifacts": [*kept, *items]}
+
+
 def flow_status(dev: Device, flow_id: str) -> str | None:
     """A flow's deployment status on a device, as of the device's desired document.
 
@@ -560,11 +584,13 @@ class Rollout:
         self.on_progress = on_progress
         self.poll = poll
         self.previous: dict[str, dict[str, Any] | None] = {}
+        #: The entry each device was given (``entry``, or merged into its own).
+        self.placed: dict[str, dict[str, Any]] = {}
 
     def _release(self, device_id: str, doc: dict[str, Any]) -> dict[str, Any]:
         flows = dict(doc.get("flows") or {})
         self.previous.setdefault(device_id, flows.get(self.flow_id))
-        flows[self.flow_id] = self.entry
+        flows[self.flow_id] = self.placed[device_id] = place(flows.get(self.flow_id), self.entry)
         return {**doc, "flows": flows}
 
     def _classify(self, devices: list[str]) -> dict[str, list[str]]:
@@ -613,7 +639,7 @@ class Rollout:
 
     def _restore(self, device_id: str, doc: dict[str, Any]) -> dict[str, Any] | None:
         flows = dict(doc.get("flows") or {})
-        if flows.get(self.flow_id) != self.entry:
+        if flows.get(self.flow_id) != self.placed.get(device_id, self.entry):
             return None  # someone else changed it since: leave their change alone
         previous = self.previous.get(device_id)
         dep = f"{self.entry.get('deploymentId', self.flow_id)}-rollback"[:128]

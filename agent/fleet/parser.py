@@ -61,7 +61,12 @@ def _add_release(fsub: Any) -> None:
     target = rel.add_mutually_exclusive_group(required=True)
     target.add_argument("--device", action="append", help="a device id (repeatable)")
     target.add_argument("--all", action="store_true", help="every device seen on the broker")
-    rel.add_argument("--device-type", action="append", help="only devices of this type install it")
+    rel.add_argument(
+        "--device-type",
+        action="append",
+        help="the artifact is for devices of this type (repeatable); releasing the same "
+        "version for other types adds their artifacts to the entry",
+    )
     rel.add_argument("--retries", type=int, default=2)
     rel.add_argument("--deployment-id", help="default: <flow>-<version>-<time>")
 
@@ -73,7 +78,11 @@ def _add_rollout(fsub: Any) -> None:
     ro.add_argument("--version", required=True)
     _artifact_flags(ro)
     ro.add_argument("--device", action="append", help="a device id (default: all devices)")
-    ro.add_argument("--device-type", action="append")
+    ro.add_argument(
+        "--device-type",
+        action="append",
+        help="the artifact is for devices of this type (repeatable), as for release",
+    )
     ro.add_argument("--retries", type=int, default=2)
     ro.add_argument("--deployment-id")
     ro.add_argument(

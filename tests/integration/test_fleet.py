@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import threading
@@ -875,3 +876,46 @@ def test_sim_raises_its_open_file_limit_and_warns_when_the_hard_limit_is_too_low
     assert out[0] == "None"  # 10 agents fit in 2048
     assert "the open-file limit is 2048; 1000 agents need about" in out[1]
     assert out[2] == "(2048, 2048)"  # soft raised to hard
+
+
+async def test_a_release_per_device_type_lands_in_one_entry(
+    broker: Broker, sim: SimFactory, files: Path
+) -> None:
+    """Releasing one version for gw-a, then for gw-b: each type installs its own build
+    and gw-a keeps its (before, the second release overwrote the entry and every gw-a
+    device reported noartifact)."""
+    types = {1: "gw-a", 2: "gw-b", 3: "gw-c"}  # (sim devices count from 1)
+    s = await sim(3, customize=lambda i, data: {**data, "device_type": types[i]})
+    for device_type, build in (("gw-a", "v1.wasm"), ("gw-b", "v2.wasm")):
+        rc, out = await fleet(
+            broker,
+            "release",
+            "--flow",
+            "hello",
+            "--version",
+            "2.0",
+            "--artifact",
+            str(files / build),
+            "--device-type",
+            device_type,
+            "--all",
+        )
+        assert rc == 0, out
+    items = await converged(
+        broker,
+        lambda rs: (
+            [r["status"] for r in sorted(rs, key=lambda r: r["deviceId"])]
+            == ["already-installed", "success", "noartifact"]
+            or [r["status"] for r in sorted(rs, key=lambda r: r["deviceId"])]
+            == ["success", "success", "noartifact"]
+        ),
+        "--flow",
+        "hello",
+    )
+    assert len(items) == 3
+    digests = {a.cfg.device_type: a.reconciler.records["hello"].installed for a in s.agents}
+    assert digests["gw-a"] is not None
+    assert digests["gw-b"] is not None
+    assert digests["gw-c"] is None
+    assert digests["gw-a"].sha256 == hashlib.sha256((files / "v1.wasm").read_bytes()).hexdigest()
+    assert digests["gw-b"].sha256 == hashlib.sha256((files / "v2.wasm").read_bytes()).hexdigest()
