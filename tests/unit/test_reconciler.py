@@ -191,6 +191,9 @@ class FakeHost:
             runner.stopped = True
         return runner is not None
 
+    def defer_until(self, flow_id: str) -> float | None:
+        return None  # no flow asks to defer updates here
+
     def module_digests(self) -> set[str]:
         return {r.spec.sha256 for r in self.running.values()}
 
