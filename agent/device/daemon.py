@@ -267,7 +267,7 @@ class Agent:
         self.cfg = cfg
         self.reconciler.cfg = cfg
         if trust.policy != self.reconciler.trust.policy:
-            self.reconciler.set_trust(trust)
+            await self.reconciler.set_trust(trust)
         await self.apply(derive(cfg))
         self.reporter.device_type = cfg.device_type
         self.reconciler.trigger()  # e.g. a new device_type: re-judge deviceTypes

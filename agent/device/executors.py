@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import assert_never
+from typing import Any, assert_never
 
 import structlog
 
@@ -98,6 +98,7 @@ class Executors:
         self.on_activated = on_activated
         self.reverter = reverter
         self.health = health
+        self._unfinished: set[asyncio.Future[None]] = set()
 
     async def execute(self, step: Step, chain: Chain) -> None:
         match step:
@@ -117,15 +118,28 @@ class Executors:
             case Activate():
                 # Shielded: once the new instance is up, the swap and its record
                 # complete even if a newer desired document cancels this run.
-                await asyncio.shield(self._activate(step.target, chain))
+                await self._shielded(self._activate(step.target, chain))
             case Revert():
-                await asyncio.shield(self._revert(step))
+                await self._shielded(self._revert(step))
             case Defer():
                 await self._defer(step)
             case Wait():
                 pass  # the loop waits for it; never handed to an executor
             case _:
                 assert_never(step)
+
+    async def _shielded(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` to its end even if the run is cancelled (:meth:`settle` waits
+        for it): a swap or a revert, once begun, completes and is recorded."""
+        task = asyncio.ensure_future(work)
+        self._unfinished.add(task)
+        task.add_done_callback(self._unfinished.discard)
+        await asyncio.shield(task)
+
+    async def settle(self) -> None:
+        """Wait for the swaps and reverts a cancelled run left going."""
+        while self._unfinished:
+            await asyncio.gather(*self._unfinished, return_exceptions=True)
 
     async def _set_status(self, step: SetStatus) -> None:
         if step.status == Status.REMOVED:  # never installed: still drop what it left

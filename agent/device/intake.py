@@ -20,7 +20,7 @@ from agent.device.config import AgentConfig
 from agent.device.planner import Download, plan
 from agent.device.records import FlowRecords
 from agent.device.reporter import Reporter
-from agent.device.state import PersistedState
+from agent.device.state import PersistedState, serialise
 from agent.errors import ProtocolError, StateError
 from agent.wire.protocol import DesiredState, RejectedDesired, Status, parse_desired, utc_now_iso
 from agent.wire.signing import Trust
@@ -40,6 +40,7 @@ class DesiredIntake:
         reporter: Reporter,
         *,
         persist: Callable[[], Awaitable[None]],
+        write: Callable[[bytes], Awaitable[None]],
         trigger: Callable[[], None],
         trust: Trust,
     ) -> None:
@@ -48,6 +49,7 @@ class DesiredIntake:
         self.records = records
         self.reporter = reporter
         self._persist = persist
+        self._write = write
         self._trigger = trigger
         self.trust = trust
         #: The document being applied (None before the first one).
@@ -109,6 +111,11 @@ class DesiredIntake:
                     "a changed document needs a higher generation",
                 )
             return False
+        try:  # the intent must be writable before it has any effect (no run stopped)
+            await self._write(serialise(self._with_intent(self.state, desired, text)))
+        except StateError as exc:
+            self.reject(desired.generation, f"cannot persist the desired state: {exc}")
+            return False
         await supersede(desired)
         before = self.state.model_copy(deep=True)
         self.desired = desired
@@ -121,9 +128,9 @@ class DesiredIntake:
             flows=len(desired.flows),
             invalid=len(desired.invalid),
         )
-        self._mark_pending(desired)
+        self._mark_pending(desired, self.records)
         try:
-            await self._persist()  # the intent is on disk before any work starts
+            await self._persist()  # with what the superseded run left
         except StateError as exc:
             # Without persisted intent nothing is started: restore what was applied.
             for name in PersistedState.model_fields:
@@ -143,15 +150,22 @@ class DesiredIntake:
         )
         self.reporter.mark_dirty()
 
-    def _mark_pending(self, desired: DesiredState) -> None:
-        for step in plan(
-            desired, self.state.flows, device_type=self.cfg.device_type, now=time.time()
-        ):
+    def _with_intent(
+        self, state: PersistedState, desired: DesiredState, text: str
+    ) -> PersistedState:
+        """A copy of ``state`` that has taken ``desired`` in (announces nothing)."""
+        copy = state.model_copy(deep=True)
+        copy.desired_raw, copy.generation, copy.rejected = text, desired.generation, None
+        self._mark_pending(desired, FlowRecords(copy))
+        return copy
+
+    def _mark_pending(self, desired: DesiredState, records: FlowRecords) -> None:
+        for step in plan(desired, records, device_type=self.cfg.device_type, now=time.time()):
             if isinstance(step, Download):
                 t = step.target
-                rec = self.state.flows.get(t.flow_id)
+                rec = records.get(t.flow_id)
                 if rec is None or rec.target != t.key:
-                    self.records.transition(
+                    records.transition(
                         t.flow_id,
                         Status.PENDING,
                         target=t.key,

@@ -95,6 +95,7 @@ class Reconciler:
             self.records,
             reporter,
             persist=self.persist,
+            write=lambda data: self._writer.write(self.store, data),
             trigger=self.trigger,
             trust=trust or Trust({}),
         )
@@ -157,9 +158,13 @@ class Reconciler:
     def trust(self) -> Trust:
         return self.intake.trust
 
-    def set_trust(self, trust: Trust) -> None:
-        """A new signature policy (configuration reload): re-judge the desired state."""
-        self.intake.set_trust(trust)
+    async def set_trust(self, trust: Trust) -> None:
+        """A new signature policy (configuration reload): re-judge the desired state,
+        and stop an attempt in flight whose artifact the policy now refuses."""
+        async with self._intake_lock:
+            self.intake.set_trust(trust)
+            if self.desired is not None:
+                await self._supersede(self.desired)
         self.trigger()
 
     # ------------------------------------------------------------ desired in
@@ -189,6 +194,7 @@ class Reconciler:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await self.executors.settle()  # a swap that began completes (and is recorded)
         for flow_id in sorted(changed):
             rec = self.state.flows.get(flow_id)
             # Only an attempt still in progress is aborted; one whose activation
@@ -358,6 +364,7 @@ class Reconciler:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.executors.settle()
         await self.persist()
         self._writer.close()
 

@@ -360,14 +360,10 @@ async def test_state_write_failing_mid_deployment_is_a_flow_failure(
     await op.wait_for(STATE, flow_state("f1", status="success"))
     real = StateStore.save_bytes
 
-    intent_saved = False
-
     def full_after_intent(self: StateStore, data: bytes) -> None:
-        """The desired document's write succeeds; every later write fails."""
-        nonlocal intent_saved
-        if b'"v2"' in data and intent_saved:
+        """The desired document's writes succeed; from the attempt's start on, v2's fail."""
+        if b'"v2"' in data and b'"downloading"' in data:
             raise StateError(f"cannot write {self.path}: No space left on device")
-        intent_saved = intent_saved or b'"v2"' in data
         real(self, data)
 
     monkeypatch.setattr(StateStore, "save_bytes", full_after_intent)

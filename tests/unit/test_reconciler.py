@@ -14,9 +14,9 @@ Only its public surface is used (the constructor, ``offer_desired``, ``trigger``
   and the state report are the documents an operator would get.
 
 Waits are on conditions (the state file, a call recorded by a fake), never on time.
-The strict ``xfail`` tests pin down bugs found while writing these (what
-docs/protocol.md promises, and what happens instead); each turns into a failure
-once its bug is fixed, so that the marker is removed.
+Three tests here pinned down bugs found while writing them (a swap aborted by a
+newer document, a document that could not be saved still stopping the run, a new
+signature policy not stopping a download in flight); they pass since the fixes.
 """
 
 from __future__ import annotations
@@ -774,12 +774,6 @@ async def test_a_document_that_cannot_be_persisted_is_rejected(rig: Rig) -> None
     assert rig.fetcher.urls() == [url("v1"), url("v2")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: a document rejected because its intent cannot be persisted still aborts "
-    "the attempt in flight (and announces its own pending target) before it is rejected",
-)
 async def test_a_document_that_cannot_be_persisted_leaves_the_attempt_in_flight_alone(
     rig: Rig,
 ) -> None:
@@ -850,13 +844,6 @@ async def test_a_newer_document_that_keeps_the_target_does_not_cost_an_attempt(r
     assert rig.host.calls.count(("prepare", "f", "v1")) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: a newer document that arrives while the old runner is being stopped "
-    "by the swap aborts an activation that already happened (Activate is shielded, but "
-    "the supersede does not wait for it)",
-)
 async def test_a_newer_document_during_the_swap_does_not_abort_the_swapped_version(
     rig: Rig,
 ) -> None:
@@ -1005,7 +992,7 @@ async def test_set_trust_rejudges_the_applied_document_and_keeps_the_running_ver
 ) -> None:
     await install(rig, 1, "v1")
     runner = rig.host.running["f"]
-    rig.rec.set_trust(Trust({}, require=True))
+    await rig.rec.set_trust(Trust({}, require=True))
     await rig.until_status("f", S.FAILURE)
     assert rig.rec.records["f"].error == (
         "artifact is not signed and this device requires signed artifacts"
@@ -1014,25 +1001,19 @@ async def test_set_trust_rejudges_the_applied_document_and_keeps_the_running_ver
     assert not runner.stopped
     assert rig.report()["flows"]["f"]["currentVersion"] == "v1"
 
-    rig.rec.set_trust(Trust({}))  # relaxed again: what runs matches the entry
+    await rig.rec.set_trust(Trust({}))  # relaxed again: what runs matches the entry
     await rig.until_status("f", S.ALREADY_INSTALLED)
     assert [c[0] for c in rig.host.calls] == ["prepare", "activate"]
     assert len(rig.fetcher.calls) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: set_trust re-judges the document but not the run in flight: an artifact "
-    "the new policy refuses is still installed and activated",
-)
 async def test_set_trust_refuses_an_artifact_whose_download_is_in_flight(rig: Rig) -> None:
     rig.fetcher.serve("v1")
     gate = rig.fetcher.gates[url("v1")] = asyncio.Event()
     assert await rig.offer(doc(1, f=entry("v1")))
     await rig.until(lambda: url("v1") in rig.fetcher.urls(), "v1 to be downloading")
 
-    rig.rec.set_trust(Trust({}, require=True))
+    await rig.rec.set_trust(Trust({}, require=True))
     gate.set()
     await rig.until(
         lambda: (rig.rec.records["f"].error or "").startswith("artifact is not signed"),
