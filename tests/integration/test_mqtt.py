@@ -206,7 +206,7 @@ async def test_an_unreachable_broker_is_reported_at_a_bounded_rate(
     never a line per attempt."""
     import structlog
 
-    from agent.device import mqtt as mqtt_mod
+    from agent.device.mqtt import session as mqtt_mod
 
     monkeypatch.setattr(mqtt_mod, "STILL_FAILING_EVERY_S", 0.3)
     with socket.socket() as s:  # a port nothing listens on
