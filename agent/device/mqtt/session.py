@@ -42,11 +42,11 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 
 from agent.device.config import MqttConfig
+from agent.device.mqtt.client import Will, build_client, connect, setup_tls
 from agent.device.runtime._handoff import Handoff, post_or_drop
 
 log = structlog.get_logger("agent.device.mqtt")
@@ -56,12 +56,6 @@ STILL_FAILING_EVERY_S = 60.0
 
 def _ignore_socket(_client: paho.Client, _userdata: Any, _sock: Any) -> None:
     return None
-
-
-def _socket_opened(_client: paho.Client, _userdata: Any, sock: Any) -> None:
-    # Small MQTT packets must not wait for Nagle + delayed ACK (~40 ms on Linux).
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @dataclass(frozen=True)
@@ -74,14 +68,6 @@ class Message:
     retain: bool = False
     response_topic: str | None = None
     correlation_data: bytes | None = None
-
-
-@dataclass(frozen=True)
-class Will:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
 
 
 @dataclass
@@ -152,46 +138,19 @@ class MqttSession:
         return self._cfg.protocol == "5"
 
     def _make_client(self) -> paho.Client:
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self._client_id,
-            protocol=paho.MQTTv5 if self.protocol5 else paho.MQTTv311,
-            clean_session=None if self.protocol5 else not self._cfg.persistent_session,
-            reconnect_on_failure=False,
-        )
-        client.max_inflight_messages_set(self._cfg.max_inflight)
-        client.max_queued_messages_set(self._cfg.max_queued)
-        client.connect_timeout = self._cfg.connect_timeout
-        if self._cfg.username is not None:
-            client.username_pw_set(self._cfg.username, self._cfg.resolved_password())
-        if self._will is not None:
-            client.will_set(
-                self._will.topic, self._will.payload, qos=self._will.qos, retain=self._will.retain
-            )
+        client = build_client(self._cfg, self._client_id, will=self._will)
         # Single writer: with our own network thread (not loop_start), paho would call
         # loop_write() from whichever thread publishes, racing the network thread on an
         # unlocked deque. Registering a write hook makes publish() only queue the packet
         # and wake the network thread, which does all socket I/O.
         client.on_socket_register_write = _ignore_socket
         client.on_socket_unregister_write = _ignore_socket
-        client.on_socket_open = _socket_opened
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         return client
-
-    def _setup_tls(self) -> None:
-        """Blocking (reads files): runs on the network thread."""
-        cfg = self._cfg
-        self._client.tls_set(
-            ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-            certfile=str(cfg.cert_file) if cfg.cert_file else None,
-            keyfile=str(cfg.key_file) if cfg.key_file else None,
-            cert_reqs=ssl.CERT_REQUIRED,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
 
     async def __aenter__(self) -> MqttSession:
         self.start()
@@ -241,21 +200,9 @@ class MqttSession:
         while not self._stop.is_set():
             try:
                 if self._cfg.tls and not tls_ready:
-                    self._setup_tls()
+                    setup_tls(self._client, self._cfg)  # blocking: not on the event loop
                     tls_ready = True
-                props = None
-                if self.protocol5 and self._cfg.persistent_session:
-                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                    props.SessionExpiryInterval = self._cfg.session_expiry
-                self._client.connect(
-                    self._cfg.host,
-                    self._cfg.port,
-                    keepalive=self._cfg.keepalive,
-                    clean_start=(not self._cfg.persistent_session)
-                    if self.protocol5
-                    else paho.MQTT_CLEAN_START_FIRST_ONLY,
-                    properties=props,
-                )
+                connect(self._client, self._cfg)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 self._note_error(f"cannot connect to {self._cfg.broker}: {exc}")
             else:
