@@ -7,7 +7,8 @@ are implementation. :mod:`agent.device.mqtt.client` (a paho client configured fr
 client there, so every client of the project is set up in one place.
 """
 
+from agent.device.mqtt._netloop import STILL_FAILING_EVERY_S, backoff_delay
 from agent.device.mqtt.client import Will
-from agent.device.mqtt.session import STILL_FAILING_EVERY_S, Message, MqttSession, backoff_delay
+from agent.device.mqtt.session import Message, MqttSession
 
 __all__ = ["STILL_FAILING_EVERY_S", "Message", "MqttSession", "Will", "backoff_delay"]

@@ -1,41 +1,29 @@
-"""The MQTT session: one paho-mqtt 2.x client, its network thread, and the asyncio bridge.
+"""The MQTT session: the asyncio face of one paho client and its network thread.
 
 Design (measured pitfalls are in the comments where they bite):
 
-- paho runs on one thread owned by this class (``mqtt-<client id>``). That thread
-  connects (connect and TLS set-up block, so they never run on the event loop),
-  drives the socket with :mod:`selectors` (epoll) and paho's ``loop_read`` /
-  ``loop_write`` / ``loop_misc``, and reconnects with jittered, capped exponential
-  backoff. Not ``client.loop()``: it uses ``select()``, which fails on a file
-  descriptor >= 1024, and paho turns that into a silent "connection lost" forever
-  (found with 500 simulated agents in one process; any busy process can get there).
+- paho runs on a network thread of its own (:mod:`agent.device.mqtt._netloop`), which
+  connects, drives the socket and reconnects; it alone touches the socket.
 - paho callbacks only copy data and hand it to the event loop through a
   :class:`~agent.device.runtime._handoff.Handoff` (one loop wake-up per batch, not per message);
   long work in a paho callback has deadlocked paho.
-- Only the network thread touches the socket: a no-op ``on_socket_register_write``
-  hook stops paho from writing on the publishing thread (see ``_make_client``); the
-  thread that queued a packet pokes the network thread through a socketpair.
-- ``publish()`` is called on the event loop thread. Its completion future is
-  registered in the same synchronous step, before any ``on_publish`` the network
-  thread might already have queued for that mid can run on the loop.
+- ``publish()`` is called on the event loop thread: it only queues the packet and
+  pokes the network thread. Its completion future is registered in the same
+  synchronous step, before any ``on_publish`` the network thread might already have
+  queued for that mid can run on the loop.
 - QoS 1 messages published while offline stay in paho's queue and go out after the
   reconnect (paho answers "not connected" but keeps them), so that is not an error.
-- max in-flight is kept at or below the broker's receive maximum (Mosquitto: 20),
-  because paho ignores the value the broker advertises.
 - Subscriptions are made again on every connect: a broker without persistence
   forgets them.
+- A reconfigure builds a new client and network thread; subscriptions, callbacks and
+  the last error carry over.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
-import selectors
-import socket
-import ssl
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,16 +34,11 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 
 from agent.device.config import MqttConfig
-from agent.device.mqtt.client import Will, build_client, connect, setup_tls
+from agent.device.mqtt._netloop import NetLoop, Problems, backoff_delay
+from agent.device.mqtt.client import Will, build_client
 from agent.device.runtime._handoff import Handoff, post_or_drop
 
 log = structlog.get_logger("agent.device.mqtt")
-#: While the broker stays unreachable, a warning says so at most this often (s).
-STILL_FAILING_EVERY_S = 60.0
-
-
-def _ignore_socket(_client: paho.Client, _userdata: Any, _sock: Any) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -83,12 +66,6 @@ class _Sub:
     retry: asyncio.TimerHandle | None = None
 
 
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Delay before reconnect ``attempt`` (0-based): min(cap, base*2^n), jittered in [50%, 100%]."""
-    ceiling = min(cap, base * float(1 << min(attempt, 30)))
-    return ceiling * (0.5 + 0.5 * rng.random())
-
-
 class MqttSession:
     """One MQTT connection with automatic reconnect, usable from asyncio.
 
@@ -112,14 +89,8 @@ class MqttSession:
         self._on_connect_cbs = list(on_connect)
         self._on_disconnect_cbs: list[Callable[[], None]] = []
         self._rng = rng or random.Random()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._handoff: Handoff | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        # The network thread's wake-up line (opened by start(), closed by stop()).
-        self._poke_r: socket.socket | None = None
-        self._poke_w: socket.socket | None = None
+        self._problems = Problems()
         self._subs: dict[str, _Sub] = {}
         self._sub_lock = threading.Lock()
         self._sub_mids: dict[int, str] = {}
@@ -127,30 +98,36 @@ class MqttSession:
         self.messages: asyncio.Queue[Message] = asyncio.Queue()
         self.connected = asyncio.Event()
         self.connects = 0
-        self.last_error: str | None = None
-        self._error_repeats = 0
-        self._still_failing_at = 0.0
-        self._client = self._make_client()
+        self._client, self._net = self._new_connection()
 
     # ----------------------------------------------------------------- set-up
     @property
     def protocol5(self) -> bool:
         return self._cfg.protocol == "5"
 
-    def _make_client(self) -> paho.Client:
+    @property
+    def last_error(self) -> str | None:
+        """The latest connection or subscription problem; None since the last connect."""
+        return self._problems.last
+
+    @last_error.setter
+    def last_error(self, text: str | None) -> None:
+        self._problems.last = text
+
+    def _new_connection(self) -> tuple[paho.Client, NetLoop]:
         client = build_client(self._cfg, self._client_id, will=self._will)
-        # Single writer: with our own network thread (not loop_start), paho would call
-        # loop_write() from whichever thread publishes, racing the network thread on an
-        # unlocked deque. Registering a write hook makes publish() only queue the packet
-        # and wake the network thread, which does all socket I/O.
-        client.on_socket_register_write = _ignore_socket
-        client.on_socket_unregister_write = _ignore_socket
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
+        net = NetLoop(
+            client,
+            self._cfg,
+            rng=self._rng,
+            problems=self._problems,
+            on_connected=self._on_connect,
+            on_disconnected=self._on_disconnect,
+        )
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
-        return client
+        return client, net
 
     async def __aenter__(self) -> MqttSession:
         self.start()
@@ -160,31 +137,12 @@ class MqttSession:
         await self.stop()
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._handoff = Handoff(self._loop)
-        self._poke_r, self._poke_w = socket.socketpair()
-        self._poke_r.setblocking(False)
-        self._poke_w.setblocking(False)
-        self._thread = threading.Thread(
-            target=self._run, name=f"mqtt-{self._client_id}", daemon=True
-        )
-        self._thread.start()
+        self._handoff = Handoff(asyncio.get_running_loop())
+        self._net.start(f"mqtt-{self._client_id}")
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no last will) and join the network thread."""
-        self._stop.set()
-        self._wake.set()
-        with contextlib.suppress(Exception):
-            self._client.disconnect()
-        self._poke()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, timeout)
-            if not self._thread.is_alive():
-                # paho closes its socket and wake-up socketpair only in __del__, whose
-                # timing in a reference cycle is arbitrary: close them now.
-                with contextlib.suppress(Exception):
-                    self._client._reset_sockets()
-                self._close_poke()
+        await self._net.stop(timeout)
         for fut in self._pending.values():
             fut.cancel()
         self._pending.clear()
@@ -193,163 +151,19 @@ class MqttSession:
                 waiter.cancel()
         self.connected.clear()
 
-    # --------------------------------------------------------- network thread
-    def _run(self) -> None:
-        attempt = 0
-        tls_ready = False
-        while not self._stop.is_set():
-            try:
-                if self._cfg.tls and not tls_ready:
-                    setup_tls(self._client, self._cfg)  # blocking: not on the event loop
-                    tls_ready = True
-                connect(self._client, self._cfg)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                self._note_error(f"cannot connect to {self._cfg.broker}: {exc}")
-            else:
-                self._loop_until_disconnected()
-                if self._connected_once_in_this_round:
-                    attempt = 0
-            if self._stop.is_set():
-                break
-            delay = backoff_delay(
-                attempt, self._cfg.reconnect_min, self._cfg.reconnect_max, self._rng
-            )
-            attempt += 1
-            self._wake.wait(delay)
-            self._wake.clear()
-
-    _connected_once_in_this_round = False
-    _connack_in_this_round = False
-
-    def _loop_until_disconnected(self) -> None:
-        self._connected_once_in_this_round = False
-        self._connack_in_this_round = False
-        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-        sock = self._client.socket()
-        if sock is None or self._poke_r is None:
-            return
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._poke_r, selectors.EVENT_READ)
-            registered = selectors.EVENT_READ
-            sel.register(sock, registered)
-            while not self._stop.is_set():
-                want = selectors.EVENT_READ
-                if self._client.want_write():
-                    want |= selectors.EVENT_WRITE
-                if want != registered:
-                    sel.modify(sock, want)
-                    registered = want
-                rc = self._step(sel, sock, self._idle_wait)
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-            if self._stop.is_set():
-                # Flush the DISCONNECT that stop() queued.
-                with contextlib.suppress(Exception):
-                    self._client.loop_write()
-                return
-        if not self._connack_in_this_round:
-            # The socket opened but no CONNACK came: say so (it used to be silent).
-            self._note_error(
-                f"connection to {self._cfg.broker} lost before the broker accepted it: "
-                f"{paho.error_string(rc)}"
-            )
-
-    @property
-    def _idle_wait(self) -> float:
-        """How long the network thread sleeps with nothing to do. Writes wake it at once
-        (the poke); the timeout only paces keepalive work in ``loop_misc``, which a
-        quarter of the keepalive serves (1,000 simulated agents at 0.5 s: 2,000 thread
-        wake-ups a second, each taking the GIL)."""
-        return max(0.5, min(5.0, self._cfg.keepalive / 4))
-
-    def _step(self, sel: selectors.BaseSelector, sock: Any, timeout: float) -> MQTTErrorCode:
-        """One turn of the network loop: what ``client.loop()`` does, on ``sel``."""
-        client = self._client
-        pending = sock.pending() if hasattr(sock, "pending") else 0  # TLS-buffered bytes
-        try:
-            ready = sel.select(0.0 if pending else timeout)
-        except (OSError, ValueError):
-            return MQTTErrorCode.MQTT_ERR_CONN_LOST
-        readable = pending > 0
-        writable = False
-        for key, events in ready:
-            if key.fileobj is self._poke_r:
-                with contextlib.suppress(OSError):
-                    self._poke_r.recv(4096)
-                writable = True  # something was queued: try to send it now
-            else:
-                readable = readable or bool(events & selectors.EVENT_READ)
-                writable = writable or bool(events & selectors.EVENT_WRITE)
-        if readable:
-            rc = client.loop_read()
-            if rc or client.socket() is None:
-                return rc
-        if writable:
-            rc = client.loop_write()
-            if rc or client.socket() is None:
-                return rc
-        return client.loop_misc()
-
-    def _poke(self) -> None:
-        """Wake the network thread: a packet was queued from another thread."""
-        if self._poke_w is not None:
-            with contextlib.suppress(OSError):  # full (already poked) or closed
-                self._poke_w.send(b"\0")
-
-    def _close_poke(self) -> None:
-        for sock in (self._poke_r, self._poke_w):
-            if sock is not None:
-                sock.close()
-        self._poke_r = self._poke_w = None
-
-    def _note_error(self, text: str) -> None:
-        # The first occurrence of a problem is a warning; identical repeats during
-        # the backoff are debug lines, plus a warning at most every
-        # STILL_FAILING_EVERY_S, so a long outage neither floods the journal nor
-        # goes silent.
-        repeat = text == self.last_error
-        self.last_error = text
-        self._error_repeats = self._error_repeats + 1 if repeat else 0
-        now = time.monotonic()
-        if not repeat:
-            self._still_failing_at = now
-            log.warning("mqtt connection problem", error=text)
-        elif now - self._still_failing_at >= STILL_FAILING_EVERY_S:
-            self._still_failing_at = now
-            log.warning(
-                "mqtt still cannot connect; retrying",
-                error=text,
-                attempts=self._error_repeats + 1,
-                broker=self._cfg.broker,
-            )
-        else:
-            log.debug("mqtt connection problem (repeated)", error=text, repeats=self._error_repeats)
-
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         post_or_drop(self._handoff, fn, *args)
 
     # paho callbacks: network thread, keep them tiny.
-    def _on_connect(
-        self, client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
-    ) -> None:
-        self._connack_in_this_round = True
-        if reason.is_failure:
-            hint = ""
-            if "authori" in str(reason).lower() or "password" in str(reason).lower():
-                hint = " (check mqtt.username / mqtt.password / client certificate)"
-            elif "protocol version" in str(reason).lower() and self.protocol5:
-                hint = ' (a broker that speaks only MQTT 3.1.1, like NATS: mqtt.protocol = "3.1.1")'
-            self._note_error(f"broker {self._cfg.broker} refused the connection: {reason}{hint}")
-            return
-        self._connected_once_in_this_round = True
+    def _on_connect(self, client: paho.Client) -> None:
         for topic, sub in list(self._subs.items()):
-            self._send_subscribe(topic, sub.qos)
+            self._send_subscribe(client, topic, sub.qos)
         self._call(self._connected_on_loop)
 
-    def _send_subscribe(self, topic: str, qos: int) -> None:
+    def _send_subscribe(self, client: paho.Client, topic: str, qos: int) -> None:
         """SUBSCRIBE, remembering the topic by message id to read the SUBACK."""
         with self._sub_lock:
-            _rc, mid = self._client.subscribe(topic, qos=qos)
+            _rc, mid = client.subscribe(topic, qos=qos)
             if mid is not None:
                 self._sub_mids[mid] = topic
 
@@ -363,12 +177,7 @@ class MqttSession:
         refused = [r for r in reasons if getattr(r, "is_failure", False)]
         self._call(self._suback_on_loop, topic, str(refused[0]) if refused else None)
 
-    def _on_disconnect(
-        self, _client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
-    ) -> None:
-        # After a refused CONNACK the refusal is the useful reason: keep it.
-        if not self._stop.is_set() and self._connected_once_in_this_round:
-            self._note_error(f"disconnected from {self._cfg.broker}: {reason}")
+    def _on_disconnect(self) -> None:
         self._call(self._disconnected_on_loop)
 
     def _on_message(self, _client: paho.Client, _ud: Any, msg: paho.MQTTMessage) -> None:
@@ -470,8 +279,8 @@ class MqttSession:
             return
         sub.retry = None
         if self.connected.is_set():
-            self._send_subscribe(topic, sub.qos)
-            self._poke()
+            self._send_subscribe(self._client, topic, sub.qos)
+            self._net.poke()
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Subscribe now (if connected) and again after every reconnect; a refused
@@ -481,8 +290,8 @@ class MqttSession:
         else:
             self._subs[topic].fetch_only = False  # held for its own sake now
         if self.connected.is_set():
-            self._send_subscribe(topic, qos)
-            self._poke()
+            self._send_subscribe(self._client, topic, qos)
+            self._net.poke()
 
     def unsubscribe(self, topic: str) -> None:
         sub = self._subs.pop(topic, None)
@@ -493,7 +302,7 @@ class MqttSession:
                 sub.retry.cancel()
             if self.connected.is_set():
                 self._client.unsubscribe(topic)
-                self._poke()
+                self._net.poke()
 
     def publish(
         self,
@@ -512,7 +321,7 @@ class MqttSession:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        self._poke()
+        self._net.poke()
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise RuntimeError(f"publish to {topic} refused: {paho.error_string(info.rc)}")
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
@@ -556,13 +365,11 @@ class MqttSession:
         again on the new connection; QoS 1 messages in flight are sent again by the
         outbox, which deletes nothing unacknowledged."""
         await self.stop()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
         self._cfg = cfg
         self._client_id = client_id
-        self._client = self._make_client()
+        self._client, self._net = self._new_connection()
         self.start()
 
     def wake(self) -> None:
         """Cut a reconnect backoff short (used after configuration changes)."""
-        self._wake.set()
+        self._net.wake()
