@@ -3,6 +3,10 @@
 
 - Subscriptions are made again on every connect: a broker without persistence
   forgets them.
+- Whether a SUBSCRIBE goes out now or at the next connect is decided by the network
+  thread's view of the connection, in one step with the registry (under its lock):
+  the event loop hears of a connect only after the network thread has subscribed the
+  held topics, and a topic added in between was once sent by neither.
 - A broker can refuse a subscription for a while (an ACL not yet loaded, a clustered
   broker failing over): it is asked for again, with backoff, without reconnecting.
 - A fetch of a topic the session holds anyway (its command topic, a flow's trigger)
@@ -43,11 +47,12 @@ class Subscriptions:
     """The subscription registry of one session (kept across its reconnects and
     reconfigures).
 
-    The event loop owns it. The network thread only sends SUBSCRIBE for every topic
-    after a connect (:meth:`send_all`) and looks SUBACKs up (:meth:`topic_of`); the
-    message ids of SUBSCRIBEs in flight are shared under a lock. ``resend(topic, qos)``
-    (event loop) subscribes again now if the session is connected: the retry after a
-    refusal.
+    The event loop owns it. The network thread reports the connection
+    (:meth:`connected`, which subscribes every held topic, and :meth:`disconnected`)
+    and looks SUBACKs up (:meth:`topic_of`). The set of topics, whether the connection
+    is up and the message ids of SUBSCRIBEs in flight are shared under a lock.
+    ``resend(topic, qos)`` (event loop) subscribes again if the connection is up: the
+    retry after a refusal.
     """
 
     def __init__(self, rng: random.Random, resend: Callable[[str, int], None]) -> None:
@@ -56,9 +61,16 @@ class Subscriptions:
         self._mids: dict[int, str] = {}
         self._rng = rng
         self._resend = resend
+        #: CONNACK accepted and no disconnect since, as the network thread sees it.
+        self._online = False
 
     def __contains__(self, topic: object) -> bool:
         return topic in self._subs
+
+    @property
+    def online(self) -> bool:
+        """Whether SUBSCRIBE and UNSUBSCRIBE go out now (else: the next connect)."""
+        return self._online
 
     # ------------------------------------------ network thread (and event loop)
     def send(self, client: paho.Client, topic: str, qos: int) -> None:
@@ -68,9 +80,17 @@ class Subscriptions:
             if mid is not None:
                 self._mids[mid] = topic
 
-    def send_all(self, client: paho.Client) -> None:
-        for topic, sub in list(self._subs.items()):
-            self.send(client, topic, sub.qos)
+    def connected(self, client: paho.Client) -> None:
+        """The broker accepted the connection: subscribe every held topic."""
+        with self._lock:
+            self._online = True
+            held = [(topic, sub.qos) for topic, sub in self._subs.items()]
+        for topic, qos in held:
+            self.send(client, topic, qos)
+
+    def disconnected(self) -> None:
+        with self._lock:
+            self._online = False
 
     def topic_of(self, mid: int) -> str | None:
         """The topic a SUBACK answers (None: no SUBSCRIBE of ours)."""
@@ -78,22 +98,27 @@ class Subscriptions:
             return self._mids.pop(mid, None)
 
     # -------------------------------------------------------------- event loop
-    def hold(self, topic: str, qos: int) -> None:
-        if topic not in self._subs:
-            self._subs[topic] = _Sub(qos)
-        else:
-            self._subs[topic].fetch_only = False  # held for its own sake now
+    def hold(self, topic: str, qos: int) -> bool:
+        """Hold ``topic``; whether to SUBSCRIBE now (else the next connect does)."""
+        with self._lock:
+            if topic not in self._subs:
+                self._subs[topic] = _Sub(qos)
+            else:
+                self._subs[topic].fetch_only = False  # held for its own sake now
+            return self._online
 
     def drop(self, topic: str) -> bool:
-        """Forget ``topic`` (its waiters are cancelled); whether it was held."""
-        sub = self._subs.pop(topic, None)
+        """Forget ``topic`` (its waiters are cancelled); whether to UNSUBSCRIBE now."""
+        with self._lock:
+            sub = self._subs.pop(topic, None)
+            online = self._online
         if sub is None:
             return False
         for waiter in sub.waiters:
             waiter.cancel()
         if sub.retry is not None:
             sub.retry.cancel()
-        return True
+        return online
 
     def add_waiter(self, topic: str, waiter: asyncio.Future[bytes], *, fetch_only: bool) -> None:
         """``waiter`` gets the next payload on ``topic`` (held already). ``fetch_only``:

@@ -78,7 +78,7 @@ class MqttSession:
         self._rng = rng or random.Random()
         self._handoff: Handoff | None = None
         self._problems = Problems()
-        self._subs = Subscriptions(self._rng, resend=self._subscribe_now)
+        self._subs = Subscriptions(self._rng, resend=self._resubscribe)
         self._pending: dict[int, asyncio.Future[None]] = {}
         self.messages: asyncio.Queue[Message] = asyncio.Queue()
         self.connected = asyncio.Event()
@@ -127,6 +127,7 @@ class MqttSession:
             fut.cancel()
         self._pending.clear()
         self._subs.cancel_waiters()
+        self._subs.disconnected()  # also when stop() gave up waiting for the thread
         self.connected.clear()
 
     async def reconfigure(self, cfg: MqttConfig, client_id: str) -> None:
@@ -153,11 +154,12 @@ class MqttSession:
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Subscribe now (if connected) and again after every reconnect; a refused
         subscription is asked for again, with backoff."""
-        self._subs.hold(topic, qos)
-        self._subscribe_now(topic, qos)
+        if self._subs.hold(topic, qos):
+            self._subs.send(self._client, topic, qos)
+            self._net.poke()
 
     def unsubscribe(self, topic: str) -> None:
-        if self._subs.drop(topic) and self.connected.is_set():
+        if self._subs.drop(topic):
             self._client.unsubscribe(topic)
             self._net.poke()
 
@@ -225,19 +227,20 @@ class MqttSession:
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         post_or_drop(self._handoff, fn, *args)
 
-    def _subscribe_now(self, topic: str, qos: int) -> None:
-        """SUBSCRIBE if connected; else the next connect does (the registry's retry too)."""
-        if self.connected.is_set():
+    def _resubscribe(self, topic: str, qos: int) -> None:
+        """The registry's retry of a refused subscription (else the next connect)."""
+        if self._subs.online:
             self._subs.send(self._client, topic, qos)
             self._net.poke()
 
     # ------------------------------------- network thread (keep these tiny)
     def _on_connect(self, client: paho.Client) -> None:
         """A CONNACK accepted the connection (see :class:`NetLoop`)."""
-        self._subs.send_all(client)
+        self._subs.connected(client)
         self._call(self._connected_on_loop)
 
     def _on_disconnect(self) -> None:
+        self._subs.disconnected()
         self._call(self._disconnected_on_loop)
 
     def _on_subscribe(
