@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -23,9 +22,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.device.config import MqttConfig
+from agent.device.mqtt import client as mqtt_client
 from agent.errors import AgentError
 from agent.wire.protocol import Status, is_valid_id
 
@@ -36,6 +35,11 @@ MAX_RETRIES = 10
 ACK_TIMEOUT = 30.0
 #: Seconds to wait for our own documents to come back through the subscription.
 ECHO_TIMEOUT = 10.0
+#: What the tool changes in the agent's ``[mqtt]`` settings it connects with. Its
+#: session ends with it: a persistent one would leave state on the broker for every
+#: run (NATS: a JetStream consumer). And a release to a large fleet queues one desired
+#: document per device at once, so paho's queue is not capped.
+OPERATOR_SESSION = {"persistent_session": False, "max_queued": 0}
 
 
 class FleetError(AgentError):
@@ -87,7 +91,11 @@ class _Latest:
 
 
 class FleetClient:
-    """One operator connection (paho's own network thread; the CLI is synchronous)."""
+    """One operator connection (paho's own network thread; the CLI is synchronous).
+
+    The client is built, TLS included, by :mod:`agent.device.mqtt.client` from the
+    same ``[mqtt]`` settings as the agent's (with :data:`OPERATOR_SESSION`).
+    """
 
     def __init__(self, cfg: MqttConfig, client_id: str = "", *, connect: bool = True) -> None:
         self.cfg = cfg
@@ -96,20 +104,17 @@ class FleetClient:
         self._responses = {}
         self._watch: dict[str, list[bytes]] = {}
         self._cond = threading.Condition()
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"edge-fleet-{int(time.time() * 1000) % 10**9}",
-            protocol=paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311,
+        self._session_cfg = cfg.model_copy(update=OPERATOR_SESSION)
+        self.client = mqtt_client.build_client(
+            self._session_cfg,
+            client_id or f"edge-fleet-{int(time.time() * 1000) % 10**9}",
+            reconnect_on_failure=True,  # paho's loop_start thread reconnects
         )
-        if cfg.username is not None:
-            self.client.username_pw_set(cfg.username, cfg.resolved_password())
         if cfg.tls:
-            self.client.tls_set(
-                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-                certfile=str(cfg.cert_file) if cfg.cert_file else None,
-                keyfile=str(cfg.key_file) if cfg.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+            try:
+                mqtt_client.setup_tls(self.client, cfg)
+            except OSError as exc:  # a CA or key file missing or not PEM (ssl.SSLError)
+                raise FleetError(f"cannot set up TLS for {cfg.broker}: {exc}") from None
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self._subacks: dict[int, list[Any]] = {}
@@ -119,8 +124,8 @@ class FleetClient:
     # ------------------------------------------------------------ connection
     def connect(self) -> None:
         try:
-            self.client.connect(self.cfg.host, self.cfg.port, keepalive=30)
-        except OSError as exc:
+            mqtt_client.connect(self.client, self._session_cfg)
+        except OSError as exc:  # a TLS certificate that does not verify too
             raise FleetError(f"cannot connect to {self.cfg.broker}: {exc}") from None
         self.client.loop_start()
         try:

@@ -623,6 +623,51 @@ def _mqtt(broker: Broker) -> Any:
     return MqttConfig(broker=broker.url)
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_the_tool_leaves_no_session_on_the_broker(broker: Broker, protocol: str) -> None:
+    """The tool connects with the agent's [mqtt] settings, which ask for a persistent
+    session; its own must end with it (a session per run would pile up on the broker,
+    on NATS as JetStream consumers). A client that resumes its client id finds none."""
+    from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, Client, MQTTv5, MQTTv311
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent.device.config import MqttConfig
+
+    cfg = MqttConfig(broker=broker.url, protocol=protocol)
+    assert cfg.persistent_session
+    tool = await asyncio.to_thread(FleetClient, cfg, "op-session")
+    await asyncio.to_thread(tool.close)
+
+    def session_present() -> bool:
+        found: list[bool] = []
+        done = threading.Event()
+        v5 = protocol == "5"
+        probe = Client(
+            CallbackAPIVersion.VERSION2,
+            client_id="op-session",
+            protocol=MQTTv5 if v5 else MQTTv311,
+            clean_session=None if v5 else False,
+        )
+
+        def on_connect(_c: Any, _u: Any, flags: Any, _rc: Any, _p: Any) -> None:
+            found.append(bool(flags.session_present))
+            done.set()
+
+        probe.on_connect = on_connect
+        probe.connect(
+            "127.0.0.1", broker.port, clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY
+        )
+        probe.loop_start()
+        try:
+            assert done.wait(5), "no CONNACK"
+        finally:
+            probe.disconnect()
+            probe.loop_stop()
+        return found[0]
+
+    assert not await asyncio.to_thread(session_present)
+
+
 def _sig(key: Path, sha: str) -> dict[str, str]:
     from agent.wire.signing import load_private_key, sign
 
