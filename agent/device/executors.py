@@ -18,6 +18,7 @@ from typing import Any, assert_never
 
 import structlog
 
+from agent.device._logging import capture
 from agent.device.artifacts import ArtifactStore, Fetcher
 from agent.device.health import HealthWatch
 from agent.device.planner import (
@@ -40,7 +41,7 @@ from agent.device.revert import Reverter
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner, RunSpec
 from agent.device.state import Installed
-from agent.errors import IntegrityError
+from agent.errors import IntegrityError, StateError
 from agent.wire.bundle import read_bundle
 from agent.wire.manifest import Manifest
 from agent.wire.protocol import ArtifactKind, Status
@@ -140,6 +141,46 @@ class Executors:
         """Wait for the swaps and reverts a cancelled run left going."""
         while self._unfinished:
             await asyncio.gather(*self._unfinished, return_exceptions=True)
+
+    async def fail(
+        self,
+        flow_id: str,
+        target: Target,
+        reason: str,
+        *,
+        backoff: tuple[float, float],
+        device_id: str,
+        log_lines: int,
+    ) -> None:
+        """An attempt failed: ``failure``, with a retry after ``backoff`` (initial,
+        max; doubling per attempt) while retries are left; its deployment log."""
+        rec = self.records[flow_id]
+        initial, cap = backoff
+        delay = min(cap, initial * 2 ** max(0, rec.attempts - 1))
+        left = target.retries - rec.attempts + 1
+        if left > 0:
+            log.warning(
+                "deployment attempt failed; will retry",
+                error=reason,
+                attempt=rec.attempts,
+                retry_in_s=round(delay, 1),
+                retries_left=left,
+            )
+        else:
+            log.error("deployment failed; retries spent", error=reason, attempt=rec.attempts)
+        rec = self.records.transition(
+            flow_id,
+            Status.FAILURE,
+            error=reason,
+            inflight=None,
+            next_retry_at=time.time() + delay if left > 0 else None,
+        )
+        try:
+            await self.persist()
+        except StateError as exc:  # e.g. disk full: report it, don't take the agent down
+            log.error("cannot persist the failure", error=str(exc))
+        self.reporter.deployment_log(flow_id, rec, capture.take(device_id, flow_id))
+        capture.start(device_id, flow_id, log_lines)
 
     async def _set_status(self, step: SetStatus) -> None:
         if step.status == Status.REMOVED:  # never installed: still drop what it left

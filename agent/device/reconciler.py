@@ -38,7 +38,6 @@ from agent.device.planner import (
     Defer,
     Download,
     Step,
-    Target,
     Wait,
     flow_id_of,
     plan,
@@ -54,7 +53,7 @@ from agent.device.state import (
     StateStore,
     serialise,
 )
-from agent.errors import AgentError, StateError
+from agent.errors import AgentError
 from agent.wire.protocol import DesiredState, Status
 from agent.wire.signing import Trust
 
@@ -320,42 +319,21 @@ class Reconciler:
                 log.exception("internal error in reconcile step", steps=chain.steps)
             reason = str(exc) if isinstance(exc, AgentError) else f"internal error: {exc!r}"
             if target is not None:
-                await self._fail(flow_id, target, reason)
+                rc = self.cfg.reconcile
+                await self.executors.fail(
+                    flow_id,
+                    target,
+                    reason,
+                    backoff=(rc.retry_backoff_initial, rc.retry_backoff_max),
+                    device_id=self.device_id,
+                    log_lines=rc.log_lines,
+                )
             else:
                 log.error("step failed", error=reason)
         finally:
             self._active.pop(flow_id, None)
             if target is not None:
                 capture.take(self.device_id, flow_id)
-
-    async def _fail(self, flow_id: str, target: Target, reason: str) -> None:
-        rec = self.state.flows[flow_id]
-        rc = self.cfg.reconcile
-        delay = min(rc.retry_backoff_max, rc.retry_backoff_initial * 2 ** max(0, rec.attempts - 1))
-        left = target.retries - rec.attempts + 1
-        if left > 0:
-            log.warning(
-                "deployment attempt failed; will retry",
-                error=reason,
-                attempt=rec.attempts,
-                retry_in_s=round(delay, 1),
-                retries_left=left,
-            )
-        else:
-            log.error("deployment failed; retries spent", error=reason, attempt=rec.attempts)
-        rec = self.records.transition(
-            flow_id,
-            Status.FAILURE,
-            error=reason,
-            inflight=None,
-            next_retry_at=time.time() + delay if left > 0 else None,
-        )
-        try:
-            await self.persist()
-        except StateError as exc:  # e.g. disk full: report it, don't take the agent down
-            log.error("cannot persist the failure", error=str(exc))
-        self.reporter.deployment_log(flow_id, rec, capture.take(self.device_id, flow_id))
-        capture.start(self.device_id, flow_id, self.cfg.reconcile.log_lines)
 
     async def close(self) -> None:
         await self.health.close()
