@@ -401,3 +401,60 @@ def stdout_flood(lines: int) -> bytes:
         extra="",
         imports=_FD_WRITE,
     )
+
+
+_DEFER = '(import "edge" "defer_update" (func $defer (param i32) (result i32)))'
+
+
+def versioned_flow(
+    tag: str,
+    *,
+    trap_from_tick: int = 0,
+    defer_on_startup: int | None = None,
+    defer_on_tick: int | None = None,
+    spin_on_startup_ms: int = 0,
+) -> bytes:
+    """An edge flow that answers every command with ``tag`` (``edge.respond``, plain
+    text), so a command tells which version runs.
+
+    ``trap_from_tick``: interval ticks are counted in linear memory (address 800) and
+    the handler executes ``unreachable`` from that tick on (0: never traps).
+    ``defer_on_startup`` / ``defer_on_tick``: call ``edge.defer_update(seconds)`` on
+    the startup event / on every interval tick. ``spin_on_startup_ms``: the startup
+    event computes (spins on the WASI monotonic clock) that long.
+    """
+    startup = ""
+    if defer_on_startup is not None:
+        startup += f"(drop (call $defer (i32.const {defer_on_startup})))"
+    if spin_on_startup_ms:
+        startup += f"""
+      (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 808)))
+      (i64.store (i32.const 816)
+        (i64.add (i64.load (i32.const 808)) (i64.const {spin_on_startup_ms * 1_000_000})))
+      (loop $spin
+        (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 808)))
+        (br_if $spin (i64.lt_u (i64.load (i32.const 808)) (i64.load (i32.const 816)))))"""
+    tick = ""
+    if defer_on_tick is not None:
+        tick += f"(drop (call $defer (i32.const {defer_on_tick})))"
+    if trap_from_tick:
+        tick += f"""
+      (i32.store (i32.const 800) (i32.add (i32.load (i32.const 800)) (i32.const 1)))
+      (if (i32.ge_u (i32.load (i32.const 800)) (i32.const {trap_from_tick}))
+        (then unreachable))"""
+    imports = ""
+    if defer_on_startup is not None or defer_on_tick is not None:
+        imports += _DEFER
+    if spin_on_startup_ms:
+        imports += _CLOCK
+    tag_bytes = tag.encode()
+    return edge_flow(
+        f"""
+    (if (i32.eq (local.get $kind) (i32.const 1)) (then {startup} (nop)))
+    (if (i32.eq (local.get $kind) (i32.const 2)) (then {tick} (nop)))
+    (if (i32.eq (local.get $kind) (i32.const 3)) (then
+      (drop (call $respond (i32.const 1200) (i32.const {len(tag_bytes)})))))
+    """,
+        {1200: tag},
+        imports=imports,
+    )
