@@ -196,6 +196,8 @@ class Executors:
             deployment_id=step.deployment_id,
             inflight=None,
             next_retry_at=None,
+            reverted=False,
+            no_retry=False,
             **changes,  # type: ignore[arg-type]
         )
         await self.persist()
@@ -227,7 +229,9 @@ class Executors:
     async def _defer(self, step: Defer) -> None:
         t = step.target
         rec = self.records.get(t.flow_id)
-        same = rec is not None and rec.target == t.key
+        # The defer budget counts from the first hold of this kind (same reason) for
+        # this target: waiting for the maintenance window does not use it up.
+        same = rec is not None and rec.target == t.key and rec.error == step.reason
         since = rec.deferred_since if same and rec is not None else None
         self.records.transition(
             t.flow_id,

@@ -144,8 +144,9 @@ class HealthWatch:
                 return
             why = "revert is off" if rec.previous is not None else "no previous version"
             log.error("deployment failed its health window", flow_id=flow_id, error=reason)
-            self.records.health_failed(flow_id, f"{reason} ({why}; it stays installed)")
+            rec = self.records.health_failed(flow_id, f"{reason} ({why}; it stays installed)")
             self._persist()
+            self.reverter.publish_log(flow_id, rec)
 
     # ------------------------------------------------------------ tasks
     def _spawn(self, fn: Callable[..., object], *args: object) -> None:

@@ -316,7 +316,11 @@ def _plan_abort(
             generation,
             desired_version=spec.version,
             deployment_id=deployment_id,
-            error=f"deployment {deployment_id} aborted before it activated here",
+            error=(
+                f"deployment {deployment_id} aborted; it had been reverted already"
+                if rec is not None and rec.reverted and rec.deployment_id == deployment_id
+                else f"deployment {deployment_id} aborted before it activated here"
+            ),
         )
     ]
 

@@ -239,6 +239,9 @@ class FlowRecords(Mapping[str, FlowRecord]):
             inflight=None,
             attempts=0,
             next_retry_at=None,
+            reverted=False,
+            no_retry=False,
+            probation_until=None,
         )
 
     def lost(self, flow_id: str, reason: str) -> FlowRecord:

@@ -19,6 +19,7 @@ from agent.device._logging import capture
 from agent.device.local import LocalStore
 from agent.device.records import FlowRecords
 from agent.device.reporter import Reporter
+from agent.device.state import FlowRecord
 from agent.errors import AgentError
 from agent.wire.protocol import Status
 
@@ -87,7 +88,10 @@ class Reverter:
                 )
             self.records.settled(flow_id)
             await self.persist()
-            self.reporter.deployment_log(
-                flow_id, rec, capture.recent(self.device_id, flow_id, self.log_lines)
-            )
+            self.publish_log(flow_id, rec)
             return True
+
+    def publish_log(self, flow_id: str, rec: FlowRecord) -> None:
+        """The deployment log of a failed version: the flow's recent log lines."""
+        lines = capture.recent(self.device_id, flow_id, self.log_lines)
+        self.reporter.deployment_log(flow_id, rec, lines)

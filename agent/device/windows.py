@@ -19,6 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from agent.device.planner import Hold, HoldFn
 from agent.device.state import FlowRecord
 
+#: The reason a defer request holds an install back (the state's ``error``).
+DEFER_REASON = "the running version asked to defer updates"
 _HHMM = r"([01]\d|2[0-3]):([0-5]\d)"
 MAINTENANCE_WINDOW_PATTERN = rf"^{_HHMM}-{_HHMM}$"
 _WINDOW_RE = re.compile(MAINTENANCE_WINDOW_PATTERN)
@@ -92,10 +94,13 @@ class UpdatePolicy:
             until = defer_until(flow_id)
             if until is None or until <= now:
                 return None
-            since = rec.deferred_since if rec is not None and rec.deferred_since else now
+            # Counted from the first defer hold (a wait for the window does not count).
+            since = now
+            if rec is not None and rec.error == DEFER_REASON and rec.deferred_since is not None:
+                since = rec.deferred_since
             limit = since + self.max_defer_s
             if now >= limit:
                 return None  # deferred long enough: the install goes ahead
-            return Hold(min(until, limit), "the running version asked to defer updates")
+            return Hold(min(until, limit), DEFER_REASON)
 
         return hold

@@ -247,10 +247,6 @@ async def test_revert_off_keeps_the_failing_version(
     assert agent.host.running["f1"].version == "v2"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HealthWatch._fail publishes no deployment log when the failing version stays",
-)
 async def test_a_health_failure_without_revert_publishes_a_deployment_log(
     op: Operator, artifact_server: ArtifactServer, running_agent: Any, make_config: MakeConfig
 ) -> None:
@@ -605,10 +601,6 @@ async def test_agent_artifact_exports_what_runs(
 # --------------------------------------------------------------------- bugs found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SetStatus verdicts (already-installed, removed, ...) keep a stale reverted: true",
-)
 async def test_a_new_deployment_after_a_revert_is_not_reported_reverted(
     op: Operator, artifact_server: ArtifactServer, running_agent: Any, make_config: MakeConfig
 ) -> None:
@@ -637,10 +629,6 @@ async def test_a_new_deployment_after_a_revert_is_not_reported_reverted(
     assert f1["reverted"] is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a maintenance-window hold starts the max_defer_s budget: defer is then ignored",
-)
 async def test_a_maintenance_window_wait_does_not_use_up_the_defer_budget(
     op: Operator, artifact_server: ArtifactServer, running_agent: Any, make_config: MakeConfig
 ) -> None:

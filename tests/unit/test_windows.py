@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.device.state import FlowRecord
-from agent.device.windows import MaintenanceWindow, UpdatePolicy
+from agent.device.windows import DEFER_REASON, MaintenanceWindow, UpdatePolicy
 
 
 def at(text: str, zone: str = "UTC") -> float:
@@ -103,6 +103,14 @@ def test_hold_for_a_defer_request_is_bounded(
     defer_until: float | None, deferred_since: float | None, expected_until: float | None
 ) -> None:
     hold = UpdatePolicy(None, max_defer_s=3600).hold_fn(lambda _f: defer_until)
-    rec = FlowRecord(deferred_since=deferred_since)
+    rec = FlowRecord(deferred_since=deferred_since, error=DEFER_REASON)
     held = hold("f", rec, NOW)
     assert (held.until if held else None) == expected_until
+
+
+def test_waiting_for_the_window_does_not_use_up_the_defer_budget() -> None:
+    hold = UpdatePolicy(None, max_defer_s=60).hold_fn(lambda _f: NOW + 30)
+    waited_for_window = FlowRecord(deferred_since=NOW - 7200, error="waiting for the window")
+    held = hold("f", waited_for_window, NOW)
+    assert held is not None
+    assert held.until == NOW + 30
