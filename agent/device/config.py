@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from agent.device.runtime.eea_settings import LOSANT_ID_PATTERN, EEADefaults
-from agent.device.windows import MAINTENANCE_WINDOW_PATTERN, MaintenanceWindow, zone_error
+from agent.device.windows import MaintenanceWindow, zone_error
 from agent.errors import ConfigError
 from agent.wire.protocol import ID_RULE, is_valid_id
 
@@ -259,7 +259,7 @@ class UpdatesConfig(BaseModel):
 
     model_config = _Strict
 
-    maintenance_window: Annotated[str, Field(pattern=MAINTENANCE_WINDOW_PATTERN)] | None = Field(
+    maintenance_window: str | None = Field(
         None,
         description='Daily "HH:MM-HH:MM" (may wrap midnight) outside which installs wait; '
         "unset: any time. Removals never wait.",
@@ -276,11 +276,12 @@ class UpdatesConfig(BaseModel):
         zone_error(name)
         return name
 
-    @model_validator(mode="after")
-    def _window_parses(self) -> UpdatesConfig:
-        if self.maintenance_window is not None:
-            MaintenanceWindow.parse(self.maintenance_window, self.timezone)
-        return self
+    @field_validator("maintenance_window")
+    @classmethod
+    def _window_parses(cls, text: str | None) -> str | None:
+        if text is not None:
+            MaintenanceWindow.parse(text)  # (its time zone is checked on its own)
+        return text
 
 
 class OutboxConfig(BaseModel):
