@@ -25,6 +25,7 @@ from agent.device.records import FlowRecords
 from agent.device.revert import Reverter
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner, Health
+from agent.device.state import FlowRecord
 from agent.wire.protocol import Status
 
 log = structlog.get_logger("agent.device.health")
@@ -113,14 +114,13 @@ class HealthWatch:
         flow_id = runner.flow_id
         rec = self.records.get(flow_id)
         if (
-            rec is None
-            or rec.probation_until is None
-            or rec.status not in ACTIVE
-            or rec.installed is None
+            not _on_probation(rec)
             or self.host.running.get(flow_id) is not runner
             or runner.state.health not in FAILING
         ):
             return
+        assert rec is not None
+        assert rec.installed is not None
         reason = (
             f"version {rec.installed.version} failed within its health window: "
             f"{runner.state.last_error or runner.state.health.value}"
@@ -130,13 +130,9 @@ class HealthWatch:
     async def _fail(self, flow_id: str, sha256: str, reason: str) -> None:
         async with self._exclusive():
             rec = self.records.get(flow_id)
-            if (
-                rec is None
-                or rec.probation_until is None
-                or rec.status not in ACTIVE
-                or rec.installed is None
-                or rec.installed.sha256 != sha256
-            ):
+            if not _on_probation(rec) or rec is None or rec.installed is None:
+                return
+            if rec.installed.sha256 != sha256:
                 return  # something else happened first (a new deployment, a removal)
             self._cancel_timer(flow_id)
             if rec.revert_on_failure and rec.previous is not None:
@@ -168,3 +164,13 @@ class HealthWatch:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _on_probation(rec: FlowRecord | None) -> bool:
+    """Whether ``rec``'s installed version is in its health window."""
+    return (
+        rec is not None
+        and rec.probation_until is not None
+        and rec.status in ACTIVE
+        and rec.installed is not None
+    )
