@@ -266,11 +266,12 @@ class Agent:
             cfg = _with_options(cfg, {k: _option(old, k) for k in kept})
         self.cfg = cfg
         self.reconciler.cfg = cfg
-        if trust.policy != self.reconciler.trust.policy:
-            await self.reconciler.set_trust(trust)
         await self.apply(derive(cfg))
         self.reporter.device_type = cfg.device_type
-        self.reconciler.trigger()  # e.g. a new device_type: re-judge deviceTypes
+        if trust.policy != self.reconciler.trust.policy:
+            await self.reconciler.set_trust(trust)  # (and reconsiders)
+        else:
+            await self.reconciler.reconsider()  # e.g. a new device_type: other artifacts
         log.info("configuration reloaded")
         self.notifier.ready(self._status_line())
 

@@ -41,6 +41,7 @@ from agent.device.revert import Reverter
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner, RunSpec
 from agent.device.state import Installed
+from agent.device.windows import DEFER_REASON
 from agent.errors import IntegrityError, StateError
 from agent.wire.bundle import read_bundle
 from agent.wire.manifest import Manifest
@@ -229,10 +230,12 @@ class Executors:
     async def _defer(self, step: Defer) -> None:
         t = step.target
         rec = self.records.get(t.flow_id)
-        # The defer budget counts from the first hold of this kind (same reason) for
-        # this target: waiting for the maintenance window does not use it up.
-        same = rec is not None and rec.target == t.key and rec.error == step.reason
+        # The defer budget counts from the first defer hold of this target; waiting
+        # for the maintenance window neither starts nor resets it.
+        same = rec is not None and rec.target == t.key
         since = rec.deferred_since if same and rec is not None else None
+        if since is None and step.reason == DEFER_REASON:
+            since = time.time()
         self.records.transition(
             t.flow_id,
             Status.PENDING,
@@ -243,7 +246,7 @@ class Executors:
             error=step.reason,
             inflight=None,
             next_retry_at=None,
-            deferred_since=since if since is not None else time.time(),
+            deferred_since=since,
             deferred_until=step.until,
         )
         log.info("install held back", version=t.version, reason=step.reason)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import datetime
 
 import structlog
 
@@ -26,7 +27,7 @@ from agent.device.revert import Reverter
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner, Health
 from agent.device.state import FlowRecord
-from agent.wire.protocol import Status
+from agent.wire.protocol import MAX_HEALTH_WINDOW_S, Status
 
 log = structlog.get_logger("agent.device.health")
 
@@ -51,18 +52,20 @@ class HealthWatch:
         host: FlowHost,
         reverter: Reverter,
         persist: Callable[[], object],
-        exclusive: Callable[[], AbstractAsyncContextManager[object]],
+        flow_lock: Callable[[str], AbstractAsyncContextManager[object]],
         defaults: HealthDefaults,
     ) -> None:
         self.records = records
         self.host = host
         self.reverter = reverter
         self._persist = persist  # fire-and-forget, ordered (Reconciler.persist_soon)
-        #: Held while deciding and reverting, so no reconcile run starts meanwhile.
-        self._exclusive = exclusive
+        #: A flow's lock, held by a reconcile run while it works on the flow: a
+        #: verdict (and a revert) never interleaves with a run's steps for that flow.
+        self._flow_lock = flow_lock
         self.defaults = defaults
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reverts: set[asyncio.Future[bool]] = set()
 
     def window(self, entry_window: float | None, entry_revert: bool | None) -> tuple[float, bool]:
         window = self.defaults.window_s if entry_window is None else entry_window
@@ -76,13 +79,20 @@ class HealthWatch:
         rec = self.records.get(flow_id)
         if rec is None or rec.probation_until is None:
             return
-        delay = max(0.0, rec.probation_until - time.time())
+        # (bounded: a wall clock set far ahead, e.g. no RTC at boot, must not make a
+        # probation last for years)
+        delay = min(MAX_HEALTH_WINDOW_S, max(0.0, rec.probation_until - time.time()))
         loop = asyncio.get_running_loop()
         self._timers[flow_id] = loop.call_later(delay, self._spawn, self._end, flow_id)
 
     def resume(self) -> None:
-        """After a restart: every saved probation goes on until its end time."""
-        for flow_id in list(self.records):
+        """After a restart: a version still on probation has not been seen running
+        since, so it gets its whole window again (from now)."""
+        now = time.time()
+        for flow_id, rec in list(self.records.items()):
+            if rec.probation_until is not None and rec.installed is not None:
+                window = rec.probation_until - _epoch(rec.installed.installed_at, now)
+                self.records.on_probation(flow_id, now + min(MAX_HEALTH_WINDOW_S, window))
             self.watch(flow_id)
 
     def _cancel_timer(self, flow_id: str) -> None:
@@ -91,7 +101,7 @@ class HealthWatch:
             timer.cancel()
 
     async def _end(self, flow_id: str) -> None:
-        async with self._exclusive():
+        async with self._flow_lock(flow_id):
             self._timers.pop(flow_id, None)
             rec = self.records.get(flow_id)
             if rec is None or rec.probation_until is None:
@@ -99,12 +109,13 @@ class HealthWatch:
             if rec.probation_until > time.time():  # re-armed meanwhile
                 self.watch(flow_id)
                 return
-            self.records.healthy(flow_id)
-            log.info(
-                "version is healthy: its health window ended",
-                flow_id=flow_id,
-                version=rec.installed.version if rec.installed else None,
-            )
+            self.records.healthy(flow_id)  # (the probation is over)
+            if rec.status in ACTIVE:  # (else a new deployment took over: no verdict)
+                log.info(
+                    "version is healthy: its health window ended",
+                    flow_id=flow_id,
+                    version=rec.installed.version if rec.installed else None,
+                )
             self._persist()
 
     # ------------------------------------------------------------ failures
@@ -128,7 +139,7 @@ class HealthWatch:
         self._spawn(self._fail, flow_id, rec.installed.sha256, reason)
 
     async def _fail(self, flow_id: str, sha256: str, reason: str) -> None:
-        async with self._exclusive():
+        async with self._flow_lock(flow_id):
             rec = self.records.get(flow_id)
             if not _on_probation(rec) or rec is None or rec.installed is None:
                 return
@@ -136,7 +147,13 @@ class HealthWatch:
                 return  # something else happened first (a new deployment, a removal)
             self._cancel_timer(flow_id)
             if rec.revert_on_failure and rec.previous is not None:
-                await self.reverter.revert(flow_id, sha256, Status.FAILURE, reason)
+                # Shielded: once begun, a revert completes (close() waits for it).
+                revert = asyncio.ensure_future(
+                    self.reverter.revert(flow_id, sha256, Status.FAILURE, reason)
+                )
+                self._reverts.add(revert)
+                revert.add_done_callback(self._reverts.discard)
+                await asyncio.shield(revert)
                 return
             why = "revert is off" if rec.previous is not None else "no previous version"
             log.error("deployment failed its health window", flow_id=flow_id, error=reason)
@@ -163,7 +180,7 @@ class HealthWatch:
         self._timers.clear()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._reverts, return_exceptions=True)
 
 
 def _on_probation(rec: FlowRecord | None) -> bool:
@@ -174,3 +191,10 @@ def _on_probation(rec: FlowRecord | None) -> bool:
         and rec.status in ACTIVE
         and rec.installed is not None
     )
+
+
+def _epoch(iso: str, default: float) -> float:
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return default

@@ -128,7 +128,7 @@ class DesiredIntake:
             flows=len(desired.flows),
             invalid=len(desired.invalid),
         )
-        self._mark_pending(desired, self.records)
+        self.mark_pending(desired)
         try:
             await self._persist()  # with what the superseded run left
         except StateError as exc:
@@ -156,10 +156,12 @@ class DesiredIntake:
         """A copy of ``state`` that has taken ``desired`` in (announces nothing)."""
         copy = state.model_copy(deep=True)
         copy.desired_raw, copy.generation, copy.rejected = text, desired.generation, None
-        self._mark_pending(desired, FlowRecords(copy))
+        self.mark_pending(desired, FlowRecords(copy))
         return copy
 
-    def _mark_pending(self, desired: DesiredState, records: FlowRecords) -> None:
+    def mark_pending(self, desired: DesiredState, records: FlowRecords | None = None) -> None:
+        """``pending`` for every flow whose target ``desired`` changes."""
+        records = records if records is not None else self.records
         for step in plan(desired, records, device_type=self.cfg.device_type, now=time.time()):
             if isinstance(step, Download):
                 t = step.target

@@ -248,6 +248,9 @@ def plan_flow(
         ]
     target = Target.from_spec(flow_id, spec, artifact, generation)
 
+    if rec is not None and rec.target == target.key and rec.no_retry:
+        return []  # failed for good (its health window): even if it is what runs
+
     if (
         rec is not None
         and installed_matches(rec.installed, spec, artifact)
@@ -267,7 +270,7 @@ def plan_flow(
         ]
 
     if rec is not None and rec.target == target.key and rec.status == Status.FAILURE:
-        if rec.no_retry or rec.attempts > spec.retries:
+        if rec.attempts > spec.retries:
             return []  # wait for a new desired document (or a new deploymentId)
         if rec.next_retry_at is not None and now < rec.next_retry_at:
             return [Wait(flow_id, rec.next_retry_at)]

@@ -60,6 +60,7 @@ from agent.wire.signing import Trust
 log = structlog.get_logger("agent.device.reconciler")
 
 MAX_RUNS_WITHOUT_TRIGGER = 10
+MIN_WAKE_S = 0.01
 IN_PROGRESS = frozenset({Status.PENDING, Status.DOWNLOADING, Status.INSTALLING})
 
 
@@ -103,6 +104,7 @@ class Reconciler:
         #: document whose intent is not yet on disk (or was refused for it).
         self._intake_lock = asyncio.Lock()
         self._run_task: asyncio.Task[None] | None = None
+        self._flow_locks: dict[str, asyncio.Lock] = {}
         self._active: dict[str, str] = {}
         self._writer = _SerialWriter()
         #: Called on every status change (the Losant profile says hello after a load).
@@ -124,7 +126,7 @@ class Reconciler:
             host,
             self.reverter,
             self.persist_soon,
-            lambda: self._intake_lock,
+            self.flow_lock,
             health_defaults(cfg),
         )
         #: ``[updates]``: the maintenance window and the bound on defer requests.
@@ -140,6 +142,13 @@ class Reconciler:
             reverter=self.reverter,
             health=self.health,
         )
+
+    def flow_lock(self, flow_id: str) -> asyncio.Lock:
+        """Held by a run while it works on ``flow_id`` (and by health verdicts)."""
+        lock = self._flow_locks.get(flow_id)
+        if lock is None:
+            lock = self._flow_locks[flow_id] = asyncio.Lock()
+        return lock
 
     @property
     def cfg(self) -> AgentConfig:
@@ -162,8 +171,17 @@ class Reconciler:
         and stop an attempt in flight whose artifact the policy now refuses."""
         async with self._intake_lock:
             self.intake.set_trust(trust)
+        await self.reconsider()
+
+    async def reconsider(self) -> None:
+        """Judge the applied document again after a reload (a new device type picks
+        another artifact; a new policy refuses one): targets that changed are
+        ``pending`` first, and an attempt in flight for an old target stops."""
+        async with self._intake_lock:
             if self.desired is not None:
                 await self._supersede(self.desired)
+                self.intake.mark_pending(self.desired)
+                await self.persist()
         self.trigger()
 
     # ------------------------------------------------------------ desired in
@@ -253,7 +271,8 @@ class Reconciler:
         wake_at: float | None = None  # the earliest retry the last plan waits for
         self.trigger()
         while True:
-            timeout = None if wake_at is None else max(0.0, wake_at - time.time())
+            # (at least MIN_WAKE_S: a wait that is already due must not spin the loop)
+            timeout = None if wake_at is None else max(MIN_WAKE_S, wake_at - time.time())
             try:
                 await asyncio.wait_for(self._trigger.wait(), timeout)
                 self._trigger.clear()
@@ -305,9 +324,10 @@ class Reconciler:
             self._active[flow_id] = target.key
             capture.start(self.device_id, flow_id, self.cfg.reconcile.log_lines)
         try:
-            for step in steps:
-                chain.steps.append(type(step).__name__)
-                await self.executors.execute(step, chain)
+            async with self.flow_lock(flow_id):  # no health verdict in between
+                for step in steps:
+                    chain.steps.append(type(step).__name__)
+                    await self.executors.execute(step, chain)
         except asyncio.CancelledError:
             if chain.runner is not None and self.host.running.get(flow_id) is not chain.runner:
                 chain.runner.stop()

@@ -160,7 +160,9 @@ class FlowRecords(Mapping[str, FlowRecord]):
         flow is not broken any more, and the attempt is a ``success`` (on probation
         until ``probation_until``, when given)."""
         rec = self[flow_id]
-        if rec.installed is not None and rec.installed.sha256 != installed.sha256:
+        if rec.installed is None:
+            rec.previous = None  # a fresh install (or after a removal): nothing before it
+        elif not _same_version(rec.installed, installed):
             rec.previous = rec.installed
         rec.broken = False  # a new deployment gives a broken flow a fresh start
         rec.revert_on_failure = revert_on_failure
@@ -199,12 +201,23 @@ class FlowRecords(Mapping[str, FlowRecord]):
             **fields,
         )
 
+    def revert_failed(self, flow_id: str, status: Status, error: str) -> FlowRecord:
+        """:meth:`reverted` could not start the previous version: the failed one is
+        ``installed`` again (it is what runs), the attempt ends with ``status``."""
+        rec = self[flow_id]
+        rec.installed, rec.previous = rec.previous, rec.installed
+        return self.transition(flow_id, status, error=error, reverted=False, no_retry=True)
+
     def health_failed(self, flow_id: str, error: str) -> FlowRecord:
         """The installed version failed its health window and stays (nothing to go back
         to, or revert is off): ``failure``, not retried."""
         return self.transition(
             flow_id, Status.FAILURE, error=error, no_retry=True, probation_until=None
         )
+
+    def on_probation(self, flow_id: str, until: float) -> None:
+        """The installed version is on probation until ``until`` (again)."""
+        self._touch(flow_id, probation_until=until)
 
     def healthy(self, flow_id: str) -> None:
         """The installed version survived its health window."""
@@ -320,3 +333,14 @@ class FlowRecords(Mapping[str, FlowRecord]):
 
 def _version(rec: FlowRecord) -> str:
     return rec.installed.version if rec.installed is not None else "nothing"
+
+
+def _same_version(a: Installed, b: Installed) -> bool:
+    """Whether two installs run the same thing (bytes, kind, config, manifest)."""
+    return (a.version, a.sha256, a.kind, a.config, a.manifest) == (
+        b.version,
+        b.sha256,
+        b.kind,
+        b.config,
+        b.manifest,
+    )

@@ -223,4 +223,6 @@ def _health(rec: FlowRecord) -> FlowHealth | None:
         return None
     if rec.probation_until is not None:
         return FlowHealth(state=HealthState.PROBATION, until=_iso(rec.probation_until))
+    if rec.no_retry and not rec.reverted and rec.status == Status.FAILURE:
+        return FlowHealth(state=HealthState.FAILED)
     return FlowHealth(state=HealthState.HEALTHY)

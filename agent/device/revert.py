@@ -76,11 +76,11 @@ class Reverter:
             try:
                 await self.local.start(flow_id)
             except AgentError as exc:
+                # The failed version still runs (a swap happens only once the previous
+                # one started): the record says so, and that the revert failed.
                 log.error("the previous version could not start", flow_id=flow_id, error=str(exc))
-                rec = self.records.transition(
-                    flow_id,
-                    status,
-                    error=f"{rec.error}, which could not start: {exc}",
+                rec = self.records.revert_failed(
+                    flow_id, status, f"{reason}; going back to version {back.version} failed: {exc}"
                 )
             else:
                 log.info(

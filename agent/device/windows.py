@@ -64,14 +64,20 @@ class MaintenanceWindow:
         return t >= self.start or t < self.end
 
     def next_open(self, now: float) -> float:
-        """When the window next opens (epoch seconds, > now unless open now)."""
+        """When the window next opens (epoch seconds, > now unless open now). Local
+        times that a clock change skips or repeats are taken as the zone resolves
+        them; the result is never in the past."""
         if self.is_open(now):
             return now
-        local = datetime.fromtimestamp(now, ZoneInfo(self.zone))
-        candidate = datetime.combine(local.date(), self.start, local.tzinfo)
-        if candidate <= local:
-            candidate += timedelta(days=1)
-        return candidate.timestamp()
+        zone = ZoneInfo(self.zone)
+        day = datetime.fromtimestamp(now, zone).date()
+        for offset in range(3):
+            candidate = datetime.combine(day + timedelta(days=offset), self.start, zone)
+            for fold in (0, 1):  # a repeated hour (fall back) has two of each time
+                when = candidate.replace(fold=fold).timestamp()
+                if when > now:
+                    return when
+        return now + 86_400.0  # (unreachable: a day always holds the start time)
 
 
 @dataclass(frozen=True)
@@ -95,9 +101,9 @@ class UpdatePolicy:
             if until is None or until <= now:
                 return None
             # Counted from the first defer hold (a wait for the window does not count).
-            since = now
-            if rec is not None and rec.error == DEFER_REASON and rec.deferred_since is not None:
-                since = rec.deferred_since
+            # Counted from the first defer hold of this target; a wait for the window
+            # does not start it (nor, once started, stop it).
+            since = rec.deferred_since if rec is not None and rec.deferred_since else now
             limit = since + self.max_defer_s
             if now >= limit:
                 return None  # deferred long enough: the install goes ahead

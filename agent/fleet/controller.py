@@ -420,9 +420,12 @@ def place(current: Any, entry: dict[str, Any]) -> dict[str, Any]:
     """The flow's desired entry once ``entry`` is released over ``current``.
 
     A release for some device types (an entry with ``artifacts``) of the version
-    the entry already has adds to it: items for other types are kept, items for the
-    same types replaced (devices of the other types keep their artifact and report
-    ``already-installed``). Anything else replaces the entry."""
+    the entry already has adds to it: the released types are taken out of the items
+    that had them (an item left with no type goes), other types keep their artifact,
+    and the entry keeps its ``deploymentId``, so devices of the other types see no
+    change at all. An entry that named its types at the top (``deviceTypes`` with
+    one ``artifact``) becomes an item for those types. Anything else replaces the
+    entry."""
     items = entry.get("artifacts")
     if (
         not items
@@ -431,13 +434,23 @@ def place(current: Any, entry: dict[str, Any]) -> dict[str, Any]:
         or current.get("abort")
     ):
         return entry
-    types = {t for item in items for t in item.get("deviceTypes", ())}
-    kept = [
-        item
-        for item in current.get("artifacts") or []
-        if isinstance(item, dict) and not types & set(item.get("deviceTypes") or ())
-    ]
-    return {**current, **entry, "artifacts": [*kept, *items]}
+    released = {t for item in items for t in item.get("deviceTypes", ())}
+    existing = [i for i in current.get("artifacts") or [] if isinstance(i, dict)]
+    base = {k: v for k, v in current.items() if k not in ("artifact", "deviceTypes")}
+    if current.get("deviceTypes") and isinstance(current.get("artifact"), dict):
+        existing.append({"deviceTypes": current["deviceTypes"], **current["artifact"]})
+    elif isinstance(current.get("artifact"), dict):
+        base["artifact"] = current["artifact"]  # (serves every other type)
+    kept = []
+    for item in existing:
+        types = [t for t in item.get("deviceTypes") or () if t not in released]
+        if types:
+            kept.append({**item, "deviceTypes": types})
+    merged = {**base, **{k: v for k, v in entry.items() if k != "deploymentId"}}
+    merged["artifacts"] = [*kept, *items]
+    if "deploymentId" not in current and "deploymentId" in entry:
+        merged["deploymentId"] = entry["deploymentId"]
+    return merged
 
 
 def flow_status(dev: Device, flow_id: str) -> str | None:

@@ -338,11 +338,14 @@ class FlowRuntime(BaseModel):
 class HealthState(StrEnum):
     PROBATION = "probation"
     HEALTHY = "healthy"
+    #: It failed within its health window and stays installed (nothing to go back to).
+    FAILED = "failed"
 
 
 class FlowHealth(BaseModel):
     """Where the installed version stands after its install: on probation until
-    ``until`` (a failure then reverts it), or healthy."""
+    ``until`` (a failure then reverts it), healthy, or failed (within its window,
+    with nothing to go back to)."""
 
     model_config = _LENIENT
 

@@ -327,6 +327,47 @@ async def test_one_entry_gives_each_device_type_its_own_artifact(
 # --------------------------------------------------------------------- abort
 
 
+async def test_a_new_device_type_on_reload_installs_its_own_artifact(
+    op: Operator, artifact_server: ArtifactServer, running_agent: Any, make_config: MakeConfig
+) -> None:
+    """A reload that changes the device type picks the other build of the entry (it
+    used to raise IllegalTransition: success -> downloading, without pending)."""
+    cfg = make_config("dev1", device_type="gw-a")
+    agent: Agent = await running_agent(cfg)
+    for_a, for_b = wat.versioned_flow("built-for-a"), wat.versioned_flow("built-for-b")
+    a = flow(artifact_server, "v1a", for_a)["artifact"]
+    b = flow(artifact_server, "v1b", for_b)["artifact"]
+    op.publish(
+        DESIRED,
+        {
+            "generation": 1,
+            "flows": {
+                "f1": {
+                    "version": "v1",
+                    "artifacts": [{"deviceTypes": ["gw-a"], **a}, {"deviceTypes": ["gw-b"], **b}],
+                    "triggers": [ASK_VERSION],
+                }
+            },
+        },
+    )
+    await op.wait_for(STATE, flow_state("f1", status="success", currentVersion="v1"))
+    assert await running_version(op) == "built-for-a"
+    start = len(op.messages("edge/dev1/events"))
+    await agent.reload(cfg.model_copy(update={"device_type": "gw-b"}))
+    state = await op.wait_for(
+        STATE,
+        lambda d: (
+            flow_state("f1", status="success")(d)
+            and d["flows"]["f1"]["sha256"] == wat.sha256(for_b)
+        ),
+    )
+    assert state["flows"]["f1"]["previousSha256"] == wat.sha256(for_a)
+    assert await running_version(op) == "built-for-b"
+    statuses = [e["status"] for e in events_since(op, start)]
+    assert "failure" not in statuses, statuses
+    assert statuses[0] == "pending", statuses
+
+
 async def test_abort_before_activation_keeps_the_old_version(
     op: Operator, artifact_server: ArtifactServer, running_agent: Any, make_config: MakeConfig
 ) -> None:

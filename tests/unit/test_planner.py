@@ -249,6 +249,19 @@ CASES: list[tuple[str, dict[str, Any], dict[str, FlowRecord], list[str]]] = [
         },
         CHAIN,
     ),
+    (
+        "failed its health window and stays installed -> nothing (not already-installed)",
+        {"f": spec("v2", SHA2)},
+        {
+            "f": FlowRecord(
+                installed=installed("v2", SHA2),
+                status=Status.FAILURE,
+                target=key("v2", SHA2),
+                no_retry=True,
+            )
+        },
+        [],
+    ),
     # ------------------------------------------------------------ typed artifacts
     (
         "artifacts: one for this device type -> chain",

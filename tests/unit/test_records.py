@@ -110,3 +110,54 @@ def test_lost_and_broken_go_through_the_writer() -> None:
     assert (rec.status, rec.installed, rec.target) == (S.FAILURE, None, None)
     assert changes == [S.FAILURE]
     assert touched == ["f"]
+
+
+def _installed(version: str, sha: str = "a", **kw: object) -> Installed:
+    return Installed(version=version, sha256=sha * 64, **kw)  # type: ignore[arg-type]
+
+
+def test_previous_is_what_ran_before_and_nothing_after_a_removal() -> None:
+    state = PersistedState(flows={"f": FlowRecord(status=S.INSTALLING)})
+    records = FlowRecords(state)
+    records.activated("f", _installed("v1"))
+    assert state.flows["f"].previous is None
+    # The same bytes with another config are another version to go back from.
+    state.flows["f"].status = S.INSTALLING
+    records.activated("f", _installed("v1", config={"rate": 5}))
+    assert state.flows["f"].previous == _installed("v1")
+    records.removed("f", 3, None)
+    assert state.flows["f"].previous == _installed("v1", config={"rate": 5})
+    records.transition("f", S.PENDING)
+    records.transition("f", S.DOWNLOADING)
+    records.transition("f", S.INSTALLING)
+    records.activated("f", _installed("v3", "c"))
+    assert state.flows["f"].previous is None  # the removed version is never gone back to
+
+
+def test_a_revert_swaps_installed_and_previous_and_a_failed_one_swaps_back() -> None:
+    state = PersistedState(
+        flows={
+            "f": FlowRecord(
+                status=S.SUCCESS,
+                installed=_installed("v2", "b"),
+                previous=_installed("v1"),
+                probation_until=1.0,
+            )
+        }
+    )
+    records = FlowRecords(state)
+    rec = records.reverted("f", S.FAILURE, "v2 failed; reverted to version v1")
+    assert (rec.installed, rec.previous) == (_installed("v1"), _installed("v2", "b"))
+    assert (rec.reverted, rec.no_retry, rec.inflight, rec.probation_until) == (
+        True,
+        True,
+        "revert",
+        None,
+    )
+    rec = records.revert_failed("f", S.FAILURE, "v2 failed; going back to version v1 failed")
+    assert (rec.installed, rec.previous) == (_installed("v2", "b"), _installed("v1"))
+    assert (rec.reverted, rec.no_retry) == (False, True)
+    with pytest.raises(IllegalTransition, match="no previous version"):
+        FlowRecords(PersistedState(flows={"g": FlowRecord(status=S.SUCCESS)})).reverted(
+            "g", S.FAILURE, "x"
+        )

@@ -110,7 +110,18 @@ def test_hold_for_a_defer_request_is_bounded(
 
 def test_waiting_for_the_window_does_not_use_up_the_defer_budget() -> None:
     hold = UpdatePolicy(None, max_defer_s=60).hold_fn(lambda _f: NOW + 30)
-    waited_for_window = FlowRecord(deferred_since=NOW - 7200, error="waiting for the window")
+    # Held for the window for hours: deferred_until set, but no defer budget started.
+    waited_for_window = FlowRecord(deferred_until=NOW, error="waiting for the window")
     held = hold("f", waited_for_window, NOW)
     assert held is not None
     assert held.until == NOW + 30
+
+
+def test_next_open_in_the_repeated_hour_of_a_clock_change_is_not_in_the_past() -> None:
+    # 2026-10-25 in Berlin: 03:00 CEST goes back to 02:00 CET; 02:30 happens twice.
+    w = MaintenanceWindow.parse("02:30-04:00", "Europe/Berlin")
+    for minutes in range(0, 120, 5):
+        now = datetime(2026, 10, 25, 0, 0, tzinfo=UTC).timestamp() + minutes * 60
+        opens = w.next_open(now)
+        assert opens >= now, minutes
+        assert w.is_open(opens), minutes
