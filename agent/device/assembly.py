@@ -18,22 +18,22 @@ from agent.device._logging import configure_logging
 from agent.device.artifacts import ArtifactStore, Fetcher
 from agent.device.commands import CommandRouter
 from agent.device.config import AgentConfig
+from agent.device.deploy.local import LocalStore
+from agent.device.deploy.reconciler import Reconciler
+from agent.device.deploy.records import FlowRecords
+from agent.device.deploy.state import StateStore
 from agent.device.dispatch import Dispatcher
-from agent.device.local import LocalStore
 from agent.device.losant import LosantProfile
 from agent.device.mqtt import MqttSession, Will
 from agent.device.outbox import Outbox
 from agent.device.pacer import Pacer
 from agent.device.ports import CommandPort
 from agent.device.publisher import Publisher
-from agent.device.reconciler import Reconciler
-from agent.device.records import FlowRecords
 from agent.device.reporter import Reporter, offline_status
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner
 from agent.device.runtime.sandbox import Runtime
 from agent.device.settings import Settings
-from agent.device.state import StateStore
 from agent.wire.protocol import FlowRuntime
 from agent.wire.signing import Trust
 from agent.wire.topics import Topics

@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from agent import __version__
 from agent.device._logging import capture
+from agent.device.deploy.state import FlowRecord
 from agent.device.mqtt import Message
-from agent.device.state import FlowRecord
 from agent.errors import AgentError, ProtocolError
 from agent.wire._boundedjson import load as load_json
 from agent.wire.protocol import utc_now_iso

@@ -33,8 +33,8 @@ from pydantic import (
     model_validator,
 )
 
+from agent.device.deploy.windows import MaintenanceWindow, zone_error
 from agent.device.runtime.eea_settings import LOSANT_ID_PATTERN, EEADefaults
-from agent.device.windows import MaintenanceWindow, zone_error
 from agent.errors import ConfigError
 from agent.wire.protocol import ID_RULE, is_valid_id
 

@@ -24,12 +24,12 @@ import structlog
 from agent.device.assembly import Parts, assemble
 from agent.device.commands import CommandRouter
 from agent.device.config import AgentConfig
-from agent.device.local import LocalStore
+from agent.device.deploy.local import LocalStore
+from agent.device.deploy.reconciler import Reconciler
 from agent.device.losant import LosantProfile
 from agent.device.mqtt import MqttSession
 from agent.device.outbox import Outbox
 from agent.device.ports import LosantPort
-from agent.device.reconciler import Reconciler
 from agent.device.reporter import Reporter, offline_status
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner

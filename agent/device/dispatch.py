@@ -14,9 +14,9 @@ import asyncio
 import structlog
 
 from agent.device.commands import CommandRouter
+from agent.device.deploy.reconciler import Reconciler
 from agent.device.losant import LosantProfile
 from agent.device.mqtt import Message
-from agent.device.reconciler import Reconciler
 from agent.device.runtime.flows import FlowHost
 from agent.errors import AgentError
 from agent.wire.topics import Topics

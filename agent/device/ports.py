@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from agent.device.artifacts import ArtifactStore
 from agent.device.config import LosantConfig
-from agent.device.local import LocalStore
+from agent.device.deploy.local import LocalStore
+from agent.device.deploy.reconciler import Reconciler
 from agent.device.outbox import Outbox
-from agent.device.reconciler import Reconciler
 from agent.device.reporter import Reporter
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner

@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 import structlog
 
 from agent import __version__
+from agent.device.deploy.state import FlowRecord, PersistedState
 from agent.device.mqtt import MqttSession
 from agent.device.outbox import Outbox
-from agent.device.state import FlowRecord, PersistedState
 from agent.wire.protocol import (
     DeploymentLog,
     DeviceStatus,

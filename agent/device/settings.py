@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 from agent.device.artifacts import FetchLimits
 from agent.device.config import AgentConfig, LogConfig, MqttConfig
-from agent.device.health import HealthDefaults
+from agent.device.deploy.health import HealthDefaults
+from agent.device.deploy.windows import MaintenanceWindow, UpdatePolicy
 from agent.device.outbox import OutboxLimits
 from agent.device.pacer import PaceLimits
 from agent.device.runtime.eea_settings import EEADefaults
 from agent.device.runtime.runner import Supervision
 from agent.device.runtime.sandbox import Limits
-from agent.device.windows import MaintenanceWindow, UpdatePolicy
 
 #: Options a reload leaves as they were (logged as "needs a restart").
 NEEDS_RESTART: frozenset[str] = frozenset(

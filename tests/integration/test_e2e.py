@@ -314,7 +314,7 @@ async def test_state_disk_full_rejects_new_intent_and_keeps_running(
 ) -> None:
     """A state write that fails (disk full: injected, it cannot be caused portably)
     leaves the running flows alone, reports why, and nothing is half-applied."""
-    from agent.device.state import StateStore
+    from agent.device.deploy.state import StateStore
     from agent.errors import StateError
 
     agent: Agent = await running_agent()
@@ -350,7 +350,7 @@ async def test_state_write_failing_mid_deployment_is_a_flow_failure(
     running_agent: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from agent.device.state import StateStore
+    from agent.device.deploy.state import StateStore
     from agent.errors import StateError
 
     agent: Agent = await running_agent()
@@ -391,7 +391,7 @@ async def test_internal_error_on_one_message_does_not_stop_the_agent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A bug triggered by one message (injected) is logged; the next message works."""
-    from agent.device import intake
+    from agent.device.deploy import intake
 
     agent: Agent = await running_agent()
     real = intake.parse_desired

@@ -137,7 +137,7 @@ async def test_a_state_write_that_fails_anyway_is_a_flow_failure(
 ) -> None:
     """Defence in depth: if serialising the state fails, the flow fails with the reason,
     the file keeps the last good state, and the agent goes on."""
-    from agent.device import reconciler as reconciler_mod
+    from agent.device.deploy import reconciler as reconciler_mod
     from agent.errors import StateError
 
     agent: Agent = await running_agent()
@@ -188,7 +188,7 @@ async def test_no_work_starts_from_a_document_whose_intent_is_not_saved(
     disk, nor at all if saving fails. (Found as a flaky disk-full test.)"""
     import time
 
-    from agent.device.state import StateStore
+    from agent.device.deploy.state import StateStore
     from agent.errors import StateError
 
     agent: Agent = await running_agent()

@@ -12,8 +12,8 @@ from typing import Any
 from common import wait_until
 
 from agent.device.commands import CommandRouter
+from agent.device.deploy.state import FlowRecord, Installed
 from agent.device.mqtt import Message
-from agent.device.state import FlowRecord, Installed
 from agent.wire.protocol import Status
 
 

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.device.health import HealthDefaults, HealthWatch
-from agent.device.records import FlowRecords
-from agent.device.state import FlowRecord, Installed, PersistedState
+from agent.device.deploy.health import HealthDefaults, HealthWatch
+from agent.device.deploy.records import FlowRecords
+from agent.device.deploy.state import FlowRecord, Installed, PersistedState
 from agent.wire.protocol import Status
 
 

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from agent.device._fsutil import child_path
 from agent.device.artifacts import ArtifactStore
 from agent.device.commands import Command, MalformedCommand, parse_command
-from agent.device.records import FlowRecords
-from agent.device.state import FlowRecord, Installed, PersistedState, StateStore, serialise
+from agent.device.deploy.records import FlowRecords
+from agent.device.deploy.state import FlowRecord, Installed, PersistedState, StateStore, serialise
 from agent.errors import ArtifactError, ProtocolError, UnsafePath
 from agent.wire._boundedjson import MAX_DEPTH, load
 from agent.wire.bundle import BundleError, read_bundle

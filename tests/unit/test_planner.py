@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from agent.device.planner import (
+from agent.device.deploy.planner import (
     Activate,
     Download,
     Forget,
@@ -18,7 +18,7 @@ from agent.device.planner import (
     Wait,
     plan,
 )
-from agent.device.state import FlowRecord, Installed, target_key
+from agent.device.deploy.state import FlowRecord, Installed, target_key
 from agent.wire.protocol import FlowSpec, Status, parse_desired
 
 SHA1 = "1" * 64

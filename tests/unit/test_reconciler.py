@@ -36,12 +36,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.device.artifacts import ArtifactStore, Fetcher, Progress
 from agent.device.config import AgentConfig
-from agent.device.reconciler import Reconciler
-from agent.device.records import FlowRecords
+from agent.device.deploy.reconciler import Reconciler
+from agent.device.deploy.records import FlowRecords
+from agent.device.deploy.state import PersistedState, StateStore
 from agent.device.reporter import Reporter
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import RunSpec
-from agent.device.state import PersistedState, StateStore
 from agent.errors import (
     AgentError,
     ArtifactError,

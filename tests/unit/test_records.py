@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.device.records import TRANSITIONS, FlowRecords, IllegalTransition
-from agent.device.state import FlowRecord, Installed, PersistedState
+from agent.device.deploy.records import TRANSITIONS, FlowRecords, IllegalTransition
+from agent.device.deploy.state import FlowRecord, Installed, PersistedState
 from agent.wire.protocol import Status
 
 S = Status

@@ -6,8 +6,8 @@ import asyncio
 import json
 from typing import Any
 
+from agent.device.deploy.state import FlowRecord, Installed, PersistedState
 from agent.device.reporter import Reporter
-from agent.device.state import FlowRecord, Installed, PersistedState
 from agent.wire.protocol import Status
 from agent.wire.topics import Topics
 

@@ -12,8 +12,8 @@ import pytest
 from common import REPO
 
 from agent.device._fsutil import atomic_write
-from agent.device.records import FlowRecords
-from agent.device.state import FlowRecord, Installed, PersistedState, StateStore
+from agent.device.deploy.records import FlowRecords
+from agent.device.deploy.state import FlowRecord, Installed, PersistedState, StateStore
 from agent.wire.protocol import Status
 
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.device.state import FlowRecord
-from agent.device.windows import DEFER_REASON, MaintenanceWindow, UpdatePolicy
+from agent.device.deploy.state import FlowRecord
+from agent.device.deploy.windows import DEFER_REASON, MaintenanceWindow, UpdatePolicy
 
 
 def at(text: str, zone: str = "UTC") -> float:

@@ -1,7 +1,7 @@
 """When an install may happen: the maintenance window and flows' defer requests.
 
 :class:`UpdatePolicy` turns both into the planner's ``hold`` (see
-:data:`agent.device.planner.HoldFn`): an install that may not start now is held
+:data:`agent.device.deploy.planner.HoldFn`): an install that may not start now is held
 back until the window opens, or until the running version's defer request ends.
 Both are bounded: a daily window opens within a day, and defer requests hold one
 deployment back for at most ``max_defer_s`` in total (counted from the first hold).
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.device.planner import Hold, HoldFn
-from agent.device.state import FlowRecord
+from agent.device.deploy.planner import Hold, HoldFn
+from agent.device.deploy.state import FlowRecord
 
 #: The reason a defer request holds an install back (the state's ``error``).
 DEFER_REASON = "the running version asked to defer updates"

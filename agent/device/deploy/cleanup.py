@@ -14,11 +14,11 @@ from collections.abc import Mapping
 import structlog
 
 from agent.device.artifacts import ArtifactStore
+from agent.device.deploy.state import FlowRecord
 from agent.device.runtime.flows import FlowHost
-from agent.device.state import FlowRecord
 from agent.wire.protocol import DesiredState
 
-log = structlog.get_logger("agent.device.cleanup")
+log = structlog.get_logger("agent.device.deploy.cleanup")
 
 
 async def collect_garbage(

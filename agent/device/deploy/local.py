@@ -9,14 +9,14 @@ import asyncio
 import structlog
 
 from agent.device.artifacts import ArtifactStore
-from agent.device.records import FlowRecords
+from agent.device.deploy.records import FlowRecords
+from agent.device.deploy.state import FlowRecord
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner, RunSpec
-from agent.device.state import FlowRecord
 from agent.errors import AgentError
 from agent.wire.manifest import Manifest
 
-log = structlog.get_logger("agent.device.local")
+log = structlog.get_logger("agent.device.deploy.local")
 
 
 class LocalStore:

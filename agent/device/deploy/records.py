@@ -1,6 +1,6 @@
 """Flow records: their one writer, and the table of legal status transitions.
 
-Every change to a flow's :class:`~agent.device.state.FlowRecord` goes through
+Every change to a flow's :class:`~agent.device.deploy.state.FlowRecord` goes through
 :class:`FlowRecords`: the reconciler's steps, the intake of a desired document, the
 daemon (a flow that cannot start from the local store, a flow that became broken or
 was restarted) and :meth:`FlowRecords.recover` after a restart. A status change is
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from agent.device.state import FlowRecord, InFlight, Installed, PersistedState
+from agent.device.deploy.state import FlowRecord, InFlight, Installed, PersistedState
 from agent.errors import AgentError
 from agent.wire.protocol import MAX_GENERATION, Status, is_valid_id, utc_now_iso
 

@@ -17,15 +17,15 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from agent.device.config import AgentConfig
-from agent.device.planner import Download, plan
-from agent.device.records import FlowRecords
+from agent.device.deploy.planner import Download, plan
+from agent.device.deploy.records import FlowRecords
+from agent.device.deploy.state import PersistedState, serialise
 from agent.device.reporter import Reporter
-from agent.device.state import PersistedState, serialise
 from agent.errors import ProtocolError, StateError
 from agent.wire.protocol import DesiredState, RejectedDesired, Status, parse_desired, utc_now_iso
 from agent.wire.signing import Trust
 
-log = structlog.get_logger("agent.device.intake")
+log = structlog.get_logger("agent.device.deploy.intake")
 
 #: A persisted document was accepted once: only the file system bounds it.
 PERSISTED_MAX_BYTES = 1 << 30

@@ -1,6 +1,6 @@
 """Applying desired state: runs the planner's steps for the document taken in.
 
-- Documents come in through :class:`~agent.device.intake.DesiredIntake` (bounds,
+- Documents come in through :class:`~agent.device.deploy.intake.DesiredIntake` (bounds,
   signature policy, generation order, intent persisted before any work).
 
 - Exactly one reconcile run at a time (:meth:`Reconciler.run_forever`). Within a run
@@ -8,10 +8,10 @@
 - A newer desired document supersedes the run in flight: the run is cancelled, and
   every flow whose in-flight target changed is reported ``aborted``. Downloads keep
   their partial file and resume; ``Activate`` is shielded, so a swap completes.
-- Every record change goes through :class:`~agent.device.records.FlowRecords` (the
+- Every record change goes through :class:`~agent.device.deploy.records.FlowRecords` (the
   one writer, with the table of legal transitions); :meth:`Reconciler._announce`
   turns a status change into the log line, the event and a state report. The
-  executors (:mod:`agent.device.executors`) persist before the work that follows.
+  executors (:mod:`agent.device.deploy.executors`) persist before the work that follows.
 - A failed attempt is retried with exponential backoff until ``retries`` is spent.
 - At most :data:`MAX_RUNS_WITHOUT_TRIGGER` consecutive runs happen without a new
   trigger; past that the loop backs off (a guard against a planner that never settles).
@@ -28,13 +28,13 @@ import structlog
 
 from agent.device._logging import capture
 from agent.device.artifacts import ArtifactStore, Fetcher
-from agent.device.cleanup import collect_garbage
 from agent.device.config import AgentConfig
-from agent.device.executors import Chain, Executors
-from agent.device.health import HealthWatch
-from agent.device.intake import DesiredIntake
-from agent.device.local import LocalStore
-from agent.device.planner import (
+from agent.device.deploy.cleanup import collect_garbage
+from agent.device.deploy.executors import Chain, Executors
+from agent.device.deploy.health import HealthWatch
+from agent.device.deploy.intake import DesiredIntake
+from agent.device.deploy.local import LocalStore
+from agent.device.deploy.planner import (
     Defer,
     Download,
     Step,
@@ -42,22 +42,22 @@ from agent.device.planner import (
     flow_id_of,
     plan,
 )
-from agent.device.records import FlowRecords
-from agent.device.reporter import Reporter
-from agent.device.revert import Reverter
-from agent.device.runtime.flows import FlowHost
-from agent.device.settings import health_defaults, update_policy
-from agent.device.state import (
+from agent.device.deploy.records import FlowRecords
+from agent.device.deploy.revert import Reverter
+from agent.device.deploy.state import (
     FlowRecord,
     PersistedState,
     StateStore,
     serialise,
 )
+from agent.device.reporter import Reporter
+from agent.device.runtime.flows import FlowHost
+from agent.device.settings import health_defaults, update_policy
 from agent.errors import AgentError
 from agent.wire.protocol import DesiredState, Status
 from agent.wire.signing import Trust
 
-log = structlog.get_logger("agent.device.reconciler")
+log = structlog.get_logger("agent.device.deploy.reconciler")
 
 MAX_RUNS_WITHOUT_TRIGGER = 10
 MIN_WAKE_S = 0.01
@@ -84,7 +84,7 @@ class Reconciler:
         self.fetcher = fetcher
         self.reporter = reporter
         self.device_id = cfg.device_id
-        #: The one writer of flow records (see :mod:`agent.device.records`).
+        #: The one writer of flow records (see :mod:`agent.device.deploy.records`).
         self.records = records or FlowRecords(state)
         self.records.on_change = self._announce
         self.records.on_touch = lambda _flow_id: self.reporter.mark_dirty()

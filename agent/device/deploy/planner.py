@@ -1,7 +1,7 @@
 """The reconciliation planner: a pure function from (desired, current) to steps.
 
 No I/O, no clock (``now`` is an argument), no mutation of its inputs: the executor
-(:mod:`agent.device.reconciler`) owns side effects and has one executor per step kind.
+(:mod:`agent.device.deploy.reconciler`) owns side effects and has one executor per step kind.
 
 For each flow, in id order, the plan is one of:
 
@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.device.state import FlowRecord, installed_matches, target_key
+from agent.device.deploy.state import FlowRecord, installed_matches, target_key
 from agent.wire.protocol import ArtifactRef, DesiredState, FlowSpec, Status
 
 

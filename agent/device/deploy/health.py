@@ -4,7 +4,7 @@ When a version activates, its record gets ``probation_until`` (the entry's
 ``health.window``, or the agent's ``[health] window_s``). If the flow traps, exits
 or is marked broken before then, the deployment failed: with ``revert`` (the
 default) the previous version is started again from the local store
-(:class:`~agent.device.revert.Reverter`) and the flow reports ``failure`` with
+(:class:`~agent.device.deploy.revert.Reverter`) and the flow reports ``failure`` with
 ``reverted: true``; without a previous version (or with revert off) the flow reports
 ``failure`` and stays as it is. Either way the target is not retried until a new
 one arrives (a new ``deploymentId``). When the window ends without a failure the
@@ -22,14 +22,14 @@ from datetime import datetime
 
 import structlog
 
-from agent.device.records import FlowRecords
-from agent.device.revert import Reverter
+from agent.device.deploy.records import FlowRecords
+from agent.device.deploy.revert import Reverter
+from agent.device.deploy.state import FlowRecord
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner, Health
-from agent.device.state import FlowRecord
 from agent.wire.protocol import MAX_HEALTH_WINDOW_S, Status
 
-log = structlog.get_logger("agent.device.health")
+log = structlog.get_logger("agent.device.deploy.health")
 
 #: Runner health that ends a probation: it trapped (and restarts) or is broken.
 FAILING = frozenset({Health.RESTARTING, Health.BROKEN})

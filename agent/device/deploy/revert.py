@@ -1,11 +1,11 @@
 """Going back to the previous version, from the local store (no network needed).
 
-Used when a new version fails within its health window (:mod:`agent.device.health`)
+Used when a new version fails within its health window (:mod:`agent.device.deploy.health`)
 and when an aborted deployment had already activated (a ``Revert`` step). The
 record is written first (``installed`` = the previous version, ``reverted``, in
 flight ``revert``) and saved, then the previous version is started: after a crash
 at any point the agent starts the version gone back to from its local store, and
-:meth:`~agent.device.records.FlowRecords.recover` completes the record.
+:meth:`~agent.device.deploy.records.FlowRecords.recover` completes the record.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from agent.device._logging import capture
-from agent.device.local import LocalStore
-from agent.device.records import FlowRecords
+from agent.device.deploy.local import LocalStore
+from agent.device.deploy.records import FlowRecords
+from agent.device.deploy.state import FlowRecord
 from agent.device.reporter import Reporter
-from agent.device.state import FlowRecord
 from agent.errors import AgentError
 from agent.wire.protocol import Status
 
-log = structlog.get_logger("agent.device.revert")
+log = structlog.get_logger("agent.device.deploy.revert")
 
 
 class Reverter:

@@ -1,9 +1,9 @@
-"""One executor per step kind of the planner (:mod:`agent.device.planner`).
+"""One executor per step kind of the planner (:mod:`agent.device.deploy.planner`).
 
 :meth:`Executors.execute` dispatches on the step's type with an exhaustive
-``match``: a step kind added to :data:`~agent.device.planner.Step` without an
+``match``: a step kind added to :data:`~agent.device.deploy.planner.Step` without an
 executor is a type error (mypy: ``assert_never``), not a surprise at run time.
-Every record change goes through :class:`~agent.device.records.FlowRecords`, and
+Every record change goes through :class:`~agent.device.deploy.records.FlowRecords`, and
 the state is persisted before the work that could be interrupted.
 """
 
@@ -20,8 +20,8 @@ import structlog
 
 from agent.device._logging import capture
 from agent.device.artifacts import ArtifactStore, Fetcher
-from agent.device.health import HealthWatch
-from agent.device.planner import (
+from agent.device.deploy.health import HealthWatch
+from agent.device.deploy.planner import (
     Activate,
     Defer,
     Download,
@@ -35,20 +35,20 @@ from agent.device.planner import (
     Verify,
     Wait,
 )
-from agent.device.records import FlowRecords
+from agent.device.deploy.records import FlowRecords
+from agent.device.deploy.revert import Reverter
+from agent.device.deploy.state import Installed
+from agent.device.deploy.windows import DEFER_REASON
 from agent.device.reporter import Reporter
-from agent.device.revert import Reverter
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner, RunSpec
-from agent.device.state import Installed
-from agent.device.windows import DEFER_REASON
 from agent.errors import IntegrityError, StateError
 from agent.wire.bundle import read_bundle
 from agent.wire.manifest import Manifest
 from agent.wire.protocol import ArtifactKind, Status
 from agent.wire.redact import redact_url
 
-log = structlog.get_logger("agent.device.executors")
+log = structlog.get_logger("agent.device.deploy.executors")
 
 
 @dataclass

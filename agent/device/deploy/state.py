@@ -7,7 +7,7 @@ unknown-schema file is moved aside (``state.json.corrupt-<time>``) with an error
 the log, and the agent starts from an empty state rather than guessing.
 
 The record of each flow is written *before* the work that could be interrupted
-(Mender's rule), and :meth:`agent.device.records.FlowRecords.recover` maps every
+(Mender's rule), and :meth:`agent.device.deploy.records.FlowRecords.recover` maps every
 saved in-flight step to a safe resume point after a restart:
 
 ============  =======================================================
@@ -42,7 +42,7 @@ from agent.wire.protocol import (
     utc_now_iso,
 )
 
-log = structlog.get_logger("agent.device.state")
+log = structlog.get_logger("agent.device.deploy.state")
 
 SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
