@@ -126,6 +126,16 @@ def _entry(
     return entry
 
 
+def _health(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The entry's ``health`` from --health-window and --no-revert (None: defaults)."""
+    health: dict[str, Any] = {}
+    if args.health_window is not None:
+        health["window"] = args.health_window
+    if args.no_revert:
+        health["revert"] = False
+    return health or None
+
+
 def _typed(entry: dict[str, Any], device_types: list[str] | None) -> dict[str, Any]:
     """``entry`` with its artifact for ``device_types`` only (``artifacts``), so that a
     release for other types can go into the same entry (see ``place``)."""
@@ -160,7 +170,14 @@ def cmd_release(args: argparse.Namespace) -> int:
         artifact = _artifact(client, args)
         dep = args.deployment_id or deployment_id(args.flow, args.version)
         entry = _typed(
-            _entry(args.version, artifact, args.manifest, deploymentId=dep, retries=args.retries),
+            _entry(
+                args.version,
+                artifact,
+                args.manifest,
+                deploymentId=dep,
+                retries=args.retries,
+                health=_health(args),
+            ),
             args.device_type,
         )
         targets = list(client.devices()) if args.all else args.device
@@ -318,7 +335,14 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             raise FleetError("a rollout needs --version and --artifact (use remove to remove)")
         dep = args.deployment_id or deployment_id(args.flow, args.version)
         entry = _typed(
-            _entry(args.version, artifact, args.manifest, deploymentId=dep, retries=args.retries),
+            _entry(
+                args.version,
+                artifact,
+                args.manifest,
+                deploymentId=dep,
+                retries=args.retries,
+                health=_health(args),
+            ),
             args.device_type,
         )
         targets = args.device or list(client.devices())
@@ -361,6 +385,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 timeout=_duration(args.wait_timeout),
                 rollback=args.rollback,
                 on_progress=show,
+                health_gate=not args.no_health_gate,
             )
             result = rollout.run()
         for name in ("ok", "failed", "skipped", "waiting", "not_started", "rolled_back"):

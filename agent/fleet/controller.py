@@ -502,18 +502,21 @@ def table_rows(devices: Iterable[Device]) -> list[dict[str, Any]]:
 OK_STATUSES = frozenset({"success", "already-installed"})
 
 
-def outcome(dev: Device, flow_id: str) -> str:
+def outcome(dev: Device, flow_id: str, *, health_gate: bool = True) -> str:
     """Where a device is with its deployment of ``flow_id``: ``ok``, ``failed``,
-    ``skipped`` (noartifact: another device type) or ``waiting``."""
+    ``skipped`` (noartifact: another device type) or ``waiting``. With
+    ``health_gate``, a version still on probation (its health window) is not done
+    yet: it may still fail and revert."""
     status = flow_status(dev, flow_id)
+    st = ((dev.state or {}).get("flows") or {}).get(flow_id) or {}
     if status in OK_STATUSES:
-        return "ok"
+        on_probation = (st.get("health") or {}).get("state") == "probation"
+        return "waiting" if health_gate and on_probation else "ok"
     if status == "noartifact":
         return "skipped"
     if status == "aborted":
         return "failed"
     if status == "failure":
-        st = ((dev.state or {}).get("flows") or {}).get(flow_id) or {}
         seen = int((dev.state or {}).get("generation") or 0) >= dev.generation
         return "failed" if not seen or not st.get("retryAt") else "waiting"
     return "waiting"
@@ -590,6 +593,7 @@ class Rollout:
         rollback: bool = False,
         on_progress: Callable[[PhaseProgress], None] = lambda _p: None,
         poll: float = 0.2,
+        health_gate: bool = True,
     ) -> None:
         self.client = client
         self.flow_id = flow_id
@@ -601,6 +605,9 @@ class Rollout:
         self.rollback = rollback
         self.on_progress = on_progress
         self.poll = poll
+        #: A phase is done when its devices are past their health window, not
+        #: merely running the new version (which may still fail and revert).
+        self.health_gate = health_gate
         self.previous: dict[str, dict[str, Any] | None] = {}
         #: The entry each device was given (``entry``, or merged into its own).
         self.placed: dict[str, dict[str, Any]] = {}
@@ -616,7 +623,7 @@ class Rollout:
         out: dict[str, list[str]] = {"ok": [], "failed": [], "skipped": [], "waiting": []}
         for device_id in devices:
             dev = known.get(device_id) or Device(device_id)
-            out[outcome(dev, self.flow_id)].append(device_id)
+            out[outcome(dev, self.flow_id, health_gate=self.health_gate)].append(device_id)
         return out
 
     def wait(self, devices: list[str], index: int = 0) -> tuple[dict[str, list[str]], str | None]:

@@ -258,7 +258,10 @@ def main(keep: bool = False, broker: str | None = None) -> int:
 
 
 def _steps(broker: str, work: Path) -> None:
-    print("\n== 1. a phased rollout: 20% of the fleet, then 60%, then all; stop on a failure")
+    print(
+        "\n== 1. a phased rollout: 20% of the fleet, then 60%, then all; each phase waits\n"
+        "      for its devices' 2 s health window, and stops on a failure (or a revert)"
+    )
     _fleet(
         broker,
         "rollout",
@@ -278,6 +281,8 @@ def _steps(broker: str, work: Path) -> None:
         "100%",
         "--max-failures",
         "0",
+        "--health-window",
+        "2",
     )
     _fleet(broker, "get", "--flow", "counter")
 

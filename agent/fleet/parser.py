@@ -69,6 +69,20 @@ def _add_release(fsub: Any) -> None:
     )
     rel.add_argument("--retries", type=int, default=2)
     rel.add_argument("--deployment-id", help="default: <flow>-<version>-<time>")
+    _health_flags(rel)
+
+
+def _health_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--health-window",
+        type=float,
+        help="seconds the new version is on probation (default: the agent's, 60)",
+    )
+    p.add_argument(
+        "--no-revert",
+        action="store_true",
+        help="a version that fails in its window stays (default: the previous one comes back)",
+    )
 
 
 def _add_rollout(fsub: Any) -> None:
@@ -85,6 +99,7 @@ def _add_rollout(fsub: Any) -> None:
     )
     ro.add_argument("--retries", type=int, default=2)
     ro.add_argument("--deployment-id")
+    _health_flags(ro)
     ro.add_argument(
         "--phase",
         action="append",
@@ -93,6 +108,11 @@ def _add_rollout(fsub: Any) -> None:
     )
     ro.add_argument("--max-failures", default="0", help="tolerated failures: 5%% or a count")
     ro.add_argument("--wait-timeout", default="10m", help="per phase: 90s, 10m, 1h")
+    ro.add_argument(
+        "--no-health-gate",
+        action="store_true",
+        help="count a device done as soon as it runs the version, not after its health window",
+    )
     ro.add_argument(
         "--rollback",
         action="store_true",

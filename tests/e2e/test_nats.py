@@ -137,6 +137,8 @@ async def test_a_rollout_through_one_node_converges_devices_on_another(
         n2.url,
         prefix,
         "rollout",
+        "--health-window",
+        "0.3",
         "--flow",
         "counter",
         "--version",

@@ -177,6 +177,13 @@ def _dev(gen: int, state_gen: int, status: str | None, **flow: Any) -> Device:
     [
         (_dev(3, 2, "success"), "pending", "waiting"),  # not yet seen: old status ignored
         (_dev(3, 3, "success"), "success", "ok"),
+        (_dev(3, 3, "success", health={"state": "healthy"}), "success", "ok"),
+        (  # still in its health window: it may yet fail and revert
+            _dev(3, 3, "success", health={"state": "probation", "until": "…"}),
+            "success",
+            "waiting",
+        ),
+        (_dev(3, 3, "failure", reverted=True, retryAt=None), "failure", "failed"),
         (_dev(3, 4, "already-installed"), "already-installed", "ok"),
         (_dev(3, 3, "downloading"), "downloading", "waiting"),
         (_dev(3, 3, "failure", retryAt="2026-11-21T00:00:00Z"), "failure", "waiting"),  # retrying
@@ -437,6 +444,8 @@ async def test_rollout_stops_at_the_failure_threshold_and_rolls_back(
     rc, out = await fleet(
         broker,
         "rollout",
+        "--health-window",
+        "0.3",
         "--flow",
         "app",
         "--version",
@@ -455,6 +464,8 @@ async def test_rollout_stops_at_the_failure_threshold_and_rolls_back(
     rc, out = await fleet(
         broker,
         "rollout",
+        "--health-window",
+        "0.3",
         "--flow",
         "app",
         "--version",
@@ -803,6 +814,8 @@ async def test_errors_are_one_clear_line(
     )
     assert "last phase must cover" in await err(
         "rollout",
+        "--health-window",
+        "0.3",
         "--flow",
         "f",
         "--version",
@@ -964,3 +977,34 @@ async def test_a_release_per_device_type_lands_in_one_entry(
     assert digests["gw-c"] is None
     assert digests["gw-a"].sha256 == hashlib.sha256((files / "v1.wasm").read_bytes()).hexdigest()
     assert digests["gw-b"].sha256 == hashlib.sha256((files / "v2.wasm").read_bytes()).hexdigest()
+
+
+async def test_a_rollout_waits_for_the_health_window_and_stops_on_a_revert(
+    broker: Broker, sim: SimFactory, files: Path
+) -> None:
+    """A version that runs and then traps in its health window: the first phase's
+    device puts v1 back, the rollout counts it failed and never releases phase 2
+    (without the gate it counted "running" as done and went on)."""
+    (files / "good.wasm").write_bytes(wat.versioned_flow("v1"))
+    (files / "breaks.wasm").write_bytes(wat.versioned_flow("v2", trap_from_tick=3))
+    (files / "ticks.json").write_text(
+        json.dumps({"triggers": [{"type": "interval", "name": "tick", "ms": 100}]})
+    )
+    await sim(2)
+    common = ["--flow", "app", "--manifest", str(files / "ticks.json")]
+    rc, out = await fleet(
+        broker, "rollout", *common, "--version", "v1", "--artifact", str(files / "good.wasm"),
+        "--health-window", "0.3", "--phase", "100%",
+    )  # fmt: skip
+    assert rc == 0, out
+    rc, out = await fleet(
+        broker, "rollout", *common, "--version", "v2", "--artifact", str(files / "breaks.wasm"),
+        "--health-window", "5", "--phase", "50%", "--phase", "100%", "--wait-timeout", "20s",
+    )  # fmt: skip
+    assert rc == 2, out  # stopped by failures
+    assert "phase 2/2" not in out
+    first, second = sorted(by_device(await rows(broker, "--flow", "app"), "app").items())
+    assert (first[1]["status"], first[1]["currentVersion"]) == ("failure", "v1")
+    assert "reverted to version v1" in first[1]["error"]
+    assert second[1]["currentVersion"] == "v1"  # never released
+    assert second[1]["desiredVersion"] == "v1"
