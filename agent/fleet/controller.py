@@ -488,6 +488,8 @@ def table_rows(devices: Iterable[Device]) -> list[dict[str, Any]]:
                     "desiredVersion": d.get("version") or None,
                     "currentVersion": st.get("currentVersion"),
                     "status": flow_status(dev, flow_id),
+                    "health": (st.get("health") or {}).get("state"),
+                    "reverted": bool(st.get("reverted")),
                     "deploymentId": d.get("deploymentId") or st.get("deploymentId"),
                     "attempts": st.get("attempts", 0),
                     "error": st.get("error"),

@@ -15,6 +15,7 @@ COLUMNS = (
     "desiredVersion",
     "currentVersion",
     "status",
+    "health",
     "lastUpdated",
     "online",
 )
