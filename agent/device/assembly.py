@@ -1,8 +1,8 @@
 """The agent's parts, built in one place from its settings, and re-set in one place.
 
 :func:`assemble` builds every part from the configuration, the derived
-:class:`~agent.device.settings.Settings` and the persisted state (records recovered
-first: each interrupted step maps to its resume point). :meth:`Parts.apply` hands
+:class:`~agent.device.settings.Settings` and the persisted state (the reconciler
+recovers the records: each interrupted step maps to its resume point). :meth:`Parts.apply` hands
 every part new settings on reload, and :meth:`Parts.live` reads back what they hold,
 so a test can check that a reload reached every part.
 """
@@ -113,8 +113,6 @@ def assemble(
     state_store = StateStore(cfg.state_dir)
     state = state_store.load()
     records = FlowRecords(state)
-    for note in records.recover():
-        log.info("recovered after restart", note=note)
     artifacts = ArtifactStore(cfg.state_dir / "artifacts")
     session = MqttSession(
         s.mqtt,

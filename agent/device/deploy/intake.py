@@ -41,6 +41,7 @@ class DesiredIntake:
         *,
         persist: Callable[[], Awaitable[None]],
         write: Callable[[bytes], Awaitable[None]],
+        persist_soon: Callable[[], None],
         trigger: Callable[[], None],
         trust: Trust,
     ) -> None:
@@ -50,6 +51,7 @@ class DesiredIntake:
         self.reporter = reporter
         self._persist = persist
         self._write = write
+        self._persist_soon = persist_soon
         self._trigger = trigger
         self.trust = trust
         #: The document being applied (None before the first one).
@@ -149,6 +151,7 @@ class DesiredIntake:
             generation=generation, reason=reason, time=utc_now_iso()
         )
         self.reporter.mark_dirty()
+        self._persist_soon()  # (so that a restart still reports it)
 
     def _with_intent(
         self, state: PersistedState, desired: DesiredState, text: str

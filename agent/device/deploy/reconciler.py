@@ -96,6 +96,7 @@ class Reconciler:
             reporter,
             persist=self.persist,
             write=lambda data: self._writer.write(self.store, data),
+            persist_soon=self.persist_soon,
             trigger=self.trigger,
             trust=trust or Trust({}),
         )
@@ -142,13 +143,14 @@ class Reconciler:
             reverter=self.reverter,
             health=self.health,
         )
+        # Last, with every part in place: what recovery changes is announced (an interrupted
+        # install counted as a failed attempt gets its event).
+        for note in self.records.recover():
+            log.info("recovered after restart", note=note)
 
     def flow_lock(self, flow_id: str) -> asyncio.Lock:
         """Held by a run while it works on ``flow_id`` (and by health verdicts)."""
-        lock = self._flow_locks.get(flow_id)
-        if lock is None:
-            lock = self._flow_locks[flow_id] = asyncio.Lock()
-        return lock
+        return self._flow_locks.setdefault(flow_id, asyncio.Lock())
 
     @property
     def cfg(self) -> AgentConfig:
@@ -253,12 +255,8 @@ class Reconciler:
         """Persist from synchronous code (a fire-and-forget, still ordered, write)."""
         task = asyncio.get_running_loop().create_task(self.persist(), name="persist")
         self._background.add(task)
-        task.add_done_callback(self._persist_done)
-
-    def _persist_done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("cannot persist state", error=str(task.exception()))
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_persist_done)
 
     async def persist(self) -> None:
         """Write the state now (ordered, survives cancellation of the caller)."""
@@ -365,6 +363,11 @@ class Reconciler:
         await self.executors.settle()
         await self.persist()
         self._writer.close()
+
+
+def _persist_done(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("cannot persist state", error=str(task.exception()))
 
 
 def _current_task_cancelling() -> bool:
