@@ -113,7 +113,8 @@ def test_lost_and_broken_go_through_the_writer() -> None:
 
 
 def _installed(version: str, sha: str = "a", **kw: object) -> Installed:
-    return Installed(version=version, sha256=sha * 64, **kw)  # type: ignore[arg-type]
+    when = "2026-11-29T06:00:00.000Z"  # (fixed: records are compared whole)
+    return Installed(version=version, sha256=sha * 64, installed_at=when, **kw)  # type: ignore[arg-type]
 
 
 def test_previous_is_what_ran_before_and_nothing_after_a_removal() -> None:
