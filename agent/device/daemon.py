@@ -160,6 +160,10 @@ class Agent:
             await p.reconciler.persist()
             p.session.add_on_connect(self._on_connect)
             p.session.add_on_disconnect(self._on_disconnect)
+            # The birth message and the outbox wait until the broker serves the session
+            # (answers its subscriptions): a retained message sent to a cluster still
+            # failing over can be lost.
+            p.session.add_on_established(p.reporter.on_connect)
             topics = (
                 self.losant.subscriptions()
                 if self.losant is not None
@@ -186,7 +190,7 @@ class Agent:
         tasks = [
             tg.create_task(p.reporter.run(), name="reporter"),
             tg.create_task(p.dispatcher.run(), name="dispatcher"),
-            tg.create_task(p.outbox.drain(out, p.session.connected), name="outbox"),
+            tg.create_task(p.outbox.drain(out, p.session.established), name="outbox"),
         ]
         if p.pacer is not None:
             tasks.append(tg.create_task(p.pacer.run(), name="pacer"))
@@ -285,7 +289,6 @@ class Agent:
         return self.parts.live(self.settings)
 
     def _on_connect(self) -> None:
-        self.reporter.on_connect()
         self.host.set_connected(True)
         self.notifier.status(self._status_line())
         if self.losant is not None:

@@ -67,6 +67,9 @@ class Subscriptions:
     def __contains__(self, topic: object) -> bool:
         return topic in self._subs
 
+    def __len__(self) -> int:
+        return len(self._subs)
+
     @property
     def online(self) -> bool:
         """Whether SUBSCRIBE and UNSUBSCRIBE go out now (else: the next connect)."""

@@ -82,6 +82,11 @@ class MqttSession:
         self._pending: dict[int, asyncio.Future[None]] = {}
         self.messages: asyncio.Queue[Message] = asyncio.Queue()
         self.connected = asyncio.Event()
+        #: Connected, and the broker has answered a SUBSCRIBE since (accepted or not):
+        #: it serves this session. A clustered broker failing over can accept a
+        #: connection long before it can store a retained message.
+        self.established = asyncio.Event()
+        self._on_established_cbs: list[Callable[[], None]] = []
         self.connects = 0
         self._client, self._net = self._new_connection()
 
@@ -150,6 +155,10 @@ class MqttSession:
 
     def add_on_disconnect(self, cb: Callable[[], None]) -> None:
         self._on_disconnect_cbs.append(cb)
+
+    def add_on_established(self, cb: Callable[[], None]) -> None:
+        """``cb`` runs on the event loop each time :attr:`established` is set."""
+        self._on_established_cbs.append(cb)
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Subscribe now (if connected) and again after every reconnect; a refused
@@ -279,15 +288,19 @@ class MqttSession:
         self.last_error = None
         self.connected.set()
         log.info("mqtt connected", broker=self._cfg.broker, connects=self.connects)
-        for cb in self._on_connect_cbs:
-            try:
-                cb()
-            except Exception:
-                log.exception("on-connect callback failed")
+        _run_all(self._on_connect_cbs, "on-connect")
+        if not len(self._subs):  # nothing to be answered: established at once
+            self._established()
+
+    def _established(self) -> None:
+        if self.connected.is_set() and not self.established.is_set():
+            self.established.set()
+            _run_all(self._on_established_cbs, "on-established")
 
     def _disconnected_on_loop(self) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        self.established.clear()
         if was:
             for cb in self._on_disconnect_cbs:
                 try:
@@ -305,6 +318,15 @@ class MqttSession:
             fut.set_result(None)
 
     def _suback_on_loop(self, topic: str, refusal: str | None) -> None:
+        self._established()
         if self._subs.answered(topic, refusal):
             text = f"broker {self._cfg.broker} refused the subscription to {topic}: {refusal}"
             self.last_error = text
+
+
+def _run_all(callbacks: list[Callable[[], None]], what: str) -> None:
+    for cb in callbacks:
+        try:
+            cb()
+        except Exception:
+            log.exception(f"{what} callback failed")
