@@ -126,6 +126,19 @@ def _entry(
     return entry
 
 
+def _release_entry(args: argparse.Namespace, artifact: Artifact | None, dep: str) -> dict[str, Any]:
+    """The entry ``release`` and ``rollout`` write (validated as the agent will)."""
+    entry = _entry(
+        args.version,
+        artifact,
+        args.manifest,
+        deploymentId=dep,
+        retries=args.retries,
+        health=_health(args),
+    )
+    return _typed(entry, args.device_type)
+
+
 def _health(args: argparse.Namespace) -> dict[str, Any] | None:
     """The entry's ``health`` from --health-window and --no-revert (None: defaults)."""
     health: dict[str, Any] = {}
@@ -169,17 +182,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         client.settle()
         artifact = _artifact(client, args)
         dep = args.deployment_id or deployment_id(args.flow, args.version)
-        entry = _typed(
-            _entry(
-                args.version,
-                artifact,
-                args.manifest,
-                deploymentId=dep,
-                retries=args.retries,
-                health=_health(args),
-            ),
-            args.device_type,
-        )
+        entry = _release_entry(args, artifact, dep)
         targets = list(client.devices()) if args.all else args.device
         if not targets:
             raise FleetError("no devices found on the broker (use --device for new ones)")
@@ -334,17 +337,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         if not args.version or artifact is None:
             raise FleetError("a rollout needs --version and --artifact (use remove to remove)")
         dep = args.deployment_id or deployment_id(args.flow, args.version)
-        entry = _typed(
-            _entry(
-                args.version,
-                artifact,
-                args.manifest,
-                deploymentId=dep,
-                retries=args.retries,
-                health=_health(args),
-            ),
-            args.device_type,
-        )
+        entry = _release_entry(args, artifact, dep)
         targets = args.device or list(client.devices())
         if not targets:
             raise FleetError("no devices found on the broker")
