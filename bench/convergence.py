@@ -11,7 +11,10 @@ Baselines measured in the same run, on the same module bytes:
   engine settings as the agent);
 - a raw paho QoS 1 publish -> subscribe round trip through the same broker.
 
-Usage: python bench/convergence.py [--deployments 60] [--json]
+``--functions 1`` makes the module tiny (compilation ~1 ms), so that the figure is
+the agent's own path: intake, state writes, swap, and the state report.
+
+Usage: python bench/convergence.py [--deployments 60] [--functions 1100] [--json]
 """
 
 from __future__ import annotations
@@ -139,10 +142,11 @@ class StateWatch:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--deployments", type=int, default=60)
+    ap.add_argument("--functions", type=int, default=1100, help="module size (1: tiny)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    modules = [module(i) for i in range(args.deployments + 1)]
+    modules = [module(i, args.functions) for i in range(args.deployments + 1)]
     work = Path(tempfile.mkdtemp(prefix="edge-bench-"))
     www = work / "www"
     www.mkdir()

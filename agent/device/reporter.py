@@ -9,6 +9,7 @@ marks it dirty again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -68,6 +69,9 @@ class Reporter:
         self.runtime = runtime
         self.coalesce = coalesce_ms / 1000
         self._dirty = asyncio.Event()
+        #: A change an operator waits for (a verdict): published without waiting for
+        #: the rest of the coalescing window.
+        self._urgent = asyncio.Event()
         # flow id -> (download started, last progress event, events sent)
         self._progress: dict[str, tuple[float, float, int]] = {}
         self.published = 0
@@ -104,8 +108,12 @@ class Reporter:
             time=utc_now_iso(),
         )
 
-    def mark_dirty(self) -> None:
+    def mark_dirty(self, *, urgent: bool = False) -> None:
+        """The state changed; ``urgent``: report it now (a verdict such as ``success``
+        or ``failure``), not at the end of the coalescing window."""
         self._dirty.set()
+        if urgent:
+            self._urgent.set()
 
     def on_connect(self) -> None:
         """Birth message and a fresh state report after every (re)connect."""
@@ -128,16 +136,19 @@ class Reporter:
 
     async def run(self) -> None:
         """Publish the state when dirty: at once if the last report is older than the
-        coalesce window, else at the end of the window (so a burst gives one report)."""
+        coalesce window or the change is urgent, else at the end of the window (so a
+        burst of intermediate statuses gives one report)."""
         loop = asyncio.get_running_loop()
         last = -self.coalesce
         while True:
             await self._dirty.wait()
             await self.session.connected.wait()
             wait = last + self.coalesce - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > 0 and not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), wait)
             self._dirty.clear()
+            self._urgent.clear()
             self.publish_state_now()
             last = loop.time()
 

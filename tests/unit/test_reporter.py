@@ -53,6 +53,33 @@ async def test_a_burst_of_changes_gives_one_coalesced_state_report() -> None:
     assert states[-1]["generation"] == 3
 
 
+async def test_a_verdict_is_reported_at_once_inside_the_coalescing_window() -> None:
+    """Intermediate statuses coalesce; a verdict (success, failure, ...) does not wait
+    for the rest of the window (a 60 s window here: waiting for it would time out)."""
+    from common import wait_until
+
+    state = PersistedState(generation=3)
+    rep, session = reporter(state, coalesce_ms=60_000)
+
+    def reports() -> list[dict[str, Any]]:
+        return [doc for topic, doc, retain in session.sent if topic == "edge/dev1/state"]
+
+    task = asyncio.create_task(rep.run())
+    try:
+        rep.mark_dirty()  # the first report goes out at once (none for a window)
+        await wait_until(lambda: len(reports()) == 1, what="the first report")
+        for _ in range(5):  # downloading, installing, ...: held for the window
+            rep.mark_dirty()
+        await asyncio.sleep(0.05)
+        assert len(reports()) == 1
+        state.generation = 4
+        rep.mark_dirty(urgent=True)  # success
+        await wait_until(lambda: len(reports()) == 2, what="the verdict's report", timeout=10)
+        assert reports()[-1]["generation"] == 4
+    finally:
+        task.cancel()
+
+
 def test_state_and_event_documents() -> None:
     rec = FlowRecord(
         status=Status.FAILURE,

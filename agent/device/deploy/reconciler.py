@@ -247,7 +247,7 @@ class Reconciler:
                 error=rec.error,
             )
             self.reporter.event(flow_id, rec)
-        self.reporter.mark_dirty()
+        self.reporter.mark_dirty(urgent=status not in IN_PROGRESS)
         if previous != status:
             self.on_status(flow_id, status)
 
@@ -279,6 +279,9 @@ class Reconciler:
                 pass
             while True:
                 async with self._intake_lock:  # no run from a document still being taken in
+                    if self._trigger.is_set():  # new work (a document, a command), not a
+                        self._trigger.clear()  # planner that does not settle
+                        runs_without_trigger = 0
                     steps = self._plan()  # one plan per run: its waits give the next wake
                     work = [s for s in steps if not isinstance(s, Wait)]
                     waits = [s.until for s in steps if isinstance(s, Wait)]
