@@ -235,7 +235,9 @@ class ReconcileConfig(BaseModel):
         256 * 1024, description="Largest desired document accepted."
     )
     state_coalesce_ms: Annotated[int, Field(ge=0, le=10000)] = Field(
-        50, description="Bursts of intermediate status changes within this window give one state report (verdicts go at once)."
+        50,
+        description="Bursts of intermediate status changes within this window give one "
+        "state report (verdicts go at once).",
     )
     log_lines: Annotated[int, Field(ge=10, le=100000)] = Field(
         500, description="Log lines kept per deployment attempt for the deployment log."
