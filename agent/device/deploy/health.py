@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
 
 import structlog
 
@@ -28,6 +27,7 @@ from agent.device.deploy.state import FlowRecord
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import FlowRunner, Health
 from agent.wire.protocol import MAX_HEALTH_WINDOW_S, Status
+from agent.wire.timevalue import issued_at
 
 log = structlog.get_logger("agent.device.deploy.health")
 
@@ -195,6 +195,6 @@ def _on_probation(rec: FlowRecord | None) -> bool:
 
 def _epoch(iso: str, default: float) -> float:
     try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+        return issued_at(iso)
+    except (ValueError, OverflowError, OSError):
         return default
