@@ -20,11 +20,8 @@ import argparse
 import hashlib
 import json
 import platform
-import signal
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+from _harness import pct, start_agent, stop_agent
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.fleet.demo import mosquitto_server
@@ -46,11 +44,6 @@ WINDOW = 50
 def nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
     """As the agent does: small MQTT packets must not wait for Nagle + delayed ACK."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 class Client:
@@ -144,15 +137,7 @@ def main() -> None:
         echo.loop_stop()
         echo.disconnect()
 
-        config = work / "agent.toml"
-        config.write_text(
-            f'device_id = "{DEVICE}"\nstate_dir = "{work / "state"}"\n'
-            f'[mqtt]\nbroker = "mqtt://127.0.0.1:{port}"\n[log]\nlevel = "warning"\n'
-        )
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config)],
-            stderr=(work / "agent.log").open("wb"),
-        )
+        agent = start_agent(work, port, DEVICE)
         try:
             op = Client(port, "bench-operator", f"edge/{DEVICE}/command/response")
             flow_replies = Client(port, "bench-flow", f"edge/{DEVICE}/flows/counter/reply")
@@ -192,8 +177,7 @@ def main() -> None:
             for c in (op, flow_replies, states):
                 c.close()
         finally:
-            agent.send_signal(signal.SIGTERM)
-            agent.wait(20)
+            stop_agent(agent)
     results["machine"] = (
         f"{platform.machine()}, Python {platform.python_version()}, "
         f"{args.n} round trips per measure, window {WINDOW}, "

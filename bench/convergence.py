@@ -23,10 +23,7 @@ import argparse
 import hashlib
 import json
 import platform
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,6 +32,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import wasmtime
+from _harness import pct, start_agent, stop_agent
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.fleet.demo import http_server, mosquitto_server
@@ -63,12 +61,6 @@ def module(salt: int, functions: int = 1100) -> bytes:
             + ")"
         )
     )
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))
-    return ordered[k]
 
 
 def compile_baseline(data: list[bytes]) -> list[float]:
@@ -157,16 +149,7 @@ def main() -> None:
     latencies: list[float] = []
     with mosquitto_server(work) as mqtt_port, http_server(www) as http_port:
         rtt_ms = paho_round_trips(mqtt_port)
-        config = work / "agent.toml"
-        config.write_text(
-            f'device_id = "{DEVICE}"\nstate_dir = "{work / "state"}"\n'
-            f'[mqtt]\nbroker = "mqtt://127.0.0.1:{mqtt_port}"\n'
-            '[log]\nlevel = "warning"\n'
-        )
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config)],
-            stderr=(work / "agent.log").open("wb"),
-        )
+        agent = start_agent(work, mqtt_port, DEVICE)
         watch = StateWatch(mqtt_port)
         pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-release")
         pub.connect("127.0.0.1", mqtt_port)
@@ -195,8 +178,7 @@ def main() -> None:
             pub.loop_stop()
             pub.disconnect()
             watch.client.loop_stop()
-            agent.send_signal(signal.SIGTERM)
-            agent.wait(20)
+            stop_agent(agent)
 
     result = {
         "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, "

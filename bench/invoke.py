@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import wasmtime
+from _harness import pct
 
 from agent.device.runtime.flows import FlowHost
 from agent.device.runtime.runner import RunSpec, Supervision
@@ -38,11 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 COUNTER = ROOT / "examples" / "flows" / "counter" / "counter.wasm"
 NAME = b"counter.get"
 PAYLOAD = b"{}"
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def bare(data: bytes, n: int) -> tuple[list[float], float]:

@@ -27,10 +27,6 @@ import hashlib
 import http.server
 import json
 import platform
-import signal
-import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,6 +37,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import wasmtime
+from _harness import start_agent, stop_agent, summary
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.fleet.demo import mosquitto_server
@@ -151,16 +148,7 @@ def main() -> None:
     end_to_end: list[float] = []
     with mosquitto_server(work) as mqtt_port, artifact_server(www) as server:
         http_port = server.port
-        config = work / "agent.toml"
-        config.write_text(
-            f'device_id = "{DEVICE}"\nstate_dir = "{work / "state"}"\n'
-            f'[mqtt]\nbroker = "mqtt://127.0.0.1:{mqtt_port}"\n'
-            '[log]\nlevel = "info"\nformat = "json"\n'
-        )
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config)],
-            stderr=(work / "agent.log").open("wb"),
-        )
+        agent = start_agent(work, mqtt_port, DEVICE, log='level = "info"\nformat = "json"')
         watch = StateWatch(mqtt_port)
         pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-release")
         pub.connect("127.0.0.1", mqtt_port)
@@ -207,8 +195,7 @@ def main() -> None:
             pub.loop_stop()
             pub.disconnect()
             watch.client.loop_stop()
-            agent.send_signal(signal.SIGTERM)
-            agent.wait(20)
+            stop_agent(agent)
 
     fetched = {path: n for path, n in server.requests.items() if path.startswith("/good-")}
     if any(n != 1 for n in fetched.values()) or len(fetched) != args.rounds + 1:
@@ -218,9 +205,9 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}",
         "rounds": len(end_to_end),
-        "trap_to_reverted_ms": _summary(inside),
-        "bad_release_to_reverted_ms": _summary(end_to_end),
-        "baseline_deploy_ms": _summary(forward),
+        "trap_to_reverted_ms": summary(inside),
+        "bad_release_to_reverted_ms": summary(end_to_end),
+        "baseline_deploy_ms": summary(forward),
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -254,16 +241,6 @@ def _trap_to_reverted(log: Path) -> list[float]:
             out.append((when.timestamp() - trapped) * 1000)
             trapped = None
     return out
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "median": statistics.median(ordered),
-        "p95": ordered[max(0, min(len(ordered) - 1, round(0.95 * (len(ordered) - 1))))],
-        "min": ordered[0],
-        "max": ordered[-1],
-    }
 
 
 if __name__ == "__main__":
