@@ -250,10 +250,24 @@ class FlakyStateStore(StateStore):
 
     full = False
 
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        #: Every state file written, in order (each is two fsyncs).
+        self.saved: list[bytes] = []
+
     def save_bytes(self, data: bytes) -> None:
         if self.full:
             raise StateError(f"cannot write {self.path}: No space left on device")
         super().save_bytes(data)
+        self.saved.append(data)
+
+    def statuses_saved(self, flow_id: str, since: int = 0) -> list[str]:
+        """The status of ``flow_id`` in each state file written from the ``since``-th on."""
+        out = []
+        for data in self.saved[since:]:
+            rec = json.loads(data)["flows"].get(flow_id)
+            out.append(rec["status"] if rec else "-")
+        return out
 
 
 # ---------------------------------------------------------------- the rig
@@ -462,6 +476,39 @@ async def test_one_flow_is_fetched_prepared_activated_and_reported(rig: Rig) -> 
     assert saved.flows["f"].installed is not None
     assert (saved.flows["f"].installed.version, saved.flows["f"].status) == ("v1", S.SUCCESS)
     assert saved.flows["f"].inflight is None
+
+
+async def test_a_deployment_writes_the_state_file_four_times(rig: Rig) -> None:
+    """Regression guard for the cost of a deployment (each write is two fsyncs, the
+    largest share of a small deployment's time): the intent, then one save before
+    each piece of work that a crash could interrupt (download, install), then the
+    outcome. The intent is not written twice when no run is in flight."""
+    rig.fetcher.serve("v1")
+    before = len(rig.store.saved)
+    assert await rig.offer(doc(1, f=entry("v1")))
+    await rig.until_saved("f", S.SUCCESS, "v1")
+    assert rig.store.statuses_saved("f", before) == [
+        "pending",
+        "downloading",
+        "installing",
+        "success",
+    ]
+
+
+async def test_back_to_a_stored_version_writes_the_state_file_three_times(rig: Rig) -> None:
+    """A version whose artifact is still in the store skips the download and so its
+    save; the attempt is still counted by the ``installing`` save."""
+    await install(rig, 1, "v1")
+    await install(rig, 2, "v2")
+    before = len(rig.store.saved)
+    assert await rig.offer(doc(3, f=entry("v1")))
+    await rig.until_saved("f", S.SUCCESS, "v1")
+    assert rig.store.statuses_saved("f", before) == ["pending", "installing", "success"]
+    assert rig.fetcher.urls() == [url("v1"), url("v2")]  # not fetched again
+    steps = ("pending", "downloading", "installing", "success")
+    assert rig.trail("f")[-4:] == [(s, "v1") for s in steps]
+    saved = json.loads(rig.store.saved[-2])["flows"]["f"]
+    assert (saved["attempts"], saved["inflight"]) == (1, "install")
 
 
 async def test_new_version_starts_beside_the_old_one_before_the_swap(rig: Rig) -> None:

@@ -276,6 +276,12 @@ class Executors:
             next_retry_at=None,
             deferred_until=None,
         )
+        # An intact stored artifact (a version this device had before) needs no
+        # download: nothing can be interrupted until the ``installing`` save.
+        if await asyncio.to_thread(self.artifacts.verify, t.artifact.sha256):
+            chain.path = self.artifacts.path(t.artifact.sha256)
+            log.info("artifact in the store", version=t.version, attempt=attempts)
+            return
         await self.persist()  # saved before the work that can be interrupted
         log.info(
             "downloading",

@@ -113,8 +113,9 @@ class DesiredIntake:
                     "a changed document needs a higher generation",
                 )
             return False
+        at = utc_now_iso()  # (the same in the copy written first and in the state)
         try:  # the intent must be writable before it has any effect (no run stopped)
-            await self._write(serialise(self._with_intent(self.state, desired, text)))
+            await self._write(serialise(self._with_intent(self.state, desired, text, at)))
         except StateError as exc:
             self.reject(desired.generation, f"cannot persist the desired state: {exc}")
             return False
@@ -130,9 +131,11 @@ class DesiredIntake:
             flows=len(desired.flows),
             invalid=len(desired.invalid),
         )
-        self.mark_pending(desired)
+        self.mark_pending(desired, at=at)
         try:
-            await self._persist()  # with what the superseded run left
+            # With what the superseded run left; with no run in flight this is the
+            # snapshot written above, and the writer does not write it again.
+            await self._persist()
         except StateError as exc:
             # Without persisted intent nothing is started: restore what was applied.
             for name in PersistedState.model_fields:
@@ -154,15 +157,17 @@ class DesiredIntake:
         self._persist_soon()  # (so that a restart still reports it)
 
     def _with_intent(
-        self, state: PersistedState, desired: DesiredState, text: str
+        self, state: PersistedState, desired: DesiredState, text: str, at: str
     ) -> PersistedState:
         """A copy of ``state`` that has taken ``desired`` in (announces nothing)."""
         copy = state.model_copy(deep=True)
         copy.desired_raw, copy.generation, copy.rejected = text, desired.generation, None
-        self.mark_pending(desired, FlowRecords(copy))
+        self.mark_pending(desired, FlowRecords(copy), at=at)
         return copy
 
-    def mark_pending(self, desired: DesiredState, records: FlowRecords | None = None) -> None:
+    def mark_pending(
+        self, desired: DesiredState, records: FlowRecords | None = None, *, at: str | None = None
+    ) -> None:
         """``pending`` for every flow whose target ``desired`` changes."""
         records = records if records is not None else self.records
         for step in plan(desired, records, device_type=self.cfg.device_type, now=time.time()):
@@ -185,4 +190,5 @@ class DesiredIntake:
                         reverted=False,
                         deferred_since=None,
                         deferred_until=None,
+                        at=at,
                     )

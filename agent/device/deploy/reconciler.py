@@ -50,6 +50,7 @@ from agent.device.deploy.state import (
     StateStore,
     serialise,
 )
+from agent.device.deploy.writer import StateWriter
 from agent.device.reporter import Reporter
 from agent.device.runtime.flows import FlowHost
 from agent.device.settings import health_defaults, update_policy
@@ -89,13 +90,14 @@ class Reconciler:
         self.records.on_change = self._announce
         self.records.on_touch = lambda _flow_id: self.reporter.mark_dirty()
         self._trigger = asyncio.Event()
+        self._writer = StateWriter(store)
         self.intake = DesiredIntake(
             cfg,
             state,
             self.records,
             reporter,
             persist=self.persist,
-            write=lambda data: self._writer.write(self.store, data),
+            write=self._writer.write,
             persist_soon=self.persist_soon,
             trigger=self.trigger,
             trust=trust or Trust({}),
@@ -107,7 +109,6 @@ class Reconciler:
         self._run_task: asyncio.Task[None] | None = None
         self._flow_locks: dict[str, asyncio.Lock] = {}
         self._active: dict[str, str] = {}
-        self._writer = _SerialWriter()
         #: Called on every status change (the Losant profile says hello after a load).
         self.on_status: Callable[[str, Status], None] = lambda _f, _s: None
         self._background: set[asyncio.Task[None]] = set()
@@ -260,7 +261,7 @@ class Reconciler:
 
     async def persist(self) -> None:
         """Write the state now (ordered, survives cancellation of the caller)."""
-        await self._writer.write(self.store, serialise(self.state))
+        await self._writer.write(serialise(self.state))
 
     # ------------------------------------------------------------ the loop
     async def run_forever(self) -> None:
@@ -376,26 +377,3 @@ def _persist_done(task: asyncio.Task[None]) -> None:
 def _current_task_cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-class _SerialWriter:
-    """One thread writes state files in submission order (cancellation-safe)."""
-
-    def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
-
-        self._closed = False
-
-    async def write(self, store: StateStore, data: bytes) -> None:
-        if self._closed:  # the last save at shutdown, after the run stopped
-            await asyncio.to_thread(store.save_bytes, data)
-            return
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, store.save_bytes, data)
-        await asyncio.shield(fut)
-
-    def close(self) -> None:
-        self._closed = True
-        self._pool.shutdown(wait=True)

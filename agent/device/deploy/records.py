@@ -113,8 +113,12 @@ class FlowRecords(Mapping[str, FlowRecord]):
         probation_until: float | None = _UNSET,
         deferred_since: float | None = _UNSET,
         deferred_until: float | None = _UNSET,
+        at: str | None = None,
     ) -> FlowRecord:
-        """Move ``flow_id`` to ``status`` with the given fields; announce it."""
+        """Move ``flow_id`` to ``status`` with the given fields; announce it.
+
+        ``at`` is the change's time (default: now), given when the same change is
+        also made to a copy that must come out byte for byte the same."""
         rec = self._state.flows.get(flow_id)
         previous = rec.status if rec is not None else None
         if previous not in TRANSITIONS[status]:
@@ -144,7 +148,7 @@ class FlowRecords(Mapping[str, FlowRecord]):
             if value is not _UNSET:
                 setattr(rec, name, value)
         rec.status = status
-        rec.last_updated = utc_now_iso()
+        rec.last_updated = at or utc_now_iso()
         self.on_change(flow_id, rec, previous)
         return rec
 
