@@ -102,6 +102,14 @@ def mosquitto_server(workdir: Path, *, tcp_nodelay: bool = True) -> Iterator[int
 @contextlib.contextmanager
 def http_server(root: Path) -> Iterator[int]:
     class Quiet(http.server.SimpleHTTPRequestHandler):
+        # Keep-alive, as artifact servers do (the agent keeps its connection); with
+        # TCP_NODELAY, or each response's last segment waits for a delayed ACK.
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
