@@ -1,8 +1,9 @@
 """One running flow: its instance, its triggers, its event queue, its supervision.
 
 - Events (startup, interval ticks, commands, MQTT messages) go through a bounded
-  queue and are delivered one at a time, each under the per-call deadline, fuel
-  budget and an outer timeout (for blocking host calls).
+  queue and are delivered in order, each under the per-call deadline, fuel budget
+  and an outer timeout (for blocking host calls); the events already queued run
+  back to back in one worker job (:mod:`agent.device.runtime._batch`).
 - Interval ticks are scheduled on the loop's clock without drift; a tick that is
   still queued when the next is due is not queued twice (a slow flow skips ticks
   rather than piling them up).
@@ -26,6 +27,7 @@ from typing import Any
 import structlog
 from paho.mqtt.client import topic_matches_sub
 
+from agent.device.runtime._batch import MAX_BATCH, Batch, deliver
 from agent.device.runtime.hostapi import (
     EVENT_COMMAND,
     EVENT_INTERVAL,
@@ -150,6 +152,8 @@ class FlowRunner:
         self.instance: FlowInstance | None = None
         self._queue: asyncio.Queue[Event] = asyncio.Queue(QUEUE_SIZE)
         self._queued_ticks: set[str] = set()
+        #: Events of a batch that were not delivered, delivered next.
+        self._backlog: deque[Event] = deque()
         self._tasks: list[asyncio.Task[None]] = []
         self.log = log.bind(flow_id=spec.flow_id, device_id=device_id, flow_version=spec.version)
         if spec.module:
@@ -323,20 +327,21 @@ class FlowRunner:
             except OSError as exc:
                 self.log.error("cannot persist flow storage", error=str(exc))
 
-    async def _deliver(self, inst: FlowInstance, event: Event) -> tuple[int, bytes | None]:
+    #: What the outer timeout's message calls the event handler.
+    HANDLER = "edge_on_event"
+
+    def _invoke(self, inst: FlowInstance, event: Event) -> tuple[int, bytes | None]:
+        """Deliver one event (blocking, on a wasm worker thread): (rc, response)."""
         ctx = self.context
+        if ctx is None:
+            return inst.dispatch(event.kind, event.name, event.payload), None
+        ctx.in_command, ctx.response = event.kind == EVENT_COMMAND, None
+        try:
+            return inst.dispatch(event.kind, event.name, event.payload), ctx.response
+        finally:
+            ctx.in_command = False
 
-        def call() -> int:
-            if ctx is None:
-                return inst.dispatch(event.kind, event.name, event.payload)
-            ctx.in_command, ctx.response = event.kind == EVENT_COMMAND, None
-            try:
-                return inst.dispatch(event.kind, event.name, event.payload)
-            finally:
-                ctx.in_command = False
-
-        rc = await self.runtime.run(call, timeout=self.call_timeout, what="edge_on_event")
-        response = ctx.response if ctx is not None else None
+    def _delivered(self, event: Event, rc: int) -> None:
         self.state.events += 1
         if rc != 0:
             self.log.warning(
@@ -344,27 +349,67 @@ class FlowRunner:
                 rc=rc,
                 trigger=event.name[:100].decode(errors="replace"),
             )
-        return int(rc), response
+
+    async def _deliver_all(self, inst: FlowInstance, events: list[Event]) -> Batch[Any]:
+        return await deliver(
+            self.runtime,
+            functools.partial(self._invoke, inst),
+            events,
+            self.call_timeout,
+            self.HANDLER,
+        )
+
+    async def _deliver(self, inst: FlowInstance, event: Event) -> tuple[int, bytes | None]:
+        """One event on its own (the startup trigger); raises what it failed with."""
+        batch = await self._deliver_all(inst, [event])
+        if batch.error is not None:
+            raise batch.error
+        rc, result = batch.results[0]
+        self._delivered(event, rc)
+        return rc, result
+
+    async def _next_batch(self) -> list[Event]:
+        """The events to deliver next: what was put back first, then the queue's."""
+        batch = [self._backlog.popleft() if self._backlog else await self._queue.get()]
+        while len(batch) < MAX_BATCH and (self._backlog or not self._queue.empty()):
+            batch.append(self._backlog.popleft() if self._backlog else self._queue.get_nowait())
+        for event in batch:
+            if event.tick is not None:
+                self._queued_ticks.discard(event.tick)
+        return batch
+
+    def _put_back(self, events: list[Event]) -> None:
+        """Undelivered events of a batch go back to the front of the queue, in order."""
+        self._backlog.extendleft(reversed(events))
+        self._queued_ticks.update(e.tick for e in events if e.tick is not None)
 
     async def _worker(self) -> None:
         while True:
-            event = await self._queue.get()
-            if event.tick is not None:
-                self._queued_ticks.discard(event.tick)
+            batch = await self._next_batch()
             inst = self.instance
             if inst is None:
-                _answer(event, Outcome(error=f"flow {self.flow_id} is not running"))
+                for event in batch:
+                    _answer(event, Outcome(error=f"flow {self.flow_id} is not running"))
                 continue
             try:
-                rc, result = await self._deliver(inst, event)
-            except AgentError as exc:
+                out = await self._deliver_all(inst, batch)
+            except Exception:  # a bug here must not end this flow's worker silently
+                self.log.exception("internal error delivering events")
+                out = Batch([], RuntimeError("delivery failed"))
+            for event, (rc, result) in zip(batch, out.results, strict=False):
+                self._delivered(event, rc)
+                _answer(event, Outcome(rc=rc, result=result))
+            self._put_back(batch[out.settled :])
+            exc = out.error
+            if exc is None:
+                continue
+            event = batch[len(out.results)]
+            if isinstance(exc, AgentError):
                 _answer(event, Outcome(error=str(exc)))
                 await self._failed(str(exc), getattr(exc, "code", "error"))
-            except Exception as exc:  # a bug here must not end this flow's worker silently
-                self.log.exception("internal error delivering an event")
-                _answer(event, Outcome(error=f"internal error: {exc!r}"))
             else:
-                _answer(event, Outcome(rc=rc, result=result))
+                self.log.error("internal error delivering an event", exc_info=exc)
+                _answer(event, Outcome(error=f"internal error: {exc!r}"))
 
     # ------------------------------------------------------------ supervision
     async def _failed(self, reason: str, code: str = "error") -> None:

@@ -524,6 +524,12 @@ class WasiOnly:
         return True
 
 
+#: Event buffers up to this size are kept between events (bytes).
+KEPT_EVENT_BUFFER = 64 * 1024
+#: The smallest event buffer asked of ``edge_alloc`` (room for typical events).
+MIN_EVENT_BUFFER = 1024
+
+
 class FlowInstance:
     """One instantiated flow: its Store, Instance and output sinks.
 
@@ -569,6 +575,8 @@ class FlowInstance:
         self._exports: dict[str, wasmtime.Func | None] = {}
         self._pipes: list[_Pipe] = []
         self._memory: Any = None
+        #: The event buffer kept from ``edge_alloc`` between events: (ptr, capacity).
+        self._event_buf = (0, 0)
         self._device_id = device_id
         _live.add(self)
 
@@ -711,10 +719,11 @@ class FlowInstance:
                     self._release_locked()
 
     def dispatch(self, kind: int, name: bytes, payload: bytes) -> int:
-        """Deliver one trigger event through ``edge_alloc`` + ``edge_on_event`` (blocking).
+        """Deliver one trigger event through ``edge_on_event`` (blocking).
 
-        Alloc, copy, the handler and ``edge_free`` share one deadline and fuel budget.
-        Returns the handler's result code.
+        The event is copied into a buffer from ``edge_alloc``, kept for the next
+        events while it is big enough (see :meth:`_event_buffer`). Allocation, copy
+        and handler share one deadline and fuel budget. Returns the handler's code.
         """
         with self._lock:
             try:
@@ -732,25 +741,47 @@ class FlowInstance:
             raise SandboxError(f"flow {self.flow_id} has triggers but exports no edge_on_event")
         size = len(name) + len(payload)
         self._arm()
-        ptr = 0
+        ptr = self._event_buffer(size) if size else 0
         if size:
-            if self._export("edge_alloc") is None:
-                raise SandboxError(f"flow {self.flow_id} exports edge_on_event but no edge_alloc")
-            ptr = int(self._call_locked("edge_alloc", size, arm=False)) & 0xFFFFFFFF
-            if self._memory is None:
-                self._memory = self.export_item("memory")
-            memory = self._memory
-            if ptr == 0 or not isinstance(memory, wasmtime.Memory):
-                raise FlowTrap("edge_alloc returned NULL (out of memory?)", code="alloc")
-            if ptr + size > memory.data_len(self.store):
-                raise FlowTrap("edge_alloc returned a pointer outside memory", code="alloc")
-            memory.write(self.store, name + payload, ptr)
+            self._memory.write(self.store, name + payload, ptr)
         rc = self._call_locked(
             "edge_on_event", kind, ptr, len(name), ptr + len(name), len(payload), arm=False
         )
-        if size and self._export("edge_free") is not None:
-            self._call_locked("edge_free", ptr, size, arm=False)
+        if size > KEPT_EVENT_BUFFER:  # a large buffer is not kept: give it back now
+            self._free_event_buffer()
         return int(rc or 0)
+
+    def _event_buffer(self, size: int) -> int:
+        """A buffer of at least ``size`` bytes in the flow's memory (caller holds the lock).
+
+        Buffers up to :data:`KEPT_EVENT_BUFFER` bytes are kept between events, so an
+        event costs one export call (``edge_on_event``) rather than three; a bigger
+        event replaces the kept buffer (``edge_free`` the old one, ``edge_alloc``).
+        """
+        ptr, capacity = self._event_buf
+        if size <= capacity:
+            return ptr
+        if self._export("edge_alloc") is None:
+            raise SandboxError(f"flow {self.flow_id} exports edge_on_event but no edge_alloc")
+        self._free_event_buffer()
+        want = size if size > KEPT_EVENT_BUFFER else max(size, MIN_EVENT_BUFFER)
+        ptr = int(self._call_locked("edge_alloc", want, arm=False)) & 0xFFFFFFFF
+        if self._memory is None:
+            self._memory = self.export_item("memory")
+        memory = self._memory
+        if ptr == 0 or not isinstance(memory, wasmtime.Memory):
+            raise FlowTrap("edge_alloc returned NULL (out of memory?)", code="alloc")
+        assert self.store is not None
+        if ptr + want > memory.data_len(self.store):  # (memory only grows: checked once)
+            raise FlowTrap("edge_alloc returned a pointer outside memory", code="alloc")
+        self._event_buf = (ptr, want)
+        return ptr
+
+    def _free_event_buffer(self) -> None:
+        ptr, capacity = self._event_buf
+        self._event_buf = (0, 0)
+        if ptr and self._export("edge_free") is not None:
+            self._call_locked("edge_free", ptr, capacity, arm=False)
 
     def close(self) -> None:
         """Stop the instance without ever blocking the caller (the event loop).
@@ -780,6 +811,7 @@ class FlowInstance:
         self._drain_output()
         self._exports.clear()
         self._memory = None
+        self._event_buf = (0, 0)
         self._linker = None
         self.instance = None
         store, self.store = self.store, None
