@@ -14,7 +14,12 @@ Baselines measured in the same run, on the same module bytes:
 ``--functions 1`` makes the module tiny (compilation ~1 ms), so that the figure is
 the agent's own path: intake, state writes, swap, and the state report.
 
-Usage: python bench/convergence.py [--deployments 60] [--functions 1100] [--json]
+Then ``--rollbacks`` deployments go back and forth between the last two versions: a
+version the device ran before, whose artifact is still in its store and whose
+compiled module is still cached (no download, no compile).
+
+Usage: python bench/convergence.py [--deployments 60] [--functions 1100]
+       [--rollbacks 20] [--json]
 """
 
 from __future__ import annotations
@@ -135,6 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--deployments", type=int, default=60)
     ap.add_argument("--functions", type=int, default=1100, help="module size (1: tiny)")
+    ap.add_argument("--rollbacks", type=int, default=20)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -147,6 +153,7 @@ def main() -> None:
 
     compile_ms = compile_baseline(modules[1:])
     latencies: list[float] = []
+    back: list[float] = []
     with mosquitto_server(work) as mqtt_port, http_server(www) as http_port:
         rtt_ms = paho_round_trips(mqtt_port)
         agent = start_agent(work, mqtt_port, DEVICE)
@@ -154,26 +161,33 @@ def main() -> None:
         pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-release")
         pub.connect("127.0.0.1", mqtt_port)
         pub.loop_start()
+
+        def deploy(generation: int, i: int) -> float:
+            doc = {
+                "generation": generation,
+                "flows": {
+                    "bench": {
+                        "version": f"v{i}",
+                        "artifact": {
+                            "url": f"http://127.0.0.1:{http_port}/m{i}.wasm",
+                            "sha256": hashlib.sha256(modules[i]).hexdigest(),
+                            "size": len(modules[i]),
+                        },
+                    }
+                },
+            }
+            t0 = time.perf_counter()
+            pub.publish(f"edge/{DEVICE}/desired", json.dumps(doc), qos=1, retain=True)
+            return (watch.wait_version(f"v{i}") - t0) * 1000
+
         try:
-            for i, data in enumerate(modules):
-                doc = {
-                    "generation": i + 1,
-                    "flows": {
-                        "bench": {
-                            "version": f"v{i}",
-                            "artifact": {
-                                "url": f"http://127.0.0.1:{http_port}/m{i}.wasm",
-                                "sha256": hashlib.sha256(data).hexdigest(),
-                                "size": len(data),
-                            },
-                        }
-                    },
-                }
-                t0 = time.perf_counter()
-                pub.publish(f"edge/{DEVICE}/desired", json.dumps(doc), qos=1, retain=True)
-                t1 = watch.wait_version(f"v{i}")
+            for i in range(len(modules)):
+                ms = deploy(i + 1, i)
                 if i > 0:  # the first deployment also warms up the agent
-                    latencies.append((t1 - t0) * 1000)
+                    latencies.append(ms)
+            last = len(modules) - 1
+            for j in range(args.rollbacks):  # back and forth between the last two
+                back.append(deploy(len(modules) + j + 1, last - 1 if j % 2 == 0 else last))
         finally:
             pub.loop_stop()
             pub.disconnect()
@@ -191,6 +205,10 @@ def main() -> None:
             "min": min(latencies),
             "max": max(latencies),
         },
+        "back_to_previous_ms": {
+            "median": statistics.median(back) if back else None,
+            "p95": pct(back, 95) if back else None,
+        },
         "baseline_compile_ms": {
             "median": statistics.median(compile_ms),
             "p95": pct(compile_ms, 95),
@@ -201,10 +219,12 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     c, b, r = result["converge_ms"], result["baseline_compile_ms"], result["baseline_paho_rtt_ms"]
+    back_ms = result["back_to_previous_ms"]
     print(f"machine: {result['machine']}")
     print(f"module: {result['module_bytes']} bytes, {result['deployments']} deployments over HTTP")
     rows = [
         ("desired published -> state reports version", c),
+        *([("the same, back to the previous version", back_ms)] if back else []),
         ("baseline: wasmtime compile of that module", b),
         ("baseline: raw paho QoS1 pub->sub round trip", r),
     ]

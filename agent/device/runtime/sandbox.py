@@ -40,6 +40,7 @@ import structlog
 import wasmtime
 
 from agent.device._fsutil import atomic_write
+from agent.device.runtime._wasmcall import fast_call
 from agent.errors import FlowTrap, InstantiationError, InvalidModule, SandboxError
 
 log = structlog.get_logger("agent.device.runtime.sandbox")
@@ -573,6 +574,7 @@ class FlowInstance:
         self.instance: wasmtime.Instance | None = None
         self._linker: wasmtime.Linker | None = None
         self._exports: dict[str, wasmtime.Func | None] = {}
+        self._calls: dict[str, Any] = {}
         self._pipes: list[_Pipe] = []
         self._memory: Any = None
         #: The event buffer kept from ``edge_alloc`` between events: (ptr, capacity).
@@ -681,9 +683,21 @@ class FlowInstance:
         else:
             self.store.set_fuel(2**63 - 1)
 
+    def _callable(self, name: str) -> Any:
+        """The export ``name`` as a callable ``(store, *args)``: a :class:`FastCall`
+        where its signature allows one, else the ``Func``; None if there is none."""
+        call = self._calls.get(name)
+        if call is None:
+            func = self._export(name)
+            if func is None:
+                return None
+            assert self.store is not None
+            call = self._calls[name] = fast_call(func, self.store) or func
+        return call
+
     def _call_locked(self, name: str, *args: Any, arm: bool = True) -> Any:
         assert self.store is not None
-        func = self._export(name)
+        func = self._callable(name)
         if func is None:
             raise SandboxError(f"flow {self.flow_id} has no exported function {name!r}")
         if arm:
@@ -810,6 +824,7 @@ class FlowInstance:
         self._close_pending = False
         self._drain_output()
         self._exports.clear()
+        self._calls.clear()
         self._memory = None
         self._event_buf = (0, 0)
         self._linker = None
