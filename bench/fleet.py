@@ -18,7 +18,14 @@ Baselines measured in the same run:
 - bare wasmtime: the counter module compiled once and instantiated N times in one
   engine (the wasm floor of running the flow on N devices).
 
-Usage: python bench/fleet.py [--devices 100 500 1000] [--json]
+CPU per device (the fleet's CPU during convergence / N) is printed beside the raw
+paho clients' CPU per device, the baseline measured in the same run: CPU seconds
+depend much less on other load on the machine than wall-clock times do.
+
+Usage: python bench/fleet.py [--devices 100 500 1000] [--json] [--py-spy DIR]
+
+``--py-spy DIR`` records a py-spy profile of the simulator during each convergence
+(``DIR/fleet-<N>.txt``, raw collapsed stacks; needs ``pip install py-spy``).
 """
 
 from __future__ import annotations
@@ -45,15 +52,20 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.device.config import MqttConfig
 from agent.fleet.controller import FleetClient, flow_status
-from agent.fleet.demo import COUNTER_MANIFEST, EXAMPLES, mosquitto_server
+from agent.fleet.demo import COUNTER_MANIFEST, counter_wasm, mosquitto_server
 
 TICK = os.sysconf("SC_CLK_TCK")
-COUNTER = (EXAMPLES / "counter" / "counter.wasm").read_bytes()
+COUNTER = counter_wasm()
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK  # utime, stime
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+    return sum(cpu_split(pid))
 
 
 def rss_bytes(pid: int) -> int:
@@ -84,7 +96,20 @@ def wait(predicate: Any, timeout: float, what: str) -> None:
 
 
 # ------------------------------------------------------------------ the agent fleet
-def agent_fleet(n: int, broker: str, broker_pid: int, work: Path) -> dict[str, Any]:
+def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording ``pid`` (threads on a CPU, not idle ones) until it gets SIGINT."""
+    spy = Path(sys.executable).with_name("py-spy")
+    opts = ["--rate", "200", "--format", "raw", "--output", str(out)]
+    return subprocess.Popen(
+        [str(spy) if spy.exists() else "py-spy", "record", "--pid", str(pid), *opts],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def agent_fleet(
+    n: int, broker: str, broker_pid: int, work: Path, profile: Path | None = None
+) -> dict[str, Any]:
     # Output goes to files: an unread pipe would block the fleet once it fills.
     out_path, err_path = work / "sim.out", work / "sim.err"
     with out_path.open("w") as out_f, err_path.open("w") as err_f:
@@ -131,7 +156,11 @@ def agent_fleet(n: int, broker: str, broker_pid: int, work: Path) -> dict[str, A
             **COUNTER_MANIFEST,
         }
         devices = sorted(client.devices())
+        spy = start_profiler(sim.pid, profile) if profile is not None else None
+        if spy is not None:
+            time.sleep(1)  # py-spy attaches
         c0, b0 = cpu_seconds(sim.pid), cpu_seconds(broker_pid)
+        u0, s0 = cpu_split(sim.pid)
         t0 = time.monotonic()
         client.update_many(devices, lambda _d, doc: {**doc, "flows": {"counter": entry}})
         written_s = time.monotonic() - t0
@@ -143,6 +172,10 @@ def agent_fleet(n: int, broker: str, broker_pid: int, work: Path) -> dict[str, A
         wait(done, 120 + n / 5, "every device to report success")
         converge_s = time.monotonic() - t0
         cpu = cpu_seconds(sim.pid) - c0, cpu_seconds(broker_pid) - b0
+        u1, s1 = cpu_split(sim.pid)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         time.sleep(2)
         running_rss = rss_bytes(sim.pid)
     finally:
@@ -162,6 +195,9 @@ def agent_fleet(n: int, broker: str, broker_pid: int, work: Path) -> dict[str, A
         "write_s": round(written_s, 2),
         "converge_s": round(converge_s, 2),
         "sim_cpu_s": round(cpu[0], 2),
+        "cpu_ms_per_device": round(cpu[0] / n * 1000, 2),
+        "sim_user_s": round(u1 - u0, 2),
+        "sim_system_s": round(s1 - s0, 2),
         "broker_cpu_s": round(cpu[1], 2),
         "idle_sim_cpu_pct": round(idle_cpu[0] * 100, 1),
         "idle_broker_cpu_pct": round(idle_cpu[1] * 100, 1),
@@ -275,9 +311,11 @@ def raw_paho_fleet(n: int, port: int, broker_pid: int) -> dict[str, Any]:
             info.wait_for_publish(30)
         wait(lambda: len(states) == n, 120, "raw states")
         took = time.monotonic() - t0
+        client_cpu = time.process_time() - p0  # this process: the operator and every client
         return {
             "converge_s": round(took, 2),
-            "client_cpu_s": round(time.process_time() - p0, 2),
+            "client_cpu_s": round(client_cpu, 2),
+            "cpu_ms_per_device": round(client_cpu / n * 1000, 2),
             "broker_cpu_s": round(cpu_seconds(broker_pid) - b0, 2),
         }
     finally:
@@ -339,6 +377,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, nargs="+", default=[100, 500, 1000])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR")
     args = ap.parse_args()
     results: dict[str, Any] = {
         "machine": f"{os.cpu_count()} CPU {platform.machine()}, {platform.system()} "
@@ -351,7 +390,10 @@ def main() -> None:
         with mosquitto_server(work) as port:
             broker = f"mqtt://127.0.0.1:{port}"
             pid = mosquitto_pid(port)
-            agent = agent_fleet(n, broker, pid, work)
+            if args.py_spy is not None:
+                args.py_spy.mkdir(parents=True, exist_ok=True)
+            profile = args.py_spy / f"fleet-{n}.txt" if args.py_spy is not None else None
+            agent = agent_fleet(n, broker, pid, work, profile)
             print(f"[{time.strftime('%H:%M:%S')}] raw paho ...", file=sys.stderr, flush=True)
             raw = raw_paho_fleet(n, port, pid)
             print(f"[{time.strftime('%H:%M:%S')}] wasmtime ...", file=sys.stderr, flush=True)
@@ -368,6 +410,11 @@ def main() -> None:
                 f"           CPU during convergence: fleet {a['sim_cpu_s']} s, broker "
                 f"{a['broker_cpu_s']} s; idle: fleet {a['idle_sim_cpu_pct']} %, broker "
                 f"{a['idle_broker_cpu_pct']} % of a core"
+            )
+            print(
+                f"           CPU per device: {a['cpu_ms_per_device']} ms (raw paho baseline: "
+                f"{r['cpu_ms_per_device']} ms); fleet user {a['sim_user_s']} s, system "
+                f"{a['sim_system_s']} s"
             )
             print(
                 f"           memory per device: {a['idle_kib_per_device']} KiB idle, "
