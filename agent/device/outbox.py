@@ -81,6 +81,17 @@ class Outbox:
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
         ).fetchone()
         self.count, self.bytes = int(row[0]), int(row[1])
+        #: The queued row of each coalesce key: key -> (seq, payload length). It lets a
+        #: put replace its earlier copy in one statement, without reading it first.
+        self._coalesced: dict[str, tuple[int, int]] = {
+            str(k): (int(q), int(n))
+            for q, k, n in self._db.execute(
+                "SELECT seq, coalesce_key, LENGTH(payload) FROM outbox"
+                " WHERE coalesce_key IS NOT NULL"
+            )
+        }
+        #: SQL statements run by put/ack (a regression test counts them per message).
+        self.statements = 0
         self.dropped = self._meta("dropped")
         self.sent = 0
         self._wake = asyncio.Event()
@@ -106,46 +117,97 @@ class Outbox:
         coalesce: str | None = None,
         correlation: bytes | None = None,
     ) -> None:
-        """Queue one QoS 1 message (its turn comes after everything already queued)."""
+        """Queue one QoS 1 message (its turn comes after everything already queued).
+
+        One SQL statement, so one (autocommitted) transaction: an earlier unsent copy
+        with the same ``coalesce`` key is replaced by ``INSERT OR REPLACE`` on the
+        key's unique index (the new row gets the next seq, so it goes out last). Only
+        a put that would pass the limits takes the longer path that drops the oldest.
+        """
+        old = self._coalesced.get(coalesce) if coalesce is not None else None
+        count = self.count + (0 if old is not None else 1)
+        size = self.bytes + len(payload) - (old[1] if old is not None else 0)
+        lim = self.limits
+        if count > lim.max_messages or (size > lim.max_bytes and count > 1):
+            self._put_over_limits(topic, payload, retain, coalesce, correlation)
+            return
+        self.statements += 1
+        cur = self._db.execute(
+            "INSERT OR REPLACE INTO outbox"
+            " (topic, payload, retain, coalesce_key, correlation, created)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (topic, payload, int(retain), coalesce, correlation, time.time()),
+        )
+        self.count, self.bytes = count, size
+        if coalesce is not None:
+            assert cur.lastrowid is not None
+            self._coalesced[coalesce] = (cur.lastrowid, len(payload))
+        self._wake.set()
+
+    def _put_over_limits(
+        self,
+        topic: str,
+        payload: bytes,
+        retain: bool,
+        coalesce: str | None,
+        correlation: bytes | None,
+    ) -> None:
         db = self._db
         db.execute("BEGIN")
         try:
             if coalesce is not None:
-                old = db.execute(
-                    "SELECT LENGTH(payload) FROM outbox WHERE coalesce_key = ?", (coalesce,)
-                ).fetchone()
+                old = self._coalesced.pop(coalesce, None)
                 if old is not None:
-                    db.execute("DELETE FROM outbox WHERE coalesce_key = ?", (coalesce,))
+                    db.execute("DELETE FROM outbox WHERE seq = ?", (old[0],))
                     self.count -= 1
-                    self.bytes -= int(old[0])
-            db.execute(
+                    self.bytes -= old[1]
+            cur = db.execute(
                 "INSERT INTO outbox (topic, payload, retain, coalesce_key, correlation, created)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (topic, payload, int(retain), coalesce, correlation, time.time()),
             )
+            if coalesce is not None:
+                assert cur.lastrowid is not None
+                self._coalesced[coalesce] = (cur.lastrowid, len(payload))
             self.count += 1
             self.bytes += len(payload)
             dropped = self._enforce_limits()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
+            self._reload_counts()
             raise
         if dropped:
             self._note_dropped(dropped)
         self._wake.set()
+
+    def _reload_counts(self) -> None:
+        """After a rolled-back transaction: the counters from the table again."""
+        row = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
+        ).fetchone()
+        self.count, self.bytes = int(row[0]), int(row[1])
+        self._coalesced = {
+            str(k): (int(q), int(n))
+            for q, k, n in self._db.execute(
+                "SELECT seq, coalesce_key, LENGTH(payload) FROM outbox"
+                " WHERE coalesce_key IS NOT NULL"
+            )
+        }
 
     def _enforce_limits(self) -> int:
         lim = self.limits
         dropped = 0
         while self.count > lim.max_messages or (self.bytes > lim.max_bytes and self.count > 1):
             row = self._db.execute(
-                "SELECT seq, LENGTH(payload) FROM outbox ORDER BY seq LIMIT 1"
+                "SELECT seq, LENGTH(payload), coalesce_key FROM outbox ORDER BY seq LIMIT 1"
             ).fetchone()
             if row is None:
                 break
             self._db.execute("DELETE FROM outbox WHERE seq = ?", (row[0],))
             self.count -= 1
             self.bytes -= int(row[1])
+            self._forget_coalesced(row[2], int(row[0]))
             dropped += 1
         if dropped:
             self.dropped += dropped
@@ -178,18 +240,25 @@ class Outbox:
         return [Row(int(r[0]), r[1], bytes(r[2]), bool(r[3]), r[4]) for r in rows]
 
     def ack(self, seqs: list[int]) -> None:
+        """Delete acknowledged rows: one statement (and transaction) per batch."""
         if not seqs:
             return
         marks = ",".join("?" * len(seqs))
+        self.statements += 1
         rows = self._db.execute(
-            f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox "  # noqa: S608 - placeholders only
-            f"WHERE seq IN ({marks})",
+            f"DELETE FROM outbox WHERE seq IN ({marks})"  # noqa: S608 - placeholders only
+            " RETURNING seq, LENGTH(payload), coalesce_key",
             seqs,
-        ).fetchone()
-        self._db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", seqs)  # noqa: S608
-        self.count -= int(rows[0])
-        self.bytes -= int(rows[1])
-        self.sent += int(rows[0])
+        ).fetchall()
+        for seq, length, key in rows:
+            self.bytes -= int(length)
+            self._forget_coalesced(key, int(seq))
+        self.count -= len(rows)
+        self.sent += len(rows)
+
+    def _forget_coalesced(self, key: str | None, seq: int) -> None:
+        if key is not None and self._coalesced.get(key, (None,))[0] == seq:
+            del self._coalesced[key]
 
     async def drain(
         self, publish: Callable[..., asyncio.Future[None]], connected: asyncio.Event
