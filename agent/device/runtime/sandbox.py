@@ -531,6 +531,25 @@ KEPT_EVENT_BUFFER = 64 * 1024
 MIN_EVENT_BUFFER = 1024
 
 
+#: (module, name) of each import of a compiled module, read once per module: the
+#: Runtime shares one Module among every instance of it (a simulated fleet starts
+#: the same module on every device), and ``Module.imports`` wraps each import anew.
+_imports: weakref.WeakKeyDictionary[wasmtime.Module, tuple[tuple[str, str], ...]] = (
+    weakref.WeakKeyDictionary()
+)
+_imports_lock = threading.Lock()
+
+
+def _import_names(module: wasmtime.Module) -> tuple[tuple[str, str], ...]:
+    with _imports_lock:
+        names = _imports.get(module)
+    if names is None:
+        names = tuple((imp.module, imp.name or "") for imp in module.imports)
+        with _imports_lock:
+            _imports[module] = names
+    return names
+
+
 class FlowInstance:
     """One instantiated flow: its Store, Instance and output sinks.
 
@@ -584,10 +603,10 @@ class FlowInstance:
 
     def check_imports(self) -> None:
         allowed = self.bindings.allowed_modules
-        for imp in self.module.imports:
-            if imp.module not in allowed:
+        for module, name in _import_names(self.module):
+            if module not in allowed:
                 raise InstantiationError(
-                    f"module imports {imp.module}.{imp.name}, which this host does not provide "
+                    f"module imports {module}.{name}, which this host does not provide "
                     f"(allowed: {', '.join(sorted(allowed))})"
                 )
         self.bindings.check(self.module)
