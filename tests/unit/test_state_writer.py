@@ -96,3 +96,26 @@ async def test_after_close_a_last_save_still_lands(store: RecordingStore) -> Non
     writer.close()
     await writer.write(b"z")
     assert store.path.read_bytes() == b"z"
+
+
+async def test_a_write_in_flight_for_a_caller_that_gave_up_is_not_mistaken_for_done(
+    store: RecordingStore,
+) -> None:
+    """The snapshot the file holds is compared without a thread hand-off only while
+    no write is in flight, also one whose caller was cancelled."""
+    writer = StateWriter(store)
+    await writer.write(b"w")
+    store.hold = threading.Event()
+    task = asyncio.create_task(writer.write(b"x"))
+    await asyncio.to_thread(store.holding.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    again = asyncio.create_task(writer.write(b"w"))  # equal to the last one written
+    await asyncio.sleep(0)
+    assert not again.done()
+    store.hold.set()
+    await again
+    writer.close()
+    assert store.path.read_bytes() == b"w"
+    assert store.saved == [b"w", b"x", b"w"]

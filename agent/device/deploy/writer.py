@@ -35,19 +35,29 @@ class StateWriter:
         #: What the file holds, as far as this process wrote it (None: unknown).
         self._last: bytes | None = None
         self._closed = False
+        #: Jobs submitted and not yet ended (event loop thread only).
+        self._jobs = 0
         #: Files written (each two fsyncs): what benchmarks and the regression
         #: guard count per deployment.
         self.writes = 0
 
     async def write(self, data: bytes) -> None:
         """Have ``data`` (or a newer snapshot) on disk; survives cancellation of the caller."""
+        if self._jobs == 0 and data == self._last:
+            return  # on disk already, and no job in flight can change that: no hand-off
         with self._lock:
             self._pending = data
         if self._closed:  # the last save at shutdown, after the pool stopped
             await asyncio.to_thread(self._flush)
             return
         loop = asyncio.get_running_loop()
-        await asyncio.shield(loop.run_in_executor(self._pool, self._flush))
+        fut = loop.run_in_executor(self._pool, self._flush)
+        self._jobs += 1  # (counted down when the job ends, not when a caller gives up)
+        fut.add_done_callback(self._job_done)
+        await asyncio.shield(fut)
+
+    def _job_done(self, _fut: asyncio.Future[None]) -> None:
+        self._jobs -= 1
 
     def _flush(self) -> None:
         with self._lock:
