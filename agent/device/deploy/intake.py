@@ -120,7 +120,7 @@ class DesiredIntake:
             self.reject(desired.generation, f"cannot persist the desired state: {exc}")
             return False
         await supersede(desired)
-        before = self.state.model_copy(deep=True)
+        before = serialise(self.state)  # (a copy: cheaper than a deep copy of the model)
         self.desired = desired
         self.state.desired_raw = text
         self.state.generation = desired.generation
@@ -138,8 +138,9 @@ class DesiredIntake:
             await self._persist()
         except StateError as exc:
             # Without persisted intent nothing is started: restore what was applied.
+            restored = PersistedState.model_validate_json(before)
             for name in PersistedState.model_fields:
-                setattr(self.state, name, getattr(before, name))
+                setattr(self.state, name, getattr(restored, name))
             self.desired = self._parse_persisted()
             self.reject(desired.generation, f"cannot persist the desired state: {exc}")
             self._trigger()  # resume what the cancelled run was doing for the applied state
@@ -160,7 +161,7 @@ class DesiredIntake:
         self, state: PersistedState, desired: DesiredState, text: str, at: str
     ) -> PersistedState:
         """A copy of ``state`` that has taken ``desired`` in (announces nothing)."""
-        copy = state.model_copy(deep=True)
+        copy = PersistedState.model_validate_json(serialise(state))  # (see `before`)
         copy.desired_raw, copy.generation, copy.rejected = text, desired.generation, None
         self.mark_pending(desired, FlowRecords(copy), at=at)
         return copy
