@@ -20,10 +20,17 @@ both the retained status says ``online`` and a state report (received after the
 start) has all 20 flows ``running``. Repeated ``--restarts`` times: median and p95.
 Wall-clock figures on a shared 2-core machine are noisy; RSS is not.
 
-Baseline, measured in the same run: a bare Python process that imports paho and
-wasmtime, makes an engine with the agent's settings and instantiates the counter
-once (its imports stubbed); and, for reference, the same process instantiating
-it 20 times, and instantiating the EEA sample once.
+Baselines, measured in the same run: for RSS, a bare Python process that imports
+paho and wasmtime, makes an engine with the agent's settings and instantiates the
+counter once (its imports stubbed; median of three processes); for reference the
+same instantiating it 20 times, and instantiating the EEA sample once. For the
+restart, a bare Python process that imports paho and wasmtime, deserializes the two
+compiled modules, instantiates 20 instances, connects to the broker and publishes a
+retained QoS 1 message: from its start to the PUBACK.
+
+The agent's package is byte-compiled first (a device gets its byte-code from the
+package's postinst; a checkout run with PYTHONDONTWRITEBYTECODE would otherwise
+compile every module of the agent at each start).
 
 Usage: python bench/footprint.py [--restarts 7] [--settle 2] [--quick] [--json]
 """
@@ -31,9 +38,11 @@ Usage: python bench/footprint.py [--restarts 7] [--settle 2] [--quick] [--json]
 from __future__ import annotations
 
 import argparse
+import compileall
 import hashlib
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,62 +64,134 @@ EEA_SAMPLE = REPO.parent / "shared" / "eea-samples" / "hello-world-memory-export
 DEVICE = "bench-footprint"
 LOSANT_ID = "5f0c3e9a1b2c3d4e5f6a7b8c"  # the sample bundles need a Losant device id
 
-#: The baseline process: paho + wasmtime, the agent's engine settings, N instances.
-BASELINE = r"""
-import sys, wasmtime, paho.mqtt.client
-path, n = sys.argv[1], int(sys.argv[2])
+#: The engine settings of the agent (agent/device/runtime/sandbox.py engine_config).
+ENGINE = """
 cfg = wasmtime.Config()
 cfg.epoch_interruption = True
 cfg.consume_fuel = True
 cfg.cranelift_opt_level = "speed"
+cfg.parallel_compilation = False
 engine = wasmtime.Engine(cfg)
-module = wasmtime.Module(engine, open(path, "rb").read())
+"""
+
+#: Instantiate ``module`` ``n`` times into ``keep``, every import stubbed.
+INSTANTIATE = """
+def instantiate(module, n, keep):
+    for _ in range(n):
+        store = wasmtime.Store(engine)
+        store.set_fuel(10**9)
+        store.set_epoch_deadline(1 << 30)
+        store.set_wasi(wasmtime.WasiConfig())
+        linker = wasmtime.Linker(engine)
+        linker.define_wasi()
+        linker.allow_shadowing = True
+        for imp in module.imports:
+            if imp.module != "wasi_snapshot_preview1" and isinstance(imp.type, wasmtime.FuncType):
+                results = imp.type.results
+                linker.define_func(imp.module, imp.name, imp.type,
+                                   lambda *a, _r=results: 0 if _r else None)
+        instance = linker.instantiate(store, module)
+        init = instance.exports(store).get("_initialize")
+        if init is not None:
+            init(store)
+        keep.append((store, instance))
+"""
+
+#: RSS baseline: paho + wasmtime, the agent's engine settings, N instances of a module.
+BASELINE = (
+    "import sys, wasmtime, paho.mqtt.client\n"
+    + ENGINE
+    + INSTANTIATE
+    + """
+path, n = sys.argv[1], int(sys.argv[2])
 keep = []
-for _ in range(n):
-    store = wasmtime.Store(engine)
-    store.set_fuel(10**9)
-    store.set_epoch_deadline(1 << 30)
-    store.set_wasi(wasmtime.WasiConfig())
-    linker = wasmtime.Linker(engine)
-    linker.define_wasi()
-    linker.allow_shadowing = True
-    for imp in module.imports:
-        if imp.module != "wasi_snapshot_preview1" and isinstance(imp.type, wasmtime.FuncType):
-            results = imp.type.results
-            linker.define_func(imp.module, imp.name, imp.type,
-                               lambda *a, _r=results: 0 if _r else None)
-    instance = linker.instantiate(store, module)
-    init = instance.exports(store).get("_initialize")
-    if init is not None:
-        init(store)
-    keep.append((store, instance))
+instantiate(wasmtime.Module(engine, open(path, "rb").read()), n, keep)
 for line in open("/proc/self/status"):
-    if line.startswith("VmRSS:"):
-        print(int(line.split()[1]))
+    if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
+        print(line.split()[0], int(line.split()[1]))
 for store, _ in keep:
     store.close()
 """
+)
 
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
+#: Restart baseline: paho + wasmtime, deserialize two modules, 20 instances, connect,
+#: a retained QoS 1 publish and its PUBACK.
+RESTART_BASELINE = (
+    "import sys, threading, wasmtime\n"
+    "import paho.mqtt.client as paho\n"
+    "from paho.mqtt.enums import CallbackAPIVersion\n"
+    + ENGINE
+    + INSTANTIATE
+    + """
+port, first, second = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+keep = []
+instantiate(wasmtime.Module.deserialize_file(engine, first), 1, keep)
+instantiate(wasmtime.Module.deserialize_file(engine, second), 19, keep)
+acked = threading.Event()
+client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-footprint-baseline")
+client.on_publish = lambda *a: acked.set()
+client.connect("127.0.0.1", port)
+client.loop_start()
+client.publish("bench/baseline/status", b'{"online": true}', qos=1, retain=True)
+acked.wait(10)
+print("ready", flush=True)
+client.disconnect()
+client.loop_stop()
+for store, _ in keep:
+    store.close()
+"""
+)
 
 
 def threads(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/task").iterdir()))
 
 
-def baseline_rss(path: Path, n: int) -> int:
+def baseline_rss(path: Path, n: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile (KiB) of the RSS baseline process."""
     out = subprocess.run(
         [sys.executable, "-c", BASELINE, str(path), str(n)],
         check=True,
         capture_output=True,
         text=True,
     )
-    return int(out.stdout.split()[-1])
+    return {k.rstrip(":"): int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
+
+
+def rss_split(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile (KiB) of ``pid``."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
+            out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+def restart_baseline(port: int, first: Path, second: Path) -> float:
+    """ms from starting the restart baseline process to its PUBACK."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RESTART_BASELINE, str(port), str(first), str(second)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    t1 = time.perf_counter()
+    proc.wait(20)
+    if line.strip() != "ready":
+        raise RuntimeError("the restart baseline failed")
+    return (t1 - t0) * 1000
+
+
+def compiled(data: bytes, path: Path) -> Path:
+    """``data`` compiled with the agent's engine settings, serialized to ``path``."""
+    import wasmtime
+
+    scope: dict[str, Any] = {"wasmtime": wasmtime}
+    exec(ENGINE, scope)
+    path.write_bytes(wasmtime.Module(scope["engine"], data).serialize())
+    return path
 
 
 class Watch:
@@ -173,6 +254,9 @@ def main() -> None:
         args.restarts, args.settle = 3, 1.0
     if not EEA_SAMPLE.exists():
         raise SystemExit(f"{EEA_SAMPLE} is missing (the EEA sample bundles)")
+    import agent
+
+    compileall.compile_dir(Path(agent.__file__).parent, quiet=1)
 
     work = Path(tempfile.mkdtemp(prefix="edge-bench-footprint-"))
     www = work / "www"
@@ -183,14 +267,20 @@ def main() -> None:
     (www / "eea.wasm").write_bytes(eea)
     triggers = json.loads(COUNTER_MANIFEST.read_text())["triggers"]
 
+    def median_baseline(path: Path, n: int) -> dict[str, int]:
+        runs = [baseline_rss(path, n) for _ in range(3)]
+        return {k: int(statistics.median(r[k] for r in runs)) for k in runs[0]}
+
     base = {
-        "1 instance": baseline_rss(COUNTER, 1),
-        "20 instances": baseline_rss(COUNTER, 20),
-        "1 EEA instance": baseline_rss(EEA_SAMPLE, 1),
+        "1 instance": median_baseline(COUNTER, 1),
+        "20 instances": median_baseline(COUNTER, 20),
+        "1 EEA instance": median_baseline(EEA_SAMPLE, 1),
     }
-    rss: dict[str, int] = {}
+    cwasm = (compiled(eea, work / "eea.cwasm"), compiled(counter, work / "counter.cwasm"))
+    rss: dict[str, dict[str, int]] = {}
     nthreads: dict[str, int] = {}
     restarts: list[float] = []
+    restart_base: list[float] = []
     with mosquitto_server(work) as mqtt_port, http_server(www) as http_port:
 
         def entry(name: str, data: bytes, **more: Any) -> dict[str, Any]:
@@ -218,6 +308,10 @@ def main() -> None:
                 out[f"counter-{i:02d}"] = entry("counter.wasm", counter, triggers=triggers)
             return out
 
+        def measure(label: str) -> None:
+            time.sleep(args.settle)
+            rss[label], nthreads[label] = rss_split(agent.pid), threads(agent.pid)
+
         watch = Watch(mqtt_port)
         pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-footprint-release")
         pub.connect("127.0.0.1", mqtt_port)
@@ -225,16 +319,14 @@ def main() -> None:
         agent = start_agent(work, mqtt_port, DEVICE)
         try:
             watch.wait_running(set())
-            time.sleep(args.settle)
-            rss["idle"], nthreads["idle"] = rss_kib(agent.pid), threads(agent.pid)
+            measure("idle")
             for generation, (label, n) in enumerate(
                 (("+ 1 EEA bundle", 1), ("+ 10 flows", 10), ("+ 20 flows", 20)), start=1
             ):
                 doc = {"generation": generation, "flows": flows(n)}
                 pub.publish(f"edge/{DEVICE}/desired", json.dumps(doc), qos=1, retain=True)
                 watch.wait_running(set(doc["flows"]))
-                time.sleep(args.settle)
-                rss[label], nthreads[label] = rss_kib(agent.pid), threads(agent.pid)
+                measure(label)
             every = set(flows(20))
             for _ in range(args.restarts):
                 stop_agent(agent)
@@ -243,41 +335,55 @@ def main() -> None:
                 t0 = time.perf_counter()
                 agent = start_agent(work, mqtt_port, DEVICE)
                 restarts.append((watch.wait_running(every) - t0) * 1000)
-            time.sleep(args.settle)
-            rss["20 flows, after a restart"] = rss_kib(agent.pid)
-            nthreads["20 flows, after a restart"] = threads(agent.pid)
+                restart_base.append(restart_baseline(mqtt_port, *cwasm))
+            measure("20 flows, after a restart")
         finally:
             stop_agent(agent)
             pub.loop_stop()
             watch.client.loop_stop()
 
+    def mib(d: dict[str, int]) -> dict[str, float]:
+        return {k: round(v / 1024, 1) for k, v in d.items()}
+
     result = {
         "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}",
-        "rss_mib": {k: round(v / 1024, 1) for k, v in rss.items()},
+        "rss_mib": {k: mib(v) for k, v in rss.items()},
         "threads": nthreads,
-        "baseline_rss_mib": {k: round(v / 1024, 1) for k, v in base.items()},
+        "baseline_rss_mib": {k: mib(v) for k, v in base.items()},
         "restart_ms": summary(restarts),
         "restarts": [round(r, 1) for r in restarts],
+        "baseline_restart_ms": summary(restart_base),
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
     b1 = result["baseline_rss_mib"]["1 instance"]
     print(f"machine: {result['machine']}")
-    print(f"{'agent RSS (VmRSS)':<34} {'MiB':>7} {'threads':>8}   baseline (same run)")
-    for label, mib in result["rss_mib"].items():
-        print(f"{label:<34} {mib:>7.1f} {nthreads[label]:>8}   {b1:.1f} MiB")
     print(
-        "baseline: bare Python + paho + wasmtime (agent's engine settings), counter.wasm: "
-        + ", ".join(f"{k} {v:.1f} MiB" for k, v in result["baseline_rss_mib"].items())
+        f"{'agent':<28} {'VmRSS MiB':>9} {'anon':>6} {'file':>6} {'threads':>8}"
+        f"   baseline VmRSS (anon/file), same run"
     )
-    r = result["restart_ms"]
+    for label, m in result["rss_mib"].items():
+        print(
+            f"{label:<28} {m['VmRSS']:>9.1f} {m['RssAnon']:>6.1f} {m['RssFile']:>6.1f}"
+            f" {nthreads[label]:>8}   {b1['VmRSS']:.1f} ({b1['RssAnon']:.1f}/{b1['RssFile']:.1f})"
+        )
     print(
-        f"restart with 20 flows (SIGTERM, start -> online + all 20 running), "
-        f"{len(restarts)} runs: median {r['median']:.0f} ms, p95 {r['p95']:.0f} ms "
-        f"(min {r['min']:.0f}, max {r['max']:.0f}; wall clock on a shared machine)"
+        "baseline: bare Python + paho + wasmtime (the agent's engine settings), VmRSS: "
+        + ", ".join(f"{k} {v['VmRSS']:.1f} MiB" for k, v in result["baseline_rss_mib"].items())
     )
+    r, b = result["restart_ms"], result["baseline_restart_ms"]
+    print(
+        f"restart with 20 flows (SIGTERM; start -> online + all 20 running), {len(restarts)} "
+        f"runs: median {r['median']:.0f} ms, p95 {r['p95']:.0f} ms "
+        f"(min {r['min']:.0f}, max {r['max']:.0f})"
+    )
+    print(
+        f"baseline: bare Python + paho + wasmtime, 2 modules deserialized, 20 instances, "
+        f"connect + retained publish acked: median {b['median']:.0f} ms, p95 {b['p95']:.0f} ms"
+    )
+    print("(wall-clock figures on a shared 2-core machine are noisy; RSS is not)")
 
 
 if __name__ == "__main__":
