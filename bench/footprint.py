@@ -41,6 +41,7 @@ import argparse
 import compileall
 import hashlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -167,8 +168,14 @@ def rss_split(pid: int) -> dict[str, int]:
     return out
 
 
-def restart_baseline(port: int, first: Path, second: Path) -> float:
-    """ms from starting the restart baseline process to its PUBACK."""
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) ``pid`` has used so far, in ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def restart_baseline(port: int, first: Path, second: Path) -> tuple[float, float]:
+    """ms from starting the restart baseline process to its PUBACK; its CPU ms then."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-c", RESTART_BASELINE, str(port), str(first), str(second)],
@@ -178,10 +185,11 @@ def restart_baseline(port: int, first: Path, second: Path) -> float:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     t1 = time.perf_counter()
+    cpu = cpu_ms(proc.pid)
     proc.wait(20)
     if line.strip() != "ready":
         raise RuntimeError("the restart baseline failed")
-    return (t1 - t0) * 1000
+    return (t1 - t0) * 1000, cpu
 
 
 def compiled(data: bytes, path: Path) -> Path:
@@ -281,6 +289,8 @@ def main() -> None:
     nthreads: dict[str, int] = {}
     restarts: list[float] = []
     restart_base: list[float] = []
+    restart_cpu: list[float] = []  # the agent's CPU time when it was seen ready
+    restart_base_cpu: list[float] = []
     with mosquitto_server(work) as mqtt_port, http_server(www) as http_port:
 
         def entry(name: str, data: bytes, **more: Any) -> dict[str, Any]:
@@ -335,7 +345,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 agent = start_agent(work, mqtt_port, DEVICE)
                 restarts.append((watch.wait_running(every) - t0) * 1000)
-                restart_base.append(restart_baseline(mqtt_port, *cwasm))
+                restart_cpu.append(cpu_ms(agent.pid))
+                wall, cpu = restart_baseline(mqtt_port, *cwasm)
+                restart_base.append(wall)
+                restart_base_cpu.append(cpu)
             measure("20 flows, after a restart")
         finally:
             stop_agent(agent)
@@ -353,7 +366,9 @@ def main() -> None:
         "baseline_rss_mib": {k: mib(v) for k, v in base.items()},
         "restart_ms": summary(restarts),
         "restarts": [round(r, 1) for r in restarts],
+        "restart_cpu_ms": summary(restart_cpu),
         "baseline_restart_ms": summary(restart_base),
+        "baseline_restart_cpu_ms": summary(restart_base_cpu),
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -374,14 +389,16 @@ def main() -> None:
         + ", ".join(f"{k} {v['VmRSS']:.1f} MiB" for k, v in result["baseline_rss_mib"].items())
     )
     r, b = result["restart_ms"], result["baseline_restart_ms"]
+    rc, bc = result["restart_cpu_ms"], result["baseline_restart_cpu_ms"]
     print(
         f"restart with 20 flows (SIGTERM; start -> online + all 20 running), {len(restarts)} "
         f"runs: median {r['median']:.0f} ms, p95 {r['p95']:.0f} ms "
-        f"(min {r['min']:.0f}, max {r['max']:.0f})"
+        f"(min {r['min']:.0f}, max {r['max']:.0f}); CPU used by then: median {rc['median']:.0f} ms"
     )
     print(
         f"baseline: bare Python + paho + wasmtime, 2 modules deserialized, 20 instances, "
-        f"connect + retained publish acked: median {b['median']:.0f} ms, p95 {b['p95']:.0f} ms"
+        f"connect + retained publish acked: median {b['median']:.0f} ms, p95 {b['p95']:.0f} ms; "
+        f"CPU median {bc['median']:.0f} ms"
     )
     print("(wall-clock figures on a shared 2-core machine are noisy; RSS is not)")
 
