@@ -33,6 +33,7 @@ LAZY = {
     "httpx": "the first http(s) download (1.5 MiB with httpcore, h11, anyio)",
     "httpcore": "the first http(s) download",
     "anyio": "the first http(s) download",
+    "tarfile": "reading or building a workflow bundle",
     "rich": "nothing: structlog would import it for tracebacks the daemon never renders",
 }
 
