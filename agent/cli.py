@@ -243,6 +243,9 @@ def _usable_state_dir(path: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.device import _process
+
+    _process.tune()  # before the daemon's imports and threads
     from agent.device._logging import configure_logging
 
     cfg = _load(args)

@@ -39,6 +39,12 @@ configuration as JSON with secrets masked, or one line naming the source (file,
 
 **Exit codes** of `edge-agent run`: 0 after a clean shutdown (SIGTERM/SIGINT), 1 on a
 runtime failure, 2 on a configuration error.
+
+**Process settings** `edge-agent run` makes for itself (`agent/device/_process.py`),
+each unless the environment already says: at most 2 glibc malloc arenas
+(`MALLOC_ARENA_MAX=2`, which the systemd unit also sets; an explicit
+`MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` wins), and no pydantic plugins
+(`PYDANTIC_DISABLE_PLUGINS=1`).
 """
 
 

@@ -784,3 +784,111 @@ async def test_closed_fetcher_refuses(make_fetcher: Callable[..., Fetcher]) -> N
     _, sha = blob(10)
     with pytest.raises(ArtifactError, match="closed"):
         await fetcher.fetch("http://127.0.0.1:1/a.wasm", sha)
+
+
+# -- TLS only when an https:// artifact needs it (issue 14) -------------------------------
+
+
+@pytest.fixture
+def https_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """An https server on 127.0.0.1 with a self-signed certificate serving ``tmp_path``;
+    (its port, its certificate)."""
+    import datetime
+    import functools
+    import http.server
+    import ipaddress
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *_a: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path))
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_path, key_path)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd.server_address[1], cert_path
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+async def test_a_plain_http_download_sets_up_no_tls(
+    server: ArtifactServer, make_fetcher: Callable[..., Fetcher]
+) -> None:
+    """httpx would parse the whole CA bundle (~3 MiB kept) for a client that only ever
+    speaks plain http; the fetcher's transport sets TLS up at the first https URL."""
+    from agent.device.artifacts._http_source import _TlsWhenNeeded
+
+    data, sha = blob(1000)
+    server.add("/plain.wasm", data)
+    fetcher = make_fetcher()
+    await fetcher.fetch(server.url("/plain.wasm"), sha)
+    assert fetcher._http is not None
+    assert fetcher._http._client is not None
+    transport = fetcher._http._client._transport
+    assert isinstance(transport, _TlsWhenNeeded)
+    assert transport._plain is not None
+    assert transport._tls is None
+
+
+async def test_https_downloads_still_verify_the_server(
+    https_server: tuple[int, Path],
+    make_fetcher: Callable[..., Fetcher],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A server whose certificate is not trusted is refused; trusted (SSL_CERT_FILE,
+    as httpx reads it), the same download succeeds."""
+    port, cert = https_server
+    data, sha = blob(1000, seed=3)
+    (tmp_path / "tls.wasm").write_bytes(data)
+    url = f"https://127.0.0.1:{port}/tls.wasm"
+    import certifi
+
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", certifi.where())  # public CAs only
+    with pytest.raises(DownloadError, match="CERTIFICATE_VERIFY_FAILED"):
+        await make_fetcher(retries=0).fetch(url, sha)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    path = await make_fetcher(retries=0).fetch(url, sha)
+    assert path.read_bytes() == data

@@ -24,13 +24,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import httpx
 import structlog
 
 from agent.device.artifacts._file_source import fetch_file
-from agent.device.artifacts._http_source import HttpSource
 from agent.device.artifacts._job import Job
 from agent.device.artifacts._limits import FetchLimits
 from agent.device.artifacts._mqtt_source import fetch_mqtt
@@ -38,6 +37,11 @@ from agent.device.artifacts._progress import Progress, ProgressReporter
 from agent.device.artifacts._store import ArtifactStore, normalize_sha256, short_hex
 from agent.errors import ArtifactError, ArtifactTooLarge, IntegrityError
 from agent.wire.redact import redact_url
+
+if TYPE_CHECKING:
+    import httpx
+
+    from agent.device.artifacts._http_source import HttpSource
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +82,9 @@ class Fetcher:
     """Downloads artifacts into an :class:`ArtifactStore` and verifies them.
 
     Owns one lazily created ``httpx.AsyncClient`` (in its :class:`HttpSource`, closed
-    by :meth:`aclose`).
+    by :meth:`aclose`). httpx (with httpcore, h11, anyio: ~1.5 MiB and ~60 ms of
+    imports) is imported with the first ``http(s)://`` download: an agent restarting
+    with its flows in the local store, or fetching over MQTT, never needs it.
     ``mqtt_fetch(topic, timeout)`` returns the payload of an ``mqtt:<topic>`` artifact;
     ``transport`` replaces httpx's network transport (proxies, tests).
     """
@@ -94,14 +100,16 @@ class Fetcher:
         self._store = store
         self.limits = limits
         self._mqtt_fetch = mqtt_fetch
-        self._http = HttpSource(lambda: self.limits, transport)
+        self._transport = transport
+        self._http: HttpSource | None = None
         self._closed = False
         self._locks: dict[str, _LockEntry] = {}
 
     async def aclose(self) -> None:
         """Close the HTTP client. Fetches after this raise :class:`ArtifactError`."""
         self._closed = True
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     async def fetch(
         self,
@@ -157,9 +165,16 @@ class Fetcher:
             elif scheme == "file":
                 path = await fetch_file(job)
             else:
-                path = await self._http.fetch(job)
+                path = await self._http_source().fetch(job)
         log.info("artifact_fetched", url=display, sha256=hex_digest, size=job.done)
         return path
+
+    def _http_source(self) -> HttpSource:
+        if self._http is None:
+            from agent.device.artifacts._http_source import HttpSource
+
+            self._http = HttpSource(lambda: self.limits, self._transport)
+        return self._http
 
     # -- common -------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import os
 import random
+import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -121,6 +122,35 @@ def _translate(job: Job, exc: httpx.HTTPError, limits: FetchLimits) -> ArtifactE
 # -- the source ---------------------------------------------------------------------------
 
 
+class _TlsWhenNeeded(httpx.AsyncBaseTransport):
+    """httpx's own transport, with TLS set up at the first ``https://`` request.
+
+    httpx builds its SSL context (certifi's CA bundle, parsed: ~3 MiB that stay) when
+    the client is made, although a plain ``http://`` artifact server never needs it.
+    ``http://`` requests go through a transport whose context trusts no certificate
+    at all (it is never used for TLS; were it, verification would fail, not pass).
+    Proxies from the environment are the client's mounts, as before.
+    """
+
+    def __init__(self) -> None:
+        self._plain: httpx.AsyncHTTPTransport | None = None
+        self._tls: httpx.AsyncHTTPTransport | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme == "https":
+            if self._tls is None:
+                self._tls = httpx.AsyncHTTPTransport()
+            return await self._tls.handle_async_request(request)
+        if self._plain is None:
+            self._plain = httpx.AsyncHTTPTransport(verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        return await self._plain.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for transport in (self._plain, self._tls):
+            if transport is not None:
+                await transport.aclose()
+
+
 class HttpSource:
     """Fetches ``http(s)://`` artifacts for a :class:`~agent.device.artifacts.Fetcher`.
 
@@ -149,7 +179,7 @@ class HttpSource:
         if self._client is None:
             limits = self._limits()
             self._client = httpx.AsyncClient(
-                transport=self._transport,
+                transport=self._transport or _TlsWhenNeeded(),
                 timeout=httpx.Timeout(
                     connect=limits.connect_timeout,
                     read=limits.read_timeout,
