@@ -127,8 +127,10 @@ async def test_compile_scratch_memory_is_given_back(monkeypatch: pytest.MonkeyPa
     data = wat.reactor("trim")
     async with Runtime(LIMITS, workers=1) as runtime:
         await runtime.run(lambda: runtime.compile(data))
+        await asyncio.to_thread(runtime.settle)  # (given back after the compile returns)
         assert trims == [0]
         await runtime.run(lambda: runtime.compile(data))  # cached: nothing compiled
+        await asyncio.to_thread(runtime.settle)
         assert trims == [0]
 
 

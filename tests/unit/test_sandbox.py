@@ -254,3 +254,25 @@ async def test_epoch_ticker_sleeps_while_no_wasm_runs_and_ticks_until_a_call_end
         gate.set()
         await wait_until(lambda: runtime.busy == 0, 5, "the thread to finish")
         await wait_until(lambda: not work.is_set(), 1, "the ticker to go idle")
+
+
+async def test_a_compile_returns_before_its_cache_file_is_written(tmp_path: Path) -> None:
+    """The compiled-module cache file (two fsyncs) is written after the compile
+    returns, off the deployment's path; closing the runtime waits for it."""
+    gate = threading.Event()
+    cache = tmp_path / "cache"
+    data = wat.reactor("cached-later")
+    runtime = Runtime(LIMITS, workers=2, cache_dir=cache)
+    real = runtime._store_cached
+
+    def held(key: str, module: Any) -> None:
+        gate.wait(5)
+        real(key, module)
+
+    runtime._store_cached = held  # type: ignore[method-assign]
+    async with runtime:
+        module = await runtime.run(lambda: runtime.compile(data))
+        assert module is not None
+        assert not list(cache.glob("*.cwasm"))  # still held back: the compile did not wait
+        gate.set()
+    assert len(list(cache.glob("*.cwasm"))) == 1  # closing waited for it

@@ -30,7 +30,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
@@ -169,6 +170,8 @@ class Runtime:
         self._work: asyncio.Event | None = None
         self._modules: dict[str, wasmtime.Module] = {}
         self._modules_lock = threading.Lock()
+        self._background: set[Future[None]] = set()
+        self._background_lock = threading.Lock()
         self._users = 0
 
     @property
@@ -212,6 +215,7 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
+        await asyncio.to_thread(self.settle, 5.0)  # a cache file being written lands
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _tick(self) -> None:
@@ -295,14 +299,45 @@ class Runtime:
                 module = wasmtime.Module(self.engine, data)
             except wasmtime.WasmtimeError as exc:
                 raise InvalidModule(f"cannot compile module: {_trap_message(exc)}") from None
-            finally:
-                # Cranelift frees megabytes of scratch memory when a compile ends, but
-                # glibc keeps it in the process (6 MiB for the EEA samples); give it back.
+            except BaseException:
                 release_free_memory()
-            self._store_cached(key, module)
+                raise
+            # The cache file and the trim are not needed to start this module: they
+            # run after, off the deployment's path (a cache write is two fsyncs).
+            self._in_background(lambda: self._after_compile(key, module))
         with self._modules_lock:
             self._modules[key] = module
         return module
+
+    def _after_compile(self, key: str, module: wasmtime.Module) -> None:
+        self._store_cached(key, module)
+        # Cranelift frees megabytes of scratch memory when a compile ends, but glibc
+        # keeps it in the process (6 MiB for the EEA samples); give it back.
+        release_free_memory()
+
+    def _in_background(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on a worker thread after the current work (not a wasm call: the
+        epoch ticker does not wait for it); :meth:`settle` waits for such jobs."""
+        try:
+            fut = self._pool.submit(job)
+        except RuntimeError:  # shut down: do it here
+            job()
+            return
+        with self._background_lock:
+            self._background.add(fut)
+        fut.add_done_callback(self._background_done)
+
+    def _background_done(self, fut: Future[None]) -> None:
+        with self._background_lock:
+            self._background.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("background work after a compile failed", error=str(fut.exception()))
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait (blocking) for the work queued after compiles: the cache files."""
+        with self._background_lock:
+            pending = list(self._background)
+        futures_wait(pending, timeout)
 
     def _cache_path(self, key: str) -> Path | None:
         if self.cache_dir is None:
