@@ -1,0 +1,95 @@
+"""The server's settings: a TOML file (``--config``), then command-line flags.
+
+```toml
+db = "postgresql://edge@db.example/edge"   # default: sqlite:///{state_dir}/server.db
+listen = "0.0.0.0:8080"
+public_url = "https://fleet.example"       # what devices use to download artifacts
+state_dir = "/var/lib/edge-agent-server"
+
+[mqtt]                                     # the agent's [mqtt] settings, TLS included
+broker = "mqtts://broker.example:8883"
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.device.config import MqttConfig
+from agent.server.errors import ConfigError
+
+DEFAULT_STATE_DIR = Path("/var/lib/edge-agent-server")
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    db: str | None = Field(None, description="Database URL; default SQLite in state_dir.")
+    listen: str = Field("127.0.0.1:8080", description="HOST:PORT of the HTTP API.")
+    public_url: str | None = Field(
+        None, description="Base URL devices download artifacts from; default http://listen."
+    )
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="Database (SQLite) and artifacts.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)  # type: ignore[arg-type]
+    #: Largest flow version upload (bytes).
+    max_upload: Annotated[int, Field(gt=0, le=1 << 32)] = 64 << 20
+    #: Server processes sharing one PostgreSQL name themselves apart in logs.
+    instance: str = ""
+    #: Seconds a device's desired document may wait unpublished before a retry.
+    publish_retry_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected HOST:PORT")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{self.state_dir / 'server.db'}"
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.listen}").rstrip("/")
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.state_dir / "artifacts"
+
+
+def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "broker":
+            data.setdefault("mqtt", {})["broker"] = value
+        else:
+            data[key] = value
+    try:
+        return ServerConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path or 'command line'}: {key}: {err['msg']}") from None

@@ -1,0 +1,134 @@
+"""Devices of an application: the inventory's rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from agent.server.db.models import Device, new_id
+from agent.server.errors import Conflict
+
+SORT_COLUMNS: dict[str, InstrumentedAttribute[Any]] = {
+    "name": Device.name,
+    "id": Device.id,
+    "creationDate": Device.creation_date,
+    "lastUpdated": Device.last_updated,
+}
+
+
+@dataclass(frozen=True)
+class DeviceQuery:
+    """What ``GET /devices`` filters on (already parsed and bounded)."""
+
+    name_like: tuple[str, str] | None = None  # (LIKE pattern, escape character)
+    device_class: str | None = None
+    #: (key, value) pairs; None matches any key or value. A device matches when every
+    #: pair matches one of its tags.
+    tags: Sequence[tuple[str | None, str | None]] = ()
+    include_decommissioned: bool = False
+
+
+def get(session: Session, app_id: str, device_id: str, *, lock: bool = False) -> Device | None:
+    stmt = select(Device).where(Device.application_id == app_id, Device.id == device_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return session.scalar(stmt)
+
+
+def ensure(session: Session, app_id: str, device_id: str) -> Device:
+    """The device's row, created (named after its id) the first time it is heard of."""
+    dev = get(session, app_id, device_id)
+    if dev is None:
+        dev = Device(application_id=app_id, id=device_id, name=device_id, tags=[], attributes=[])
+        session.add(dev)
+        session.flush()
+    return dev
+
+
+def create(
+    session: Session,
+    app_id: str,
+    *,
+    device_id: str | None,
+    name: str,
+    description: str,
+    tags: list[dict[str, str]],
+    attributes: list[dict[str, Any]],
+    device_class: str,
+    device_type: str | None,
+) -> Device:
+    device_id = device_id or new_id()
+    if get(session, app_id, device_id) is not None:
+        raise Conflict(f"device {device_id} exists already")
+    dev = Device(
+        application_id=app_id,
+        id=device_id,
+        name=name,
+        description=description,
+        tags=tags,
+        attributes=attributes,
+        device_class=device_class,
+        device_type=device_type,
+    )
+    session.add(dev)
+    session.flush()
+    return dev
+
+
+def _filtered(app_id: str, q: DeviceQuery) -> Select[Any]:
+    stmt = select(Device).where(Device.application_id == app_id)
+    if not q.include_decommissioned:
+        stmt = stmt.where(Device.decommissioned.is_(False))
+    if q.name_like is not None:
+        pattern, escape = q.name_like
+        stmt = stmt.where(Device.name.like(pattern, escape=escape))
+    if q.device_class is not None:
+        stmt = stmt.where(Device.device_class == q.device_class)
+    return stmt
+
+
+def _tags_match(tags: list[Any], wanted: Sequence[tuple[str | None, str | None]]) -> bool:
+    pairs = [(str(t.get("key")), str(t.get("value"))) for t in tags if isinstance(t, dict)]
+    return all(
+        any((k is None or k == key) and (v is None or v == value) for key, value in pairs)
+        for k, v in wanted
+    )
+
+
+def search(
+    session: Session,
+    app_id: str,
+    q: DeviceQuery,
+    *,
+    sort: str,
+    descending: bool,
+    page: int,
+    per_page: int,
+) -> tuple[list[Device], int]:
+    """One page of matching devices and how many match in all.
+
+    Tag filters are applied here rather than in SQL (tags are a JSON list, whose
+    operators differ between SQLite and PostgreSQL); everything else is SQL."""
+    column = SORT_COLUMNS[sort]
+    order = [column.desc() if descending else column.asc(), Device.id.asc()]
+    stmt = _filtered(app_id, q).order_by(*order)
+    if q.tags:
+        rows = [d for d in session.scalars(stmt) if _tags_match(d.tags, q.tags)]
+        return rows[page * per_page : (page + 1) * per_page], len(rows)
+    total = session.scalar(select(func.count()).select_from(_filtered(app_id, q).subquery()))
+    rows = list(session.scalars(stmt.offset(page * per_page).limit(per_page)))
+    return rows, int(total or 0)
+
+
+def ids_with_tags(
+    session: Session, app_id: str, tags: Sequence[tuple[str | None, str | None]]
+) -> list[str]:
+    """Devices any of whose tags matches any of ``tags`` (Losant's command by tags)."""
+    stmt = _filtered(app_id, DeviceQuery()).order_by(Device.id)
+    return [
+        d.id for d in session.scalars(stmt) if any(_tags_match(d.tags, [pair]) for pair in tags)
+    ]

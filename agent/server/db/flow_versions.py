@@ -1,0 +1,62 @@
+"""Flow versions: what a release names, with its artifacts (by digest)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from agent.server.db.models import Blob, FlowVersion
+from agent.server.errors import Conflict
+
+
+def create(
+    session: Session,
+    app_id: str,
+    flow_id: str,
+    version: str,
+    kind: str,
+    artifacts: list[dict[str, Any]],
+    manifest: dict[str, Any] | None,
+    notes: str,
+) -> FlowVersion:
+    for item in artifacts:
+        if session.get(Blob, item["sha256"]) is None:
+            session.add(Blob(sha256=item["sha256"], size=item["size"]))
+    row = FlowVersion(
+        application_id=app_id,
+        flow_id=flow_id,
+        version=version,
+        kind=kind,
+        artifacts=artifacts,
+        manifest=manifest,
+        notes=notes,
+    )
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise Conflict(f"flow {flow_id} has a version {version!r} already") from None
+    return row
+
+
+def get(session: Session, app_id: str, flow_id: str, version: str) -> FlowVersion | None:
+    return session.scalar(
+        select(FlowVersion).where(
+            FlowVersion.application_id == app_id,
+            FlowVersion.flow_id == flow_id,
+            FlowVersion.version == version,
+        )
+    )
+
+
+def list_for_flow(session: Session, app_id: str, flow_id: str) -> list[FlowVersion]:
+    return list(
+        session.scalars(
+            select(FlowVersion)
+            .where(FlowVersion.application_id == app_id, FlowVersion.flow_id == flow_id)
+            .order_by(FlowVersion.created, FlowVersion.version)
+        )
+    )
