@@ -1,0 +1,117 @@
+"""The server's MQTT connection: it hears its devices and writes their desired documents.
+
+One paho client on paho's own network thread (``loop_start``), built from the agent's
+``[mqtt]`` settings (TLS included). For every application it subscribes to
+``{prefix}/+/status``, ``/state`` and ``/events``; on MQTT 5 through a shared
+subscription (``$share/edge-server/…``) so that several server processes split the
+messages instead of each handling all of them. The subscriptions are renewed on every
+(re)connect; what arrives goes to ``on_message(topic, payload, retained)`` on the
+network thread (the handler only queues it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+import structlog
+
+from agent.device.config import MqttConfig
+from agent.device.mqtt import client as mqtt_client
+from agent.server.errors import ServerError
+
+log = structlog.get_logger("agent.server.broker")
+
+SHARE_GROUP = "edge-server"
+WATCHED = ("status", "state", "events", "command/response")
+OnMessage = Callable[[str, bytes, bool], None]
+
+
+class BrokerUnavailable(ServerError):
+    """The broker did not take a message (not connected, or no PUBACK in time)."""
+
+
+class BrokerLink:
+    def __init__(self, cfg: MqttConfig, client_id: str, on_message: OnMessage) -> None:
+        # A server's session ends with it: documents are retained, and a persistent
+        # session would queue every device's reports for a process that is gone.
+        self.cfg = cfg.model_copy(update={"persistent_session": False, "max_queued": 0})
+        self.on_message = on_message
+        self.connected = threading.Event()
+        self._prefixes: set[str] = set()
+        self._lock = threading.Lock()
+        self.client = mqtt_client.build_client(self.cfg, client_id, reconnect_on_failure=True)
+        if cfg.tls:
+            mqtt_client.setup_tls(self.client, cfg)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.shared = cfg.protocol == "5"
+
+    def start(self) -> None:
+        """Connect in the background (paho retries until the broker is there)."""
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def watch(self, prefix: str) -> None:
+        """Hear the devices under ``prefix`` (now, and after every reconnect)."""
+        with self._lock:
+            if prefix in self._prefixes:
+                return
+            self._prefixes.add(prefix)
+        if self.connected.is_set():
+            self._subscribe(prefix)
+
+    def _filters(self, prefix: str) -> list[str]:
+        share = f"$share/{SHARE_GROUP}/" if self.shared else ""
+        return [f"{share}{prefix}/+/{what}" for what in WATCHED]
+
+    def _subscribe(self, prefix: str) -> None:
+        self.client.subscribe([(f, 1) for f in self._filters(prefix)])
+
+    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            log.warning("broker refused the connection", reason=str(reason))
+            return
+        self.connected.set()
+        with self._lock:
+            prefixes = sorted(self._prefixes)
+        for prefix in prefixes:
+            self._subscribe(prefix)
+        log.info("connected to the broker", broker=self.cfg.broker, applications=len(prefixes))
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        if self.connected.is_set():
+            log.warning("lost the broker; reconnecting", broker=self.cfg.broker)
+        self.connected.clear()
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        self.on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
+
+    def publish_many(self, messages: list[tuple[str, bytes, bool]], timeout: float = 10.0) -> None:
+        """Publish ``(topic, payload, retain)`` at QoS 1 and wait for every PUBACK;
+        raises :class:`BrokerUnavailable` if the broker did not take them all."""
+        if not self.connected.is_set():
+            raise BrokerUnavailable(f"not connected to {self.cfg.broker}")
+        infos = []
+        for topic, payload, retain in messages:
+            info = self.client.publish(topic, payload, qos=1, retain=retain)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise BrokerUnavailable(f"publish to {topic}: {paho.error_string(info.rc)}")
+            infos.append(info)
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            left = deadline - time.monotonic()
+            try:
+                info.wait_for_publish(max(left, 0.001))
+            except (RuntimeError, ValueError) as exc:  # paho: connection lost / queue full
+                raise BrokerUnavailable(str(exc)) from None
+            if not info.is_published():
+                raise BrokerUnavailable(f"no PUBACK from {self.cfg.broker} within {timeout:g} s")

@@ -1,0 +1,100 @@
+"""Everything one server process holds: settings, database, artifact store, broker
+link, the desired writer and the inventory, and the threads that run them."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import structlog
+
+from agent.server.artifact_store import ArtifactStore
+from agent.server.broker_link import BrokerLink, BrokerUnavailable
+from agent.server.config import ServerConfig
+from agent.server.db import applications as apps_repo
+from agent.server.db.engine import Database
+from agent.server.service.desired import DesiredWriter
+from agent.server.service.inventory import Inventory
+from agent.wire.topics import Topics
+
+log = structlog.get_logger("agent.server")
+
+#: Seconds between reloads of the application list (another process, or the admin
+#: command, may have created one).
+APPS_REFRESH_S = 5.0
+
+
+class ServerContext:
+    def __init__(self, cfg: ServerConfig, *, with_broker: bool = True) -> None:
+        self.cfg = cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(cfg.db_url)
+        self.db.migrate()
+        self.store = ArtifactStore(cfg.artifact_dir)
+        self._prefixes: dict[str, str] = {}
+        self._prefix_lock = threading.Lock()
+        self.inventory = Inventory(self.db, self.app_for_prefix, on_retired=self.retire)
+        instance = cfg.instance or f"{int(time.time() * 1000) % 10**9}"
+        self.link = (
+            BrokerLink(cfg.mqtt, f"edge-server-{instance}", self.inventory.offer)
+            if with_broker
+            else None
+        )
+        self.writer = DesiredWriter(self.db, self.link)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def retire(self, prefix: str, device_id: str) -> None:
+        """Clear a decommissioned device's retained documents (desired, state, status)."""
+        if self.link is None:
+            return
+        topics = Topics(prefix, device_id)
+        try:
+            self.link.publish_many(
+                [(t, b"", True) for t in (topics.desired, topics.state, topics.status)]
+            )
+        except BrokerUnavailable as exc:
+            log.warning("could not clear a decommissioned device's documents", error=str(exc))
+
+    def app_for_prefix(self, prefix: str) -> str | None:
+        with self._prefix_lock:
+            return self._prefixes.get(prefix)
+
+    def refresh_applications(self) -> None:
+        with self.db.transaction() as s:
+            found = {a.topic_prefix: a.id for a in apps_repo.all_applications(s)}
+        with self._prefix_lock:
+            self._prefixes = found
+        if self.link is not None:
+            for prefix in found:
+                self.link.watch(prefix)
+
+    def start(self) -> None:
+        self.refresh_applications()
+        if self.link is not None:
+            self.link.start()
+        for name, target in (
+            ("inventory", lambda: self.inventory.run(self._stop)),
+            ("publisher", lambda: self.writer.run_sweeper(self._stop, self.cfg.publish_retry_s)),
+            ("applications", self._refresh_loop),
+        ):
+            t = threading.Thread(target=target, name=f"server-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(APPS_REFRESH_S):
+            try:
+                self.refresh_applications()
+            except Exception:  # the database away for a moment
+                log.exception("could not reload the applications")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inventory.close()
+        self.writer.kick()
+        for t in self._threads:
+            t.join(timeout=5)
+        if self.link is not None:
+            self.link.stop()
+        self.db.close()

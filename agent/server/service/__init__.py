@@ -1,0 +1,1 @@
+"""The service layer: what the API and the broker link do, over the repositories."""

@@ -1,0 +1,194 @@
+"""The writer of desired documents, and their publisher.
+
+A change (release, remove, replace, decommission) runs in one database transaction:
+each device's row is locked (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite takes the
+database's write lock at ``BEGIN IMMEDIATE``), its document gets the new entries and
+``generation`` + 1 (above whatever the device last reported, so a device that ran
+documents of another writer accepts it), a deployment attempt is recorded per flow,
+and the transaction commits. Only then is the document published (retained, QoS 1):
+under the row lock again, so two server processes never publish one device's
+documents out of order, and ``published_generation`` is set once the broker
+acknowledged it. A document the broker did not take stays unpublished and the sweep
+publishes it when the broker is back; a process killed between commit and publish
+leaves the same state for another process's sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+
+from agent.server.artifact_store import artifact_url
+from agent.server.broker_link import BrokerLink, BrokerUnavailable
+from agent.server.db import deployments as deployments_repo
+from agent.server.db import devices as devices_repo
+from agent.server.db.engine import Database
+from agent.server.db.models import Application, Device, FlowVersion
+from agent.wire.topics import Topics
+
+log = structlog.get_logger("agent.server.desired")
+
+#: What a flow version's manifest may add to its desired entries.
+MANIFEST_KEYS = ("triggers", "permissions", "config", "retries", "health")
+PUBLISH_BATCH = 200
+#: An entry given the attempt's id (the ``deploymentId`` the device reports back).
+EntryFor = Callable[[str], dict[str, Any]]
+
+
+def version_entry(app: Application, base_url: str, fv: FlowVersion) -> EntryFor:
+    """The desired entry of a flow version (artifact URLs signed for the application)."""
+
+    def ref(item: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "url": artifact_url(base_url, app.url_key, app.id, item["sha256"]),
+            "sha256": item["sha256"],
+            "size": item["size"],
+            "kind": fv.kind,
+        }
+
+    def make(deployment_id: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"version": fv.version, "deploymentId": deployment_id}
+        for key in MANIFEST_KEYS:
+            if fv.manifest and key in fv.manifest:
+                entry[key] = fv.manifest[key]
+        typed = [a for a in fv.artifacts if a.get("deviceTypes")]
+        untyped = [a for a in fv.artifacts if not a.get("deviceTypes")]
+        if untyped:
+            entry["artifact"] = ref(untyped[0])
+        if typed:
+            entry["artifacts"] = [{**ref(a), "deviceTypes": a["deviceTypes"]} for a in typed]
+        return entry
+
+    return make
+
+
+def removal_entry(deployment_id: str) -> dict[str, Any]:
+    return {"version": "", "deploymentId": deployment_id}
+
+
+def _reported_generation(dev: Device) -> int:
+    gen = (dev.state or {}).get("generation")
+    return gen if isinstance(gen, int) and gen >= 0 else 0
+
+
+class DesiredWriter:
+    def __init__(self, db: Database, link: BrokerLink | None) -> None:
+        self.db = db
+        self.link = link
+        self._kick = threading.Event()
+
+    def change(
+        self,
+        app: Application,
+        plan: dict[str, dict[str, tuple[str | None, EntryFor]]],
+        kind: str,
+    ) -> list[str]:
+        """Apply ``plan`` (device id → flow id → (version or None, entry maker)) in one
+        transaction; returns the devices whose document changed, then publishes them."""
+        changed: list[str] = []
+        with self.db.transaction() as s:
+            for device_id in sorted(plan):
+                dev = devices_repo.get(s, app.id, device_id, lock=True)
+                if dev is None or dev.decommissioned:
+                    continue
+                deps = deployments_repo.for_device(s, app.id, device_id)
+                gen = max(dev.generation, _reported_generation(dev)) + 1
+                flows = dict((dev.desired or {}).get("flows") or {})
+                for flow_id, (version, make) in sorted(plan[device_id].items()):
+                    _dep, attempt = deployments_repo.record_release(
+                        s, app.id, device_id, flow_id, kind, version, gen, deps.get(flow_id)
+                    )
+                    flows[flow_id] = make(attempt.id)
+                dev.desired = {"generation": gen, "flows": flows}
+                dev.generation = gen
+                changed.append(device_id)
+        self.publish(app, changed)
+        return changed
+
+    def clear(self, app: Application, device_id: str) -> None:
+        """Decommission: every flow removed, then (once published) nothing retained."""
+        with self.db.transaction() as s:
+            dev = devices_repo.get(s, app.id, device_id, lock=True)
+            if dev is None:
+                return
+            dev.decommissioned = True
+
+    def kick(self) -> None:
+        """Wake the sweeper now (a stop, or documents waiting for the broker)."""
+        self._kick.set()
+
+    # ------------------------------------------------------------------ publishing
+    def publish(self, app: Application, device_ids: Iterable[str]) -> int:
+        """Publish the unpublished documents of these devices; returns how many the
+        broker took. A broker that is away leaves them to :meth:`sweep`."""
+        ids = sorted(device_ids)
+        done = 0
+        for i in range(0, len(ids), PUBLISH_BATCH):
+            try:
+                done += self._publish_batch(app.id, app.topic_prefix, ids[i : i + PUBLISH_BATCH])
+            except BrokerUnavailable as exc:
+                log.warning("desired documents wait for the broker", error=str(exc))
+                self._kick.set()
+                break
+        return done
+
+    def _publish_batch(self, app_id: str, prefix: str, ids: list[str]) -> int:
+        if self.link is None:
+            raise BrokerUnavailable("no broker configured")
+        with self.db.transaction() as s:
+            stmt = (
+                select(Device)
+                .where(
+                    Device.application_id == app_id,
+                    Device.id.in_(ids),
+                    Device.published_generation < Device.generation,
+                )
+                .order_by(Device.id)
+                .with_for_update(skip_locked=True)
+            )
+            rows = list(s.scalars(stmt))
+            if not rows:
+                return 0
+            self.link.publish_many(
+                [(Topics(prefix, d.id).desired, _dump(d.desired), True) for d in rows]
+            )
+            for d in rows:
+                d.published_generation = d.generation
+            return len(rows)
+
+    def sweep(self) -> int:
+        """Publish whatever is still unpublished (any application); returns how many."""
+        with self.db.transaction() as s:
+            pending = s.execute(
+                select(Device.application_id, Device.id)
+                .where(Device.published_generation < Device.generation)
+                .order_by(Device.application_id, Device.id)
+                .limit(5000)
+            ).all()
+            apps = {a.id: a for a in s.scalars(select(Application))}
+        by_app: dict[str, list[str]] = {}
+        for app_id, device_id in pending:
+            by_app.setdefault(app_id, []).append(device_id)
+        return sum(self.publish(apps[a], ids) for a, ids in by_app.items() if a in apps)
+
+    def run_sweeper(self, stop: threading.Event, interval: float) -> None:
+        """The background loop: sweep every ``interval`` s, or at once when kicked."""
+        while not stop.is_set():
+            self._kick.wait(interval)
+            self._kick.clear()
+            if stop.is_set():
+                return
+            try:
+                self.sweep()
+            except Exception:  # a database outage must not end the loop
+                log.exception("publishing sweep failed")
+                stop.wait(interval)
+
+
+def _dump(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
