@@ -20,6 +20,7 @@ from typing import Any
 from agent import __version__
 from agent.errors import AgentError, ConfigError
 from agent.fleet import parser as fleet_parser
+from agent.server import cli as server_cli
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
     demo.add_argument("--broker", help="use this broker (default: a private Mosquitto)")
     fleet_parser.add_parser(sub)
+    server_cli.add_parser(sub)
     _add_sim(sub)
     _finish(parser)
     return parser
@@ -330,6 +332,7 @@ COMMANDS = {
     "bundle": cmd_bundle,
     "fleet": cmd_fleet,
     "sim": cmd_sim,
+    "server": server_cli.cmd_server,
 }
 
 

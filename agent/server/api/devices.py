@@ -1,0 +1,207 @@
+"""Losant's Devices API (seed 004), and a device's own resource (get, patch, delete =
+decommission, command)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from agent.server.api import query as q
+from agent.server.api.auth import Caller, context, require
+from agent.server.api.models import (
+    DeviceCommand,
+    DevicePatch,
+    DevicePost,
+    MultiDeviceCommand,
+    Success,
+)
+from agent.server.db import devices as repo
+from agent.server.errors import NotFound, Validation
+from agent.server.service import devices as service
+from agent.server.service import exports
+
+router = APIRouter(tags=["devices"])
+BASE = "/applications/{applicationId}/devices"
+Opt = Annotated[str | None, Query()]
+
+
+@router.get(BASE, summary="Get: the devices of an application")
+def get_devices(
+    request: Request,
+    caller: Annotated[Caller, Depends(require("devices", "get", read=True))],
+    sortField: Opt = None,  # (read by the query parser; listed for the OpenAPI document)
+    sortDirection: Opt = None,
+    page: Opt = None,
+    perPage: Opt = None,
+    filterField: Opt = None,
+    filter: Opt = None,
+    deviceClass: Opt = None,
+    excludeConnectionInfo: Opt = None,
+) -> dict[str, Any]:
+    pairs = request.query_params.multi_items()
+    paging = q.parse_paging(pairs)
+    sort = q.parse_sort(
+        pairs, allowed=list(repo.SORT_COLUMNS), default_field="name", default_direction="asc"
+    )
+    field = q.single_value(pairs, "filterField") or "name"
+    if field != "name":
+        raise q.QueryError("filterField", "accepted values are: name")
+    pattern = q.single_value(pairs, "filter")
+    klass = q.single_value(pairs, "deviceClass") or None
+    tags = [(t.key, t.value) for t in q.parse_tag_filter(pairs)]
+    query = repo.DeviceQuery(
+        name_like=q.glob_to_like(pattern) if pattern else None, device_class=klass, tags=tags
+    )
+    no_conn = q.parse_bool_param(pairs, "excludeConnectionInfo", default=False)
+    ctx = context(request)
+    with ctx.db.transaction() as s:
+        rows, total = repo.search(
+            s,
+            caller.app.id,
+            query,
+            sort=sort.field,
+            descending=sort.descending,
+            page=paging.page,
+            per_page=paging.per_page,
+        )
+        items = [exports.device_view(d) for d in rows]
+    if no_conn:
+        for item in items:
+            item.pop("connectionInfo")
+    return {
+        "items": items,
+        "count": len(items),
+        "totalCount": total,
+        "perPage": paging.per_page,
+        "page": paging.page,
+        "sortField": sort.field,
+        "sortDirection": sort.direction,
+        "applicationId": caller.app.id,
+        **({"filterField": field, "filter": pattern} if pattern else {}),
+        **({"deviceClass": klass} if klass else {}),
+    }
+
+
+@router.post(BASE, status_code=201, summary="Post: create a device")
+def post_device(
+    request: Request,
+    body: DevicePost,
+    caller: Annotated[Caller, Depends(require("devices", "post", read=False))],
+) -> dict[str, Any]:
+    ctx = context(request)
+    with ctx.db.transaction() as s:
+        dev = repo.create(
+            s,
+            caller.app.id,
+            device_id=body.deviceId,
+            name=body.name,
+            description=body.description,
+            tags=[{"key": t.key, "value": str(t.value)} for t in body.tags],
+            attributes=[a.model_dump() for a in body.attributes],
+            device_class=body.deviceClass,
+            device_type=body.deviceType,
+        )
+        return exports.device_view(dev)
+
+
+@router.post(BASE + "/export", status_code=200, summary="Export: all device metadata (a job)")
+def export_devices(
+    request: Request,
+    caller: Annotated[Caller, Depends(require("devices", "export", read=True))],
+    email: Opt = None,
+    callbackUrl: Opt = None,
+) -> dict[str, Any]:
+    job_id = exports.start_device_export(context(request), caller.app, email, callbackUrl)
+    return {"success": True, "jobQueued": True, "jobId": job_id}
+
+
+def _targets(request: Request, caller: Caller, body: MultiDeviceCommand) -> list[str]:
+    if bool(body.deviceIds) == bool(body.deviceTags):
+        raise Validation("give deviceIds or deviceTags (one of them)")
+    ctx = context(request)
+    with ctx.db.transaction() as s:
+        if body.deviceIds:
+            for device_id in body.deviceIds:
+                dev = repo.get(s, caller.app.id, device_id)
+                if dev is None or dev.decommissioned:
+                    raise NotFound(f"Device {device_id} was not found")
+            return list(dict.fromkeys(body.deviceIds))
+        tags = [(t.key, str(t.value)) for t in body.deviceTags or ()]
+        return repo.ids_with_tags(s, caller.app.id, tags)
+
+
+@router.post(BASE + "/command", response_model=Success, summary="Send Command to devices")
+def command_devices(
+    request: Request,
+    body: MultiDeviceCommand,
+    caller: Annotated[Caller, Depends(require("devices", "sendCommand", read=False))],
+) -> Success:
+    targets = _targets(request, caller, body)
+    service.send_command(context(request), caller.app, targets, body.name, body.payload, body.time)
+    return Success()
+
+
+def _device(request: Request, caller: Caller, device_id: str) -> dict[str, Any]:
+    ctx = context(request)
+    with ctx.db.transaction() as s:
+        dev = repo.get(s, caller.app.id, device_id) if len(device_id) <= 128 else None
+        if dev is None:
+            raise NotFound(f"Device {device_id} was not found")
+        view = exports.device_view(dev)
+        view["desired"] = dev.desired
+        view["state"] = dev.state
+        return view
+
+
+@router.get(BASE + "/{deviceId}", summary="One device, with its desired and reported state")
+def get_device(
+    request: Request,
+    deviceId: str,
+    caller: Annotated[Caller, Depends(require("device", "get", read=True))],
+) -> dict[str, Any]:
+    return _device(request, caller, deviceId)
+
+
+@router.patch(BASE + "/{deviceId}", summary="Rename, describe or tag a device")
+def patch_device(
+    request: Request,
+    deviceId: str,
+    body: DevicePatch,
+    caller: Annotated[Caller, Depends(require("device", "patch", read=False))],
+) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    if body.name is not None:
+        changes["name"] = body.name
+    if body.description is not None:
+        changes["description"] = body.description
+    if body.tags is not None:
+        changes["tags"] = [{"key": t.key, "value": str(t.value)} for t in body.tags]
+    if body.deviceClass is not None:
+        changes["device_class"] = body.deviceClass
+    service.update(context(request), caller.app, deviceId, changes)
+    return _device(request, caller, deviceId)
+
+
+@router.delete(BASE + "/{deviceId}", summary="Decommission: remove its flows, stop targeting it")
+def delete_device(
+    request: Request,
+    deviceId: str,
+    caller: Annotated[Caller, Depends(require("device", "delete", read=False))],
+) -> Success:
+    service.decommission(context(request), caller.app, deviceId)
+    return Success()
+
+
+@router.post(BASE + "/{deviceId}/command", response_model=Success, summary="Send Command")
+def command_device(
+    request: Request,
+    deviceId: str,
+    body: DeviceCommand,
+    caller: Annotated[Caller, Depends(require("device", "sendCommand", read=False))],
+) -> Success:
+    _device(request, caller, deviceId)  # 404 for an unknown device
+    service.send_command(
+        context(request), caller.app, [deviceId], body.name, body.payload, body.time
+    )
+    return Success()

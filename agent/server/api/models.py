@@ -1,0 +1,115 @@
+"""Request and response bodies, in Losant's shapes (shared with the OpenAPI document).
+
+Request bodies forbid unknown fields and bound every string and list, so a malformed
+or hostile body is a 400 before any work.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from agent.wire.protocol import is_valid_id
+
+
+def _id(value: str) -> str:
+    if not is_valid_id(value):
+        raise ValueError("an id is 1 to 64 of [A-Za-z0-9._-], not dots alone")
+    return value
+
+
+Id = Annotated[str, AfterValidator(_id)]
+Version = Annotated[str, StringConstraints(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Text = Annotated[str, StringConstraints(max_length=1024)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Success(BaseModel):
+    success: bool = True
+
+
+class JobEnqueued(BaseModel):
+    jobQueued: bool = True
+    jobId: str
+    success: bool = True
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class DeploymentRelease(_Body):
+    flowId: Id
+    version: Version | None = None
+    deviceIds: list[Id] = Field(min_length=1, max_length=10_000)
+
+
+class DeploymentRemove(_Body):
+    flowId: Id | None = None
+    deviceId: Id | None = None
+
+
+class DeploymentReplace(_Body):
+    flowId: Id
+    oldVersion: Version | None = None
+    newVersion: Version | None = None
+
+
+class DeploymentExport(_Body):
+    email: Text | None = None
+    deviceId: Id
+    callbackUrl: Annotated[str, StringConstraints(max_length=2048)] | None = None
+
+
+class Tag(_Body):
+    key: Annotated[str, StringConstraints(pattern=r"^[0-9a-zA-Z_-]{1,255}$")]
+    value: Annotated[str, StringConstraints(min_length=1, max_length=255)] | int | float
+
+
+class Attribute(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, StringConstraints(pattern=r"^[0-9a-zA-Z_-]{1,255}$")]
+    dataType: Literal["number", "string", "boolean", "gps", "blob"]
+
+
+DeviceClass = Literal["standalone", "gateway", "peripheral", "floating", "edgeCompute", "embedded"]
+
+
+class DevicePost(_Body):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    description: Annotated[str, StringConstraints(max_length=32_767)] = ""
+    tags: list[Tag] = Field(default_factory=list, max_length=100)
+    attributes: list[Attribute] = Field(default_factory=list, max_length=256)
+    deviceClass: DeviceClass = "edgeCompute"
+    #: This project's: the agent's device id (default: a new 24-hex id) and type.
+    deviceId: Id | None = None
+    deviceType: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    # Losant fields accepted and ignored (this server has no parent/peripheral links).
+    parentId: Id | None = None
+    gatewayId: Id | None = None
+
+
+TimeValue = Annotated[str, StringConstraints(max_length=64)] | float | dict[str, Any] | None
+
+
+class DeviceCommand(_Body):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    payload: Any = None
+    time: TimeValue = None
+
+
+class MultiDeviceCommand(DeviceCommand):
+    deviceIds: list[Id] | None = Field(default=None, max_length=10_000)
+    deviceTags: list[Tag] | None = Field(default=None, max_length=100)
+
+
+class DevicePatch(_Body):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    description: Annotated[str, StringConstraints(max_length=32_767)] | None = None
+    tags: list[Tag] | None = Field(default=None, max_length=100)
+    deviceClass: DeviceClass | None = None

@@ -1,0 +1,142 @@
+"""``edge-agent server``: run the control plane, or administer its database.
+
+    edge-agent server --db sqlite:///srv.db --broker mqtt://127.0.0.1:1883
+    edge-agent server admin create-application --name plant-1 [--prefix edge]
+    edge-agent server admin create-token --application ID --scope all.Application
+
+FastAPI, SQLAlchemy and uvicorn are imported only here, on use (the ``server``
+extra); the device install does not need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("server", help="run the control plane (HTTP API, database) or administer it")
+    _common(p)
+    p.add_argument("--listen", help="HOST:PORT of the HTTP API (default 127.0.0.1:8080)")
+    p.add_argument("--broker", help="mqtt://host:port or mqtts://host:port")
+    p.add_argument("--public-url", help="base URL devices download artifacts from")
+    p.add_argument(
+        "--protocol",
+        choices=["5", "3.1.1"],
+        help="MQTT protocol (3.1.1 has no shared subscriptions)",
+    )
+    p.add_argument("--instance", help="this process's name among several (client id, logs)")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    admin = p.add_subparsers(dest="server_command")
+    a = admin.add_parser("admin", help="create applications and API tokens")
+    _common(a)
+    asub = a.add_subparsers(dest="admin_command", required=True)
+    app = asub.add_parser("create-application", help="print the new application's id")
+    app.add_argument("--name", required=True, help="the application's name")
+    app.add_argument("--prefix", default="edge", help="its devices' MQTT topic prefix")
+    tok = asub.add_parser("create-token", help="print a new API token (shown once)")
+    tok.add_argument("--application", required=True, help="the application id")
+    tok.add_argument(
+        "--scope", action="append", required=True, help="a scope, e.g. all.Application (repeat)"
+    )
+    tok.add_argument("--name", default="", help="a label for the token")
+    asub.add_parser("migrate", help="bring the database to the newest schema and exit")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="the server's TOML configuration file")
+    p.add_argument("--db", help="sqlite:///path or postgresql://user@host/db")
+    p.add_argument("--state-dir", type=Path, help="where the SQLite database and artifacts live")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from agent.server.config import load_server_config
+
+    over = {
+        "db": args.db,
+        "state_dir": str(args.state_dir) if args.state_dir else None,
+        "listen": getattr(args, "listen", None),
+        "broker": getattr(args, "broker", None),
+        "public_url": getattr(args, "public_url", None),
+        "instance": getattr(args, "instance", None),
+    }
+    cfg = load_server_config(args.config, over)
+    if getattr(args, "protocol", None):
+        cfg = cfg.model_copy(
+            update={"mqtt": cfg.mqtt.model_copy(update={"protocol": args.protocol})}
+        )
+    return cfg
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from agent.server.errors import ApiError, ServerError
+
+    try:
+        if args.server_command == "admin":
+            return _admin(args)
+        return _run(args)
+    except ApiError as exc:
+        sys.stderr.write(f"edge-agent server: {exc.message}\n")
+        return EXIT_USAGE
+    except ServerError as exc:
+        sys.stderr.write(f"edge-agent server: {exc}\n")
+        return EXIT_USAGE
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from agent.server.db import applications as apps_repo
+    from agent.server.db.engine import Database
+
+    cfg = _config(args)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(cfg.db_url)
+    try:
+        db.migrate()
+        if args.admin_command == "migrate":
+            return 0
+        with db.transaction() as s:
+            if args.admin_command == "create-application":
+                app = apps_repo.create_application(s, args.name, args.prefix)
+                print(app.id)
+                return 0
+            found = apps_repo.get_application(s, args.application)
+            if found is None:
+                sys.stderr.write(f"edge-agent server: no application {args.application}\n")
+                return EXIT_USAGE
+            _token, secret = apps_repo.create_token(s, found.id, args.scope, args.name)
+            print(secret)
+            return 0
+    finally:
+        db.close()
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from agent.device._logging import configure_logging
+    from agent.server.api.app import create_app
+    from agent.server.context import ServerContext
+
+    configure_logging(args.log_level)
+    cfg = _config(args)
+    ctx = ServerContext(cfg)
+    ctx.start()
+    try:
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(ctx),
+                host=cfg.host,
+                port=cfg.port,
+                log_level=args.log_level,
+                access_log=args.log_level == "debug",
+                timeout_graceful_shutdown=10,
+            )
+        )
+        server.run()
+    finally:
+        ctx.stop()
+    return 0
