@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent / "support"))
 from artifact_server import ArtifactServer
 from broker import MOSQUITTO, Broker, Operator
 from common import MakeConfig
+from postgres import PostgresCluster, postgres_fixture
 
 from agent.device._logging import configure_logging
 from agent.device.config import AgentConfig
@@ -105,3 +106,21 @@ async def running_agent(make_config: MakeConfig) -> AsyncIterator[Callable[..., 
     yield start
     for agent in reversed(agents):
         await agent.__aexit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
+    """One private PostgreSQL for the session; each test takes a database of its own."""
+    yield from postgres_fixture(tmp_path_factory)
+
+
+_DB_COUNTER = iter(range(1, 10**6))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each kind the server supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'server.db'}"
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.create_database(f"test_{next(_DB_COUNTER)}")

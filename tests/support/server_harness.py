@@ -1,0 +1,106 @@
+"""A real ``edge-agent server`` for tests: uvicorn on a free port in a thread, on
+SQLite or a private PostgreSQL, connected to the test's Mosquitto; an application
+and a token made with the admin command."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from broker import free_port
+
+from agent import cli
+from agent.server.api.app import create_app
+from agent.server.config import ServerConfig
+from agent.server.context import ServerContext
+
+
+def admin(*argv: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["server", "admin", *argv])
+    assert rc == 0, f"admin {argv} exited {rc}"
+    return out.getvalue().strip()
+
+
+class RunningServer:
+    def __init__(self, state_dir: Path, db_url: str, broker_url: str, *, prefix: str) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.cfg = ServerConfig.model_validate(
+            {
+                "db": db_url,
+                "state_dir": str(state_dir),
+                "listen": f"127.0.0.1:{port}",
+                "mqtt": {"broker": broker_url},
+                "publish_retry_s": 0.2,
+            }
+        )
+        common = ["--db", db_url, "--state-dir", str(state_dir)]
+        self.app_id = admin(*common, "create-application", "--name", "test", "--prefix", prefix)
+        self.token = admin(
+            *common, "create-token", "--application", self.app_id, "--scope", "all.Application"
+        )
+        self.prefix = prefix
+        self.db_url = db_url
+        self.ctx = ServerContext(self.cfg)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def token_with(self, *scopes: str) -> str:
+        args = ["--db", self.db_url, "--state-dir", str(self.cfg.state_dir), "create-token"]
+        args += ["--application", self.app_id]
+        for scope in scopes:
+            args += ["--scope", scope]
+        return admin(*args)
+
+    def start(self) -> None:
+        self.ctx.start()
+        config = uvicorn.Config(
+            create_app(self.ctx), host="127.0.0.1", port=self.cfg.port, log_level="warning"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 15
+        while not self._server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self.ctx.stop()
+
+    def http(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def upload(self, flow_id: str, version: str, data: bytes, **form: Any) -> httpx.Response:
+        with self.http() as c:
+            return c.post(
+                f"/applications/{self.app_id}/flows/{flow_id}/versions",
+                data={"version": version, **form},
+                files={"artifact": ("flow.wasm", data, "application/octet-stream")},
+            )
+
+
+@contextlib.contextmanager
+def running_server(
+    state_dir: Path, db_url: str, broker_url: str, *, prefix: str = "edge"
+) -> Iterator[RunningServer]:
+    srv = RunningServer(state_dir, db_url, broker_url, prefix=prefix)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
