@@ -464,6 +464,11 @@ COMMANDS = {
 
 def run(args: argparse.Namespace) -> int:
     try:
+        from agent.fleet import via_server
+
+        conn = via_server.settings(args)
+        if conn is not None:
+            return via_server.run(args, conn)
         return COMMANDS[args.fleet_command](args)
     except FleetError as exc:
         sys.stderr.write(f"edge-agent fleet: {exc}\n")

@@ -34,6 +34,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ca-file", type=Path)
     g.add_argument("--cert-file", type=Path)
     g.add_argument("--key-file", type=Path)
+    s = p.add_argument_group("control plane (instead of the broker)")
+    s.add_argument("--server", help="edge-agent server's URL (or EDGE_AGENT_SERVER)")
+    s.add_argument("--application", help="the application id (or EDGE_AGENT_APPLICATION)")
+    s.add_argument("--token-file", type=Path, help="file holding the API token")
+    s.add_argument("--token", help="the API token (or EDGE_AGENT_TOKEN; shows in ps)")
 
 
 def _artifact_flags(p: argparse.ArgumentParser) -> None:
