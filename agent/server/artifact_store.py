@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from agent.device._fsutil import child_path
 from agent.server.errors import TooLarge, Validation
 
 _SHA = re.compile(r"[0-9a-f]{64}")
@@ -42,7 +43,7 @@ class ArtifactStore:
         """The file of a digest; only ever built from a validated digest."""
         if not _SHA.fullmatch(sha256):
             raise Validation("not a sha256 digest")
-        return self.root / sha256[:2] / sha256
+        return child_path(child_path(self.root, sha256[:2]), sha256)
 
     def put(self, source: BinaryIO, limit: int) -> Stored:
         """Store what ``source`` holds (at most ``limit`` bytes, else :class:`TooLarge`

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from agent.device._fsutil import child_path
 from agent.server.context import ServerContext
 from agent.server.db import deployments as deployments_repo
 from agent.server.db import devices as devices_repo
@@ -33,7 +34,7 @@ CALLBACK_TIMEOUT_S = 10.0
 def export_path(ctx: ServerContext, job_id: str) -> Path:
     if len(job_id) != 24 or not all(c in "0123456789abcdef" for c in job_id):
         raise NotFound("Job was not found")
-    return ctx.cfg.state_dir / "exports" / job_id
+    return child_path(ctx.cfg.state_dir / "exports", job_id)
 
 
 def _check_callback(url: str | None) -> None:
