@@ -44,6 +44,13 @@ def add_parser(sub: Any) -> None:
         "--scope", action="append", required=True, help="a scope, e.g. all.Application (repeat)"
     )
     tok.add_argument("--name", default="", help="a label for the token")
+    key = asub.add_parser(
+        "set-signing-key", help="sign the artifacts released to an application's devices"
+    )
+    key.add_argument("--application", required=True, help="the application id")
+    key.add_argument(
+        "--key", type=Path, required=True, help="ed25519 private key (edge-agent fleet sign keygen)"
+    )
     asub.add_parser("migrate", help="bring the database to the newest schema and exit")
 
 
@@ -107,6 +114,17 @@ def _admin(args: argparse.Namespace) -> int:
             if found is None:
                 sys.stderr.write(f"edge-agent server: no application {args.application}\n")
                 return EXIT_USAGE
+            if args.admin_command == "set-signing-key":
+                from agent.wire.signing import KeyFileError, load_private_key
+
+                try:
+                    load_private_key(args.key)
+                except KeyFileError as exc:
+                    sys.stderr.write(f"edge-agent server: {exc}\n")
+                    return EXIT_USAGE
+                found.signing_key = args.key.read_text()
+                print(f"artifacts released to {found.id} are now signed")
+                return 0
             _token, secret = apps_repo.create_token(s, found.id, args.scope, args.name)
             print(secret)
             return 0

@@ -78,6 +78,9 @@ class Application(Base):
     topic_prefix: Mapped[str] = mapped_column(String(128), unique=True)
     #: Signs the artifact URLs handed to this application's devices (HMAC-SHA256).
     url_key: Mapped[str] = mapped_column(String(64), default=lambda: secrets.token_hex(32))
+    #: An ed25519 private key (PEM) that signs the artifacts released to its devices
+    #: (the agent's signature format; devices trusting its public key verify them).
+    signing_key: Mapped[str | None] = mapped_column(Text)
     created: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import select
@@ -29,7 +29,11 @@ from agent.server.db import deployments as deployments_repo
 from agent.server.db import devices as devices_repo
 from agent.server.db.engine import Database
 from agent.server.db.models import Application, Device, FlowVersion
+from agent.server.errors import ServerError
 from agent.wire.topics import Topics
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = structlog.get_logger("agent.server.desired")
 
@@ -43,13 +47,20 @@ EntryFor = Callable[[str], dict[str, Any]]
 def version_entry(app: Application, base_url: str, fv: FlowVersion) -> EntryFor:
     """The desired entry of a flow version (artifact URLs signed for the application)."""
 
+    key = _signing_key(app.signing_key) if app.signing_key else None
+
     def ref(item: dict[str, Any]) -> dict[str, Any]:
-        return {
+        out = {
             "url": artifact_url(base_url, app.url_key, app.id, item["sha256"]),
             "sha256": item["sha256"],
             "size": item["size"],
             "kind": fv.kind,
         }
+        if key is not None:
+            from agent.wire.signing import sign
+
+            out["signature"] = sign(key, item["sha256"]).model_dump(by_alias=True)
+        return out
 
     def make(deployment_id: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"version": fv.version, "deploymentId": deployment_id}
@@ -65,6 +76,16 @@ def version_entry(app: Application, base_url: str, fv: FlowVersion) -> EntryFor:
         return entry
 
     return make
+
+
+def _signing_key(pem: str) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ServerError("the application's signing key is not an ed25519 key")
+    return key
 
 
 def removal_entry(deployment_id: str) -> dict[str, Any]:
