@@ -7,6 +7,7 @@ existence is not disclosed), 403 without one of the scopes the endpoint accepts.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,15 @@ from agent.server.db import applications as apps_repo
 from agent.server.db.models import Application
 from agent.server.errors import Forbidden, NotFound, Unauthorized
 from agent.server.scopes import accepted
+
+#: The ids this server hands out (applications, deployments, jobs): 24 hex digits,
+#: like Losant's. Anything else in their place is unknown without a database query
+#: (which, for text PostgreSQL cannot hold such as a NUL, would fail).
+OBJECT_ID = re.compile(r"[0-9a-f]{24}")
+
+
+def is_object_id(value: str) -> bool:
+    return OBJECT_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ def authenticate(request: Request, applicationId: str) -> Caller:
         token = apps_repo.token_for_secret(s, secret.strip())
         if token is None:
             raise Unauthorized("Invalid or revoked token")
-        app = apps_repo.get_application(s, applicationId) if len(applicationId) <= 64 else None
+        app = apps_repo.get_application(s, applicationId) if is_object_id(applicationId) else None
         if app is None or token.application_id != app.id:
             raise NotFound("Application was not found")
         scopes = frozenset(token.scopes)

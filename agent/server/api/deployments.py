@@ -9,21 +9,23 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from agent.server.api import query as q
-from agent.server.api.auth import Caller, context, require
+from agent.server.api.auth import Caller, context, is_object_id, require
 from agent.server.api.models import (
+    AUTH_ERRORS,
     DeploymentExport,
     DeploymentRelease,
     DeploymentRemove,
     DeploymentReplace,
     JobEnqueued,
     Success,
+    errors,
 )
 from agent.server.db import deployments as repo
 from agent.server.errors import NotFound
 from agent.server.service import deployments as service
 from agent.server.service import exports
 
-router = APIRouter(tags=["deployments"])
+router = APIRouter(tags=["deployments"], responses=AUTH_ERRORS)
 SORT_FIELDS = list(repo.SORT_COLUMNS)
 EMBEDDED_SORT_FIELDS = ["id", "creationDate", "lastUpdated"]
 Opt = Annotated[str | None, Query()]
@@ -40,9 +42,9 @@ def _list(request: Request, caller: Caller, kind: str) -> dict[str, Any]:
     )
     filters = repo.DeploymentQuery(
         kind=kind,
-        device_id=q.single_value(pairs, "deviceId") or None,
-        flow_id=q.single_value(pairs, "flowId") or None,
-        version=q.single_value(pairs, "version") or None,
+        device_id=q.text_param(pairs, "deviceId") or None,
+        flow_id=q.text_param(pairs, "flowId") or None,
+        version=q.text_param(pairs, "version") or None,
         filter_empty=q.parse_bool_param(pairs, "filterEmpty", default=False),
     )
     ctx = context(request)
@@ -81,7 +83,7 @@ def _list(request: Request, caller: Caller, kind: str) -> dict[str, Any]:
 def _one(request: Request, caller: Caller, kind: str, deployment_id: str) -> dict[str, Any]:
     ctx = context(request)
     with ctx.db.transaction() as s:
-        dep = repo.get(s, caller.app.id, deployment_id) if len(deployment_id) <= 64 else None
+        dep = repo.get(s, caller.app.id, deployment_id) if is_object_id(deployment_id) else None
         if dep is None or dep.kind != kind:
             raise NotFound("Deployment was not found")
         return service.view(dep, kind, repo.attempts(s, dep.id))
@@ -118,6 +120,7 @@ def _routes(kind: str) -> None:
         base + "/release",
         status_code=201,
         response_model=Success,
+        responses=errors(413),
         summary="Release: a flow version to devices (blank version removes)",
     )
     def release(
@@ -134,6 +137,7 @@ def _routes(kind: str) -> None:
         base + "/remove",
         status_code=201,
         response_model=Success,
+        responses=errors(413),
         summary="Remove: a flow from a device, from every device, or every flow",
     )
     def remove(
@@ -148,6 +152,7 @@ def _routes(kind: str) -> None:
         base + "/replace",
         status_code=201,
         response_model=Success,
+        responses=errors(413),
         summary="Replace: one version of a flow by another wherever it is desired",
     )
     def replace(
@@ -166,6 +171,7 @@ def _routes(kind: str) -> None:
             base + "/export",
             status_code=202,
             response_model=JobEnqueued,
+            responses=errors(413),
             summary="Export: the compiled WASM a device currently runs (a job)",
         )
         async def export(

@@ -3,27 +3,41 @@ decommission, command)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy.exc import IntegrityError
 
 from agent.server.api import query as q
 from agent.server.api.auth import Caller, context, require
 from agent.server.api.models import (
+    AUTH_ERRORS,
+    DeviceClass,
     DeviceCommand,
     DevicePatch,
     DevicePost,
     MultiDeviceCommand,
     Success,
+    errors,
 )
 from agent.server.db import devices as repo
-from agent.server.errors import NotFound, Validation
+from agent.server.errors import Conflict, NotFound, Validation
 from agent.server.service import devices as service
 from agent.server.service import exports
+from agent.wire.protocol import is_valid_id
 
-router = APIRouter(tags=["devices"])
+router = APIRouter(tags=["devices"], responses=AUTH_ERRORS)
 BASE = "/applications/{applicationId}/devices"
 Opt = Annotated[str | None, Query()]
+DEVICE_CLASSES = get_args(DeviceClass)
+
+
+def known_device_id(device_id: str) -> str:
+    """``device_id`` if it can name a device (an agent's id), else a 404 that does
+    not quote it back (it may be anything: NUL, 10,000 characters)."""
+    if not is_valid_id(device_id):
+        raise NotFound("Device was not found")
+    return device_id
 
 
 @router.get(BASE, summary="Get: the devices of an application")
@@ -49,6 +63,8 @@ def get_devices(
         raise q.QueryError("filterField", "accepted values are: name")
     pattern = q.single_value(pairs, "filter")
     klass = q.single_value(pairs, "deviceClass") or None
+    if klass is not None and klass not in DEVICE_CLASSES:
+        raise q.QueryError("deviceClass", f"accepted values are: {', '.join(DEVICE_CLASSES)}")
     tags = [(t.key, t.value) for t in q.parse_tag_filter(pairs)]
     query = repo.DeviceQuery(
         name_like=q.glob_to_like(pattern) if pattern else None, device_class=klass, tags=tags
@@ -83,26 +99,30 @@ def get_devices(
     }
 
 
-@router.post(BASE, status_code=201, summary="Post: create a device")
+@router.post(BASE, status_code=201, responses=errors(409, 413), summary="Post: create a device")
 def post_device(
     request: Request,
     body: DevicePost,
     caller: Annotated[Caller, Depends(require("devices", "post", read=False))],
 ) -> dict[str, Any]:
     ctx = context(request)
-    with ctx.db.transaction() as s:
-        dev = repo.create(
-            s,
-            caller.app.id,
-            device_id=body.deviceId,
-            name=body.name,
-            description=body.description,
-            tags=[{"key": t.key, "value": str(t.value)} for t in body.tags],
-            attributes=[a.model_dump() for a in body.attributes],
-            device_class=body.deviceClass,
-            device_type=body.deviceType,
-        )
-        return exports.device_view(dev)
+    try:
+        with ctx.db.transaction() as s:
+            dev = repo.create(
+                s,
+                caller.app.id,
+                device_id=body.deviceId,
+                name=body.name,
+                description=body.description,
+                tags=[{"key": t.key, "value": str(t.value)} for t in body.tags],
+                attributes=[a.model_dump() for a in body.attributes],
+                device_class=body.deviceClass,
+                device_type=body.deviceType,
+            )
+            return exports.device_view(dev)
+    except IntegrityError:
+        # Two creates of one deviceId at once: the second one's insert loses the race.
+        raise Conflict(f"device {body.deviceId} exists already") from None
 
 
 @router.post(BASE + "/export", status_code=200, summary="Export: all device metadata (a job)")
@@ -112,7 +132,10 @@ def export_devices(
     email: Opt = None,
     callbackUrl: Opt = None,
 ) -> dict[str, Any]:
-    job_id = exports.start_device_export(context(request), caller.app, email, callbackUrl)
+    pairs = request.query_params.multi_items()
+    email = q.text_param(pairs, "email", max_length=exports.MAX_EMAIL)
+    callback = q.text_param(pairs, "callbackUrl", max_length=exports.MAX_CALLBACK_URL)
+    job_id = exports.start_device_export(context(request), caller.app, email, callback)
     return {"success": True, "jobQueued": True, "jobId": job_id}
 
 
@@ -131,7 +154,12 @@ def _targets(request: Request, caller: Caller, body: MultiDeviceCommand) -> list
         return repo.ids_with_tags(s, caller.app.id, tags)
 
 
-@router.post(BASE + "/command", response_model=Success, summary="Send Command to devices")
+@router.post(
+    BASE + "/command",
+    response_model=Success,
+    responses=errors(413, 503),
+    summary="Send Command to devices",
+)
 def command_devices(
     request: Request,
     body: MultiDeviceCommand,
@@ -145,7 +173,7 @@ def command_devices(
 def _device(request: Request, caller: Caller, device_id: str) -> dict[str, Any]:
     ctx = context(request)
     with ctx.db.transaction() as s:
-        dev = repo.get(s, caller.app.id, device_id) if len(device_id) <= 128 else None
+        dev = repo.get(s, caller.app.id, known_device_id(device_id))
         if dev is None:
             raise NotFound(f"Device {device_id} was not found")
         view = exports.device_view(dev)
@@ -163,7 +191,9 @@ def get_device(
     return _device(request, caller, deviceId)
 
 
-@router.patch(BASE + "/{deviceId}", summary="Rename, describe or tag a device")
+@router.patch(
+    BASE + "/{deviceId}", responses=errors(413), summary="Rename, describe or tag a device"
+)
 def patch_device(
     request: Request,
     deviceId: str,
@@ -179,7 +209,7 @@ def patch_device(
         changes["tags"] = [{"key": t.key, "value": str(t.value)} for t in body.tags]
     if body.deviceClass is not None:
         changes["device_class"] = body.deviceClass
-    service.update(context(request), caller.app, deviceId, changes)
+    service.update(context(request), caller.app, known_device_id(deviceId), changes)
     return _device(request, caller, deviceId)
 
 
@@ -189,11 +219,16 @@ def delete_device(
     deviceId: str,
     caller: Annotated[Caller, Depends(require("device", "delete", read=False))],
 ) -> Success:
-    service.decommission(context(request), caller.app, deviceId)
+    service.decommission(context(request), caller.app, known_device_id(deviceId))
     return Success()
 
 
-@router.post(BASE + "/{deviceId}/command", response_model=Success, summary="Send Command")
+@router.post(
+    BASE + "/{deviceId}/command",
+    response_model=Success,
+    responses=errors(413, 503),
+    summary="Send Command",
+)
 def command_device(
     request: Request,
     deviceId: str,

@@ -7,13 +7,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from agent.server.api.auth import Caller, authenticate, context
+from agent.server.api.auth import Caller, authenticate, context, is_object_id
+from agent.server.api.models import AUTH_ERRORS
 from agent.server.db.models import Job
 from agent.server.errors import Forbidden, NotFound
 from agent.server.scopes import accepted
 from agent.server.service.exports import export_path
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=AUTH_ERRORS)
 BASE = "/applications/{applicationId}/jobs/{jobId}"
 _SCOPE = {"devices": ("devices", "export"), "wasm": ("embeddedDeployments", "export")}
 
@@ -21,7 +22,7 @@ _SCOPE = {"devices": ("devices", "export"), "wasm": ("embeddedDeployments", "exp
 def _job(request: Request, caller: Caller, job_id: str) -> Job:
     ctx = context(request)
     with ctx.db.transaction() as s:
-        job = s.get(Job, job_id) if len(job_id) == 24 else None
+        job = s.get(Job, job_id) if is_object_id(job_id) else None
         if job is None or job.application_id != caller.app.id:
             raise NotFound("Job was not found")
     resource, action = _SCOPE[job.kind]
@@ -41,7 +42,20 @@ def get_job(request: Request, applicationId: str, jobId: str) -> dict[str, Any]:
     return {"jobId": job.id, "kind": job.kind, "status": job.status, **(job.result or {})}
 
 
-@router.get(BASE + "/download", summary="The file an export job made")
+@router.get(
+    BASE + "/download",
+    summary="The file an export job made",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "devices.json (a devices export) or wasm.zip (a WASM export)",
+            "content": {
+                "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                "application/zip": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+)
 def download(request: Request, applicationId: str, jobId: str) -> FileResponse:
     job = _job(request, _caller(request, applicationId), jobId)
     path = export_path(context(request), job.id)

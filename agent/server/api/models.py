@@ -1,15 +1,25 @@
 """Request and response bodies, in Losant's shapes (shared with the OpenAPI document).
 
-Request bodies forbid unknown fields and bound every string and list, so a malformed
-or hostile body is a 400 before any work.
+Request bodies forbid unknown fields and bound every string and list, and refuse what
+a database cannot store anywhere in them (NUL, lone surrogates, NaN, nesting over 32
+levels: :mod:`agent.server.text`), so a malformed or hostile body is a 400 before any
+work, on SQLite and PostgreSQL alike.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
+from agent.server.text import tree_problem
 from agent.wire.protocol import is_valid_id
 
 
@@ -24,8 +34,20 @@ Version = Annotated[str, StringConstraints(max_length=128, pattern=r"^[^\x00-\x1
 Text = Annotated[str, StringConstraints(max_length=1024)]
 
 
+def _storable(data: Any) -> Any:
+    problem = tree_problem(data)
+    if problem is not None:
+        raise ValueError(problem)
+    return data
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_storable(cls, data: Any) -> Any:
+        return _storable(data)
 
 
 class Success(BaseModel):
@@ -39,8 +61,30 @@ class JobEnqueued(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Losant's error: ``{"type": "NotFound", "message": "Application was not found"}``."""
+
     type: str
     message: str
+
+
+_ERROR_TEXT = {
+    400: "A malformed request: bad JSON, a field out of bounds or unknown, a bad parameter",
+    401: "No valid API token (missing, unknown or revoked)",
+    403: "The token does not have a scope this endpoint accepts",
+    404: "An unknown application (or one the token is not of), device, deployment or job",
+    409: "A conflict: the device or version exists already",
+    413: "A body over the server's limit",
+    503: "The MQTT broker is unavailable",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error responses of a route, for the OpenAPI document."""
+    return {code: {"model": ErrorBody, "description": _ERROR_TEXT[code]} for code in codes}
+
+
+#: Every route that takes a token answers these.
+AUTH_ERRORS = errors(400, 401, 403, 404)
 
 
 class DeploymentRelease(_Body):
@@ -73,6 +117,12 @@ class Tag(_Body):
 
 class Attribute(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_storable(cls, data: Any) -> Any:
+        return _storable(data)
+
     name: Annotated[str, StringConstraints(pattern=r"^[0-9a-zA-Z_-]{1,255}$")]
     dataType: Literal["number", "string", "boolean", "gps", "blob"]
 

@@ -75,6 +75,7 @@ __all__ = [
     "parse_sort",
     "parse_tag_filter",
     "single_value",
+    "text_param",
 ]
 
 QueryPairs: TypeAlias = Sequence[tuple[str, str]]
@@ -163,6 +164,15 @@ def single_value(pairs: QueryPairs, name: str) -> str | None:
                 raise QueryError(name, "given more than once")
             found = value
     return found
+
+
+def text_param(pairs: QueryPairs, name: str, *, max_length: int = MAX_TEXT_LENGTH) -> str | None:
+    """The text parameter ``name`` (None when absent), one that a database can store:
+    at most ``max_length`` characters, no NUL, valid Unicode."""
+    value = single_value(pairs, name)
+    if value is not None:
+        _check_text(name, value, max_length=max_length)
+    return value
 
 
 def parse_bool_param(pairs: QueryPairs, name: str, *, default: bool) -> bool:
