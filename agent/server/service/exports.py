@@ -29,6 +29,8 @@ from agent.server.errors import NotFound, ServerError, Validation
 log = structlog.get_logger("agent.server.exports")
 
 CALLBACK_TIMEOUT_S = 10.0
+MAX_EMAIL = 320
+MAX_CALLBACK_URL = 2048
 
 
 def export_path(ctx: ServerContext, job_id: str) -> Path:
@@ -38,12 +40,28 @@ def export_path(ctx: ServerContext, job_id: str) -> Path:
 
 
 def _check_callback(url: str | None) -> None:
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise Validation("callbackUrl: an http:// or https:// URL")
+    """A callback URL the job's thread can POST to: http(s), a host, nothing that
+    the HTTP client would refuse later (where the refusal would be lost)."""
+    if url is None:
+        return
+    import httpx
+
+    bad = Validation("callbackUrl: an http:// or https:// URL")
+    if len(url) > MAX_CALLBACK_URL or not url.isprintable() or " " in url:
+        raise bad
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise bad from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise bad
 
 
 def _start(ctx: ServerContext, app: Application, kind: str, params: dict[str, Any]) -> str:
     _check_callback(params.get("callbackUrl"))
+    email = params.get("email")
+    if email is not None and (len(email) > MAX_EMAIL or not email.isprintable()):
+        raise Validation(f"email: at most {MAX_EMAIL} printable characters")
     with ctx.db.transaction() as s:
         job = Job(application_id=app.id, kind=kind, params=params)
         s.add(job)
@@ -137,10 +155,21 @@ def _wasm_file(ctx: ServerContext, app_id: str, device_id: str, out: Path) -> No
 
 
 def _run(ctx: ServerContext, app_id: str, job_id: str, kind: str, params: dict[str, Any]) -> None:
+    """The job's thread: nothing escapes it (an exception here would be lost, and the
+    job left queued for ever), so every failure ends in the job's row or the log."""
+    try:
+        _run_job(ctx, app_id, job_id, kind, params)
+    except Exception as exc:  # noqa: BLE001 (the database away: logged, never raised in a thread)
+        log.error("export job could not finish", job=job_id, error=repr(exc))
+
+
+def _run_job(
+    ctx: ServerContext, app_id: str, job_id: str, kind: str, params: dict[str, Any]
+) -> None:
     out = export_path(ctx, job_id)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any]
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         if kind == "devices":
             _devices_file(ctx, app_id, out)
         else:
@@ -162,5 +191,5 @@ def _run(ctx: ServerContext, app_id: str, job_id: str, kind: str, params: dict[s
 
         try:
             httpx.post(callback, json=result, timeout=CALLBACK_TIMEOUT_S)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             log.warning("export callback failed", job=job_id, error=str(exc))
