@@ -45,7 +45,11 @@ def error(status: int, type_: str, message: str) -> JSONResponse:
 class BodyLimit:
     """Counts a request's body as it is received and stops it past the limit (a
     missing or lying Content-Length included): uploads get the server's upload limit,
-    everything else :data:`MAX_JSON_BODY`."""
+    everything else :data:`MAX_JSON_BODY`.
+
+    A body that goes over the limit while it is read (chunked, or longer than its
+    Content-Length said) is answered 413 here, whatever the route made of the
+    interrupted read (FastAPI turns any error reading a body into a 400)."""
 
     def __init__(self, app: ASGIApp, upload_limit: int) -> None:
         self.app = app
@@ -59,25 +63,82 @@ class BodyLimit:
         multipart = headers.get(b"content-type", b"").startswith(b"multipart/")
         limit = self.upload_limit + (1 << 20) if multipart else MAX_JSON_BODY
         declared = headers.get(b"content-length", b"")
+        too_large = error(413, "RequestTooLarge", f"body over {limit} bytes")
         if declared.isdigit() and int(declared) > limit:
-            await error(413, "RequestTooLarge", f"body over {limit} bytes")(scope, receive, send)
+            await too_large(scope, receive, send)
             return
         seen = 0
+        over = False
+        started = False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, over
+            if over:
+                raise TooLarge(f"body over {limit} bytes")
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    over = True
                     raise TooLarge(f"body over {limit} bytes")
             return message
 
-        await self.app(scope, limited, send)
+        async def guarded(message: Message) -> None:
+            nonlocal started
+            if over:
+                return  # the route's answer to a read cut short: 413 is sent instead
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except TooLarge:
+            if not over:
+                raise
+        if over and not started:
+            await too_large(scope, receive, send)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """The first problem of a request that did not validate, on one bounded line."""
+    err: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+    msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+    return (f"{where}: {msg}" if where else msg)[:500]
+
+
+class ServerApp(FastAPI):
+    """FastAPI with the OpenAPI document this server really follows: errors are 400
+    (FastAPI documents 422, which it never sends here) and every route but the
+    signed artifact downloads takes a Bearer token."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            tidy_openapi(super().openapi())
+        return self.openapi_schema or {}
+
+
+def tidy_openapi(doc: dict[str, Any]) -> None:
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    components["securitySchemes"] = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API token of the application (Authorization: Bearer eat_…)",
+        }
+    }
+    for path, operations in doc.get("paths", {}).items():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+            if not path.startswith("/artifacts/"):
+                operation["security"] = [{"bearer": []}]
 
 
 def create_app(ctx: ServerContext) -> FastAPI:
-    app = FastAPI(
+    app = ServerApp(
         title="edge-agent server",
         version=__version__,
         description="Losant's Edge/Embedded Deployments and Devices APIs for a "
@@ -97,13 +158,15 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_r: Request, exc: RequestValidationError) -> JSONResponse:
-        err: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        return error(400, "Validation", f"{where}: {err.get('msg', 'invalid request')}"[:500])
+        return error(400, "Validation", validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, _HTTP_TYPES.get(exc.status_code, "Error"), str(exc.detail))
+        response = error(
+            exc.status_code, _HTTP_TYPES.get(exc.status_code, "Error"), str(exc.detail)
+        )
+        response.headers.update(exc.headers or {})  # (a 405's Allow, a 416's Content-Range)
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
