@@ -34,6 +34,11 @@ class Stored:
     size: int
 
 
+def is_digest(value: str) -> bool:
+    """Whether ``value`` is a SHA-256 digest as the store names files (64 lowercase hex)."""
+    return _SHA.fullmatch(value) is not None
+
+
 class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -45,12 +50,17 @@ class ArtifactStore:
             raise Validation("not a sha256 digest")
         return child_path(child_path(self.root, sha256[:2]), sha256)
 
+    def put_bytes(self, data: bytes, limit: int) -> Stored:
+        """Store ``data`` (held in memory already, e.g. to be validated first)."""
+        view = memoryview(data)
+        return self.put_chunks((view[i : i + CHUNK] for i in range(0, len(view), CHUNK)), limit)
+
     def put(self, source: BinaryIO, limit: int) -> Stored:
         """Store what ``source`` holds (at most ``limit`` bytes, else :class:`TooLarge`
         and nothing is kept)."""
         return self.put_chunks(iter(lambda: source.read(CHUNK), b""), limit)
 
-    def put_chunks(self, chunks: Iterable[bytes], limit: int) -> Stored:
+    def put_chunks(self, chunks: Iterable[bytes | memoryview], limit: int) -> Stored:
         digest = hashlib.sha256()
         size = 0
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
@@ -86,6 +96,8 @@ def sign(key: str, app_id: str, sha256: str, expires: int | None = None) -> str:
 
 def verify(key: str, app_id: str, sha256: str, sig: str, expires: int | None) -> bool:
     if expires is not None and expires < time.time():
+        return False
+    if not sig.isascii():  # (compare_digest refuses non-ASCII text rather than say no)
         return False
     return hmac.compare_digest(sign(key, app_id, sha256, expires), sig)
 

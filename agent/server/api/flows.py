@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from starlette.datastructures import FormData, UploadFile
+from starlette.responses import MalformedRangeHeader
 
-from agent.server.api.auth import Caller, context, require
-from agent.server.artifact_store import verify
+from agent.server.api.auth import Caller, context, is_object_id, require
+from agent.server.api.models import AUTH_ERRORS, errors
+from agent.server.artifact_store import is_digest, verify
 from agent.server.db import applications as apps_repo
 from agent.server.db import flow_versions as repo
 from agent.server.errors import NotFound, Validation
@@ -18,43 +22,114 @@ router = APIRouter(tags=["flows"])
 BASE = "/applications/{applicationId}/flows/{flowId}/versions"
 
 
-@router.post(BASE, status_code=201, summary="Upload a version of a flow (multipart)")
-def post_version(
+#: The upload's fields (multipart/form-data), as the OpenAPI document shows them.
+UPLOAD_FIELDS = ("version", "kind", "artifact", "artifacts", "deviceTypes", "manifest", "notes")
+_UPLOAD_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["version"],
+                "additionalProperties": False,
+                "properties": {
+                    "version": {"type": "string", "minLength": 1, "maxLength": 128},
+                    "kind": {"type": "string", "enum": list(service.KINDS), "default": "wasm"},
+                    "artifact": {"type": "string", "format": "binary"},
+                    "artifacts": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                    },
+                    "deviceTypes": {
+                        "type": "string",
+                        "description": "JSON: a list of device types (with artifact), or "
+                        "one list per file (with artifacts)",
+                    },
+                    "manifest": {
+                        "type": "string",
+                        "description": "JSON: " + ", ".join(service.MANIFEST_KEYS),
+                    },
+                    "notes": {"type": "string", "maxLength": 4096},
+                },
+            }
+        }
+    },
+}
+
+
+def _field(form: FormData, name: str, *, max_length: int) -> str | None:
+    values = form.getlist(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Validation(f"{name}: given more than once")
+    value = values[0]
+    if not isinstance(value, str):
+        raise Validation(f"{name}: a text field, not a file")
+    if len(value) > max_length:
+        raise Validation(f"{name}: longer than {max_length} characters")
+    return value
+
+
+def _files(form: FormData, name: str) -> list[UploadFile]:
+    values = form.getlist(name)
+    if not all(isinstance(v, UploadFile) for v in values):
+        raise Validation(f"{name}: a file (a part with a filename), not a text field")
+    return [v for v in values if isinstance(v, UploadFile)]
+
+
+@router.post(
+    BASE,
+    status_code=201,
+    responses={**AUTH_ERRORS, **errors(409, 413)},
+    summary="Upload a version of a flow (multipart)",
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+)
+async def post_version(
     request: Request,
     flowId: str,
     caller: Annotated[Caller, Depends(require("flows", "post", read=False))],
-    version: Annotated[str, Form(max_length=128)],
-    kind: Annotated[str, Form()] = "wasm",
-    artifact: Annotated[UploadFile | None, File()] = None,
-    artifacts: Annotated[list[UploadFile] | None, File()] = None,
-    deviceTypes: Annotated[str | None, Form()] = None,
-    manifest: Annotated[str | None, Form()] = None,
-    notes: Annotated[str, Form(max_length=4096)] = "",
 ) -> dict[str, Any]:
-    if (artifact is None) == (not artifacts):
-        raise Validation("give artifact (one file) or artifacts (one per device type)")
-    files = [artifact.file] if artifact is not None else [a.file for a in artifacts or ()]
-    fv = service.create(
-        context(request),
-        caller.app,
-        flowId,
-        version=version,
-        kind=kind,
-        files=files,
-        device_types=deviceTypes,
-        manifest=manifest,
-        notes=notes,
-        per_type=artifact is None,
-    )
+    # The form is read here, after the token and its scope were checked: a caller
+    # without them never gets the server to read, let alone spool, an upload.
+    async with request.form(max_files=64, max_fields=len(UPLOAD_FIELDS) + 8) as form:
+        unknown = sorted(set(form.keys()) - set(UPLOAD_FIELDS))
+        if unknown:
+            raise Validation(
+                f"unknown field {unknown[0][:64]!r}; accepted: {', '.join(UPLOAD_FIELDS)}"
+            )
+        version = _field(form, "version", max_length=128)
+        if version is None:
+            raise Validation("version: a field of 1 to 128 characters is required")
+        artifact = _files(form, "artifact")
+        artifacts = _files(form, "artifacts")
+        if len(artifact) > 1:
+            raise Validation("artifact: one file (use artifacts for one per device type)")
+        if bool(artifact) == bool(artifacts):
+            raise Validation("give artifact (one file) or artifacts (one per device type)")
+        fv = await run_in_threadpool(
+            service.create,
+            context(request),
+            caller.app,
+            flowId,
+            version=version,
+            kind=_field(form, "kind", max_length=16) or "wasm",
+            files=[f.file for f in artifact or artifacts],
+            device_types=_field(form, "deviceTypes", max_length=service.MAX_JSON_FIELD),
+            manifest=_field(form, "manifest", max_length=service.MAX_JSON_FIELD),
+            notes=_field(form, "notes", max_length=4096) or "",
+            per_type=not artifact,
+        )
     return service.view(fv)
 
 
-@router.get(BASE, summary="The versions of a flow")
+@router.get(BASE, responses=AUTH_ERRORS, summary="The versions of a flow")
 def get_versions(
     request: Request,
     flowId: str,
     caller: Annotated[Caller, Depends(require("flows", "get", read=True))],
 ) -> dict[str, Any]:
+    service.check_flow_id(flowId)
     ctx = context(request)
     with ctx.db.transaction() as s:
         rows = repo.list_for_flow(s, caller.app.id, flowId)
@@ -62,16 +137,46 @@ def get_versions(
     return {"items": items, "count": len(items), "flowId": flowId, "applicationId": caller.app.id}
 
 
-@router.get("/artifacts/{applicationId}/{sha256}", summary="An artifact (signed URL, Range)")
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
+class ArtifactResponse(FileResponse):
+    """A file with Range support, where a Range header that does not parse is
+    ignored (the whole file, 200), as RFC 9110 allows, rather than Starlette's
+    plain-text 400: a device resuming a download then starts over instead of failing.
+    A Range past the end stays a 416 (with ``Content-Range: bytes */SIZE``)."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []
+
+
+@router.get(
+    "/artifacts/{applicationId}/{sha256}",
+    summary="An artifact (signed URL, Range)",
+    response_class=ArtifactResponse,
+    responses={
+        200: {"description": "The artifact's bytes", "content": _BINARY},
+        206: {"description": "The bytes of the Range asked for", "content": _BINARY},
+        416: {
+            "description": "A Range that starts past the artifact's end",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        **errors(400, 404),
+    },
+)
 def get_artifact(
     request: Request,
     applicationId: str,
     sha256: str,
     sig: Annotated[str, Query(max_length=64)],
     expires: Annotated[int | None, Query(ge=0, le=2**40)] = None,
-) -> FileResponse:
+) -> ArtifactResponse:
     ctx = context(request)
-    if len(applicationId) != 24 or len(sha256) != 64:
+    if not is_object_id(applicationId) or not is_digest(sha256):
         raise NotFound("Artifact was not found")
     with ctx.db.transaction() as s:
         app = apps_repo.get_application(s, applicationId)
@@ -81,7 +186,7 @@ def get_artifact(
     path = ctx.store.path(sha256)
     if not path.is_file():
         raise NotFound("Artifact was not found")
-    return FileResponse(
+    return ArtifactResponse(
         path,
         media_type="application/octet-stream",
         headers={

@@ -1,8 +1,12 @@
-"""Flow versions: uploads checked and stored by content, then recorded."""
+"""Flow versions: uploads checked whole (fields, every file's bytes as an agent would
+load them, the desired entry), then stored by content and recorded."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import threading
 from typing import Any, BinaryIO
 
 from pydantic import ValidationError
@@ -10,23 +14,50 @@ from pydantic import ValidationError
 from agent.server.context import ServerContext
 from agent.server.db import flow_versions as repo
 from agent.server.db.models import Application, FlowVersion
-from agent.server.errors import Validation
-from agent.wire.protocol import FlowSpec, is_valid_id
+from agent.server.errors import Conflict, TooLarge, Validation
+from agent.server.text import text_problem, tree_problem
+from agent.wire.bundle import BundleError, read_bundle
+from agent.wire.protocol import ID_RULE, FlowSpec, is_valid_id
 
 KINDS = ("wasm", "eea", "bundle")
-_MAGIC = {"wasm": b"\0asm", "eea": b"\0asm", "bundle": b"\x1f\x8b"}
 MANIFEST_KEYS = ("triggers", "permissions", "config", "retries", "health")
+#: Largest ``deviceTypes`` or ``manifest`` field (JSON text).
+MAX_JSON_FIELD = 256 * 1024
+
+_engine: Any = None
+_engine_lock = threading.Lock()
+
+
+def _wasm_engine() -> Any:
+    """One wasmtime Engine for validating uploads (default features, as the agent's)."""
+    global _engine  # noqa: PLW0603 (made once, on the first upload)
+    with _engine_lock:
+        if _engine is None:
+            import wasmtime
+
+            _engine = wasmtime.Engine()
+        return _engine
+
+
+def check_flow_id(flow_id: str) -> str:
+    if not is_valid_id(flow_id):
+        raise Validation(f"flowId: {ID_RULE}")
+    return flow_id
 
 
 def _json(name: str, raw: str | None) -> Any:
     if raw is None or raw == "":
         return None
-    if len(raw) > 256 * 1024:
-        raise Validation(f"{name}: over 256 KiB")
+    if len(raw) > MAX_JSON_FIELD:
+        raise Validation(f"{name}: over {MAX_JSON_FIELD // 1024} KiB")
     try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise Validation(f"{name}: not JSON ({exc})") from None
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise Validation(f"{name}: not JSON ({str(exc)[:100]})") from None
+    problem = tree_problem(doc)
+    if problem is not None:
+        raise Validation(f"{name}: {problem}"[:300])
+    return doc
 
 
 def _device_types(name: str, value: Any) -> list[str]:
@@ -35,6 +66,48 @@ def _device_types(name: str, value: Any) -> list[str]:
     if not all(isinstance(t, str) and 0 < len(t) <= 64 for t in value):
         raise Validation(f"{name}: device types are strings of 1 to 64 characters")
     return list(value)
+
+
+def _read(fh: BinaryIO, limit: int) -> bytes:
+    """The whole upload (in memory, to be validated before anything is stored)."""
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    if size > limit:
+        raise TooLarge(f"artifact larger than {limit} bytes")
+    if size == 0:
+        raise Validation("artifact: the file is empty")
+    fh.seek(0)
+    return fh.read(limit + 1)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or ["invalid"])[0][:200]
+
+
+def _check_wasm(where: str, data: bytes) -> None:
+    import wasmtime
+
+    if not data.startswith(b"\0asm"):
+        raise Validation(f"{where}: not a WebAssembly module (no \\0asm header)")
+    try:
+        wasmtime.Module.validate(_wasm_engine(), data)
+    except wasmtime.WasmtimeError as exc:
+        raise Validation(f"{where}: not a valid WebAssembly module: {_first_line(exc)}") from None
+
+
+def check_artifact(kind: str, data: bytes, where: str = "artifact") -> None:
+    """Validation unless ``data`` is an artifact of ``kind`` that an agent can load: a
+    WebAssembly module wasmtime validates (wasm, eea), or a bundle whose layout,
+    manifest, digests and modules check out."""
+    if kind in ("wasm", "eea"):
+        _check_wasm(where, data)
+        return
+    try:
+        bundle = read_bundle(data)
+    except BundleError as exc:
+        raise Validation(f"{where}: not a valid bundle: {_first_line(exc)}") from None
+    for name, module in bundle.modules.items():
+        _check_wasm(f"{where}: module {name}", module)
 
 
 def create(
@@ -50,14 +123,24 @@ def create(
     notes: str,
     per_type: bool,
 ) -> FlowVersion:
-    if not is_valid_id(flow_id):
-        raise Validation("flowId: [A-Za-z0-9._-], 1 to 64 characters")
-    if not version or len(version) > 128 or any(ord(c) < 32 for c in version):
+    """Check everything (fields, every file's bytes, the desired entry a release
+    will write, that the version is new), and only then store the files and the row:
+    a refused upload leaves nothing behind."""
+    check_flow_id(flow_id)
+    if (
+        not version
+        or len(version) > 128
+        or any(ord(c) < 32 or c == "\x7f" for c in version)
+        or text_problem(version)
+    ):
         raise Validation("version: 1 to 128 printable characters")
     if kind not in KINDS:
         raise Validation(f"kind: one of {', '.join(KINDS)}")
     if not files:
         raise Validation("artifact: a file is required (or artifacts with deviceTypes)")
+    problem = text_problem(notes)
+    if problem:
+        raise Validation(f"notes: {problem}")
     types_doc = _json("deviceTypes", device_types)
     man = _json("manifest", manifest)
     if man is not None and (not isinstance(man, dict) or not set(man) <= set(MANIFEST_KEYS)):
@@ -72,20 +155,34 @@ def create(
         if len(files) != 1:
             raise Validation("artifact: one file (use artifacts for one per device type)")
         type_lists = [_device_types("deviceTypes", types_doc) if types_doc is not None else None]
+    with ctx.db.transaction() as s:
+        if repo.get(s, app.id, flow_id, version) is not None:
+            raise Conflict(f"flow {flow_id} has a version {version!r} already")
+    blobs: list[bytes] = []
     items: list[dict[str, Any]] = []
-    for fh, types in zip(files, type_lists, strict=True):
-        head = fh.read(4)
-        if not head.startswith(_MAGIC[kind]):
-            raise Validation(f"artifact: not a {kind} artifact (its first bytes do not match)")
-        fh.seek(0)
-        stored = ctx.store.put(fh, ctx.cfg.max_upload)
-        item: dict[str, Any] = {"sha256": stored.sha256, "size": stored.size}
+    for i, (fh, types) in enumerate(zip(files, type_lists, strict=True)):
+        data = _read(fh, ctx.cfg.max_upload)
+        check_artifact(kind, data, f"artifacts[{i}]" if per_type else "artifact")
+        item: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         if types:
             item["deviceTypes"] = types
+        blobs.append(data)
         items.append(item)
     _check_entry(version, kind, items, man)
-    with ctx.db.transaction() as s:
-        return repo.create(s, app.id, flow_id, version, kind, items, man, notes[:4096])
+    for data in blobs:
+        ctx.store.put_bytes(data, ctx.cfg.max_upload)
+    for attempt in (1, 2):
+        try:
+            with ctx.db.transaction() as s:
+                return repo.create(s, app.id, flow_id, version, kind, items, man, notes[:4096])
+        except Conflict:
+            # The insert of an artifact's blob row can lose a race with another
+            # upload of the same bytes (PostgreSQL): that is no conflict of versions.
+            with ctx.db.transaction() as s:
+                taken = repo.get(s, app.id, flow_id, version) is not None
+            if taken or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _check_entry(
