@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from agent.server.db.models import Deployment, DeploymentAttempt, utcnow
+from agent.server.db.models import Deployment, DeploymentAttempt, new_id, utcnow
 
 SORT_COLUMNS: dict[str, InstrumentedAttribute[Any]] = {
     "id": Deployment.id,
@@ -21,6 +21,8 @@ SORT_COLUMNS: dict[str, InstrumentedAttribute[Any]] = {
     "lastUpdated": Deployment.last_updated,
 }
 #: Statuses after which an attempt is over.
+#: Ids per statement of the bulk helpers.
+CHUNK = 500
 TERMINAL = frozenset({"success", "failure", "already-installed", "removed", "aborted", "reverted"})
 
 
@@ -84,6 +86,52 @@ def for_device(session: Session, app_id: str, device_id: str) -> dict[str, Deplo
     return {d.flow_id: d for d in rows}
 
 
+def for_devices(
+    session: Session, app_id: str, device_ids: list[str]
+) -> dict[tuple[str, str], Deployment]:
+    """The deployments of many devices, by (device id, flow id)."""
+    found: dict[tuple[str, str], Deployment] = {}
+    ids = sorted(set(device_ids))
+    for i in range(0, len(ids), CHUNK):
+        rows = session.scalars(
+            select(Deployment).where(
+                Deployment.application_id == app_id,
+                Deployment.device_id.in_(ids[i : i + CHUNK]),
+            )
+        )
+        found.update(((d.device_id, d.flow_id), d) for d in rows)
+    return found
+
+
+def open_attempts_of(
+    session: Session, deployment_ids: list[str]
+) -> dict[str, list[DeploymentAttempt]]:
+    """The open attempts of many deployments, by deployment id."""
+    found: dict[str, list[DeploymentAttempt]] = {}
+    ids = sorted(set(deployment_ids))
+    for i in range(0, len(ids), CHUNK):
+        rows = session.scalars(
+            select(DeploymentAttempt).where(
+                DeploymentAttempt.deployment_id.in_(ids[i : i + CHUNK]),
+                DeploymentAttempt.finished.is_(None),
+            )
+        )
+        for a in rows:
+            found.setdefault(a.deployment_id, []).append(a)
+    return found
+
+
+def attempts_by_id(session: Session, attempt_ids: list[str]) -> dict[str, DeploymentAttempt]:
+    found: dict[str, DeploymentAttempt] = {}
+    ids = sorted(set(attempt_ids))
+    for i in range(0, len(ids), CHUNK):
+        rows = session.scalars(
+            select(DeploymentAttempt).where(DeploymentAttempt.id.in_(ids[i : i + CHUNK]))
+        )
+        found.update((a.id, a) for a in rows)
+    return found
+
+
 def for_flow(session: Session, app_id: str, flow_id: str, kind: str) -> list[Deployment]:
     return list(
         session.scalars(
@@ -98,6 +146,76 @@ def for_flow(session: Session, app_id: str, flow_id: str, kind: str) -> list[Dep
     )
 
 
+@dataclass(frozen=True)
+class Release:
+    """One flow of one device to record: its new desired version (None: removed)
+    and the generation of the document that asks for it."""
+
+    device_id: str
+    flow_id: str
+    version: str | None
+    generation: int
+
+
+def record_releases(
+    session: Session,
+    app_id: str,
+    kind: str,
+    releases: list[Release],
+    now: datetime | None = None,
+) -> dict[tuple[str, str], DeploymentAttempt]:
+    """Each deployment's new desired version and a new attempt (the open ones before
+    it end ``superseded``); returns the attempts by (device id, flow id).
+
+    In bulk: the deployments and their open attempts are read with a few statements,
+    the new rows are inserted in batches (a release to a thousand devices is a
+    handful of round trips, not several thousand)."""
+    now = now or utcnow()
+    existing = for_devices(session, app_id, [r.device_id for r in releases])
+    opened = open_attempts_of(session, [d.id for d in existing.values()])
+    deps: dict[tuple[str, str], Deployment] = {}
+    created = False
+    for r in releases:
+        key = (r.device_id, r.flow_id)
+        dep = existing.get(key) or deps.get(key)
+        if dep is None:
+            dep = Deployment(
+                id=new_id(),
+                application_id=app_id,
+                device_id=r.device_id,
+                flow_id=r.flow_id,
+                kind=kind,
+                creation_date=now,
+            )
+            session.add(dep)
+            created = True
+        else:
+            for attempt in opened.pop(dep.id, ()):
+                attempt.status = "superseded"
+                attempt.finished = now
+        dep.desired_version = r.version
+        dep.status = "pending"
+        dep.error = None
+        dep.last_updated = now
+        deps[key] = dep
+    if created:
+        session.flush()  # the deployments before the attempts that refer to them
+    made: dict[tuple[str, str], DeploymentAttempt] = {}
+    for r in releases:
+        key = (r.device_id, r.flow_id)
+        attempt = DeploymentAttempt(
+            id=new_id(),
+            deployment_id=deps[key].id,
+            version=r.version,
+            generation=r.generation,
+            status="pending",
+            created=now,
+        )
+        session.add(attempt)
+        made[key] = attempt
+    return made
+
+
 def record_release(
     session: Session,
     app_id: str,
@@ -106,37 +224,13 @@ def record_release(
     kind: str,
     version: str | None,
     generation: int,
-    existing: Deployment | None,
     now: datetime | None = None,
-) -> tuple[Deployment, DeploymentAttempt]:
-    """The deployment's new desired version and a new attempt (the open one before it,
-    if any, ends ``superseded``)."""
-    now = now or utcnow()
-    dep = existing
-    if dep is None:
-        dep = Deployment(
-            application_id=app_id,
-            device_id=device_id,
-            flow_id=flow_id,
-            kind=kind,
-            creation_date=now,
-        )
-        session.add(dep)
-        session.flush()
-    else:
-        for attempt in open_attempts(session, dep.id):
-            attempt.status = "superseded"
-            attempt.finished = now
-    dep.desired_version = version
-    dep.status = "pending"
-    dep.error = None
-    dep.last_updated = now
-    attempt = DeploymentAttempt(
-        deployment_id=dep.id, version=version, generation=generation, created=now
+) -> DeploymentAttempt:
+    """:func:`record_releases` for one flow of one device."""
+    made = record_releases(
+        session, app_id, kind, [Release(device_id, flow_id, version, generation)], now
     )
-    session.add(attempt)
-    session.flush()
-    return dep, attempt
+    return made[(device_id, flow_id)]
 
 
 def open_attempts(session: Session, deployment_id: str) -> list[DeploymentAttempt]:

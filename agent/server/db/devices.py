@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from agent.server.db.models import Device, new_id
+from agent.server.db.models import Device, new_id, utcnow
 from agent.server.errors import Conflict
 
 SORT_COLUMNS: dict[str, InstrumentedAttribute[Any]] = {
@@ -37,6 +38,72 @@ def get(session: Session, app_id: str, device_id: str, *, lock: bool = False) ->
     if lock:
         stmt = stmt.with_for_update()
     return session.scalar(stmt)
+
+
+#: Ids per statement of the bulk helpers (well below SQLite's 32766 parameters).
+CHUNK = 500
+
+
+def lock_order(session: Session) -> ColumnElement[str] | InstrumentedAttribute[str]:
+    """The order rows are locked in, the same in every transaction that locks more
+    than one device (so two of them never wait on each other in a cycle): byte order
+    of the id, which is Python's ``sorted`` order of the ids too. (PostgreSQL's
+    default collation may sort ``a-b`` after ``ab``; ``C`` does not.)"""
+    if session.get_bind().dialect.name == "postgresql":
+        return Device.id.collate("C")
+    return Device.id
+
+
+def lock_many(session: Session, app_id: str, device_ids: Sequence[str]) -> dict[str, Device]:
+    """The rows of these devices, each locked (``FOR UPDATE`` on PostgreSQL; SQLite's
+    transactions hold the database's write lock already), locked in :func:`lock_order`:
+    a few statements for a thousand devices, not a thousand."""
+    ids = sorted(set(device_ids))
+    found: dict[str, Device] = {}
+    for i in range(0, len(ids), CHUNK):
+        stmt = (
+            select(Device)
+            .where(Device.application_id == app_id, Device.id.in_(ids[i : i + CHUNK]))
+            .order_by(lock_order(session))
+            .with_for_update()
+        )
+        found.update((d.id, d) for d in session.scalars(stmt))
+    return found
+
+
+def insert_missing(session: Session, app_id: str, device_ids: Sequence[str]) -> None:
+    """Create the rows of devices heard of for the first time (named after their id).
+
+    ``INSERT … ON CONFLICT DO NOTHING``: another server process hearing the same new
+    device at the same moment is not an error (a plain INSERT would fail the whole
+    transaction on the duplicate key)."""
+    ids = sorted(set(device_ids))
+    if not ids:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    now = utcnow()
+    for i in range(0, len(ids), CHUNK):
+        rows = [
+            {
+                "application_id": app_id,
+                "id": device_id,
+                "name": device_id,
+                "description": "",
+                "tags": [],
+                "attributes": [],
+                "device_class": "edgeCompute",
+                "online": False,
+                "creation_date": now,
+                "last_updated": now,
+                "decommissioned": False,
+                "desired": {},
+                "generation": 0,
+                "published_generation": 0,
+            }
+            for device_id in ids[i : i + CHUNK]
+        ]
+        session.execute(insert(Device).on_conflict_do_nothing(), rows)
 
 
 def ensure(session: Session, app_id: str, device_id: str) -> Device:

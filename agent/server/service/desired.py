@@ -113,18 +113,26 @@ class DesiredWriter:
         transaction; returns the devices whose document changed, then publishes them."""
         changed: list[str] = []
         with self.db.transaction() as s:
+            # Every row locked first, in one order (see devices_repo.lock_order).
+            devs = devices_repo.lock_many(s, app.id, list(plan))
+            gens: dict[str, int] = {}
+            releases: list[deployments_repo.Release] = []
             for device_id in sorted(plan):
-                dev = devices_repo.get(s, app.id, device_id, lock=True)
+                dev = devs.get(device_id)
                 if dev is None or dev.decommissioned:
                     continue
-                deps = deployments_repo.for_device(s, app.id, device_id)
                 gen = max(dev.generation, _reported_generation(dev)) + 1
+                gens[device_id] = gen
+                releases += [
+                    deployments_repo.Release(device_id, flow_id, version, gen)
+                    for flow_id, (version, _make) in sorted(plan[device_id].items())
+                ]
+            attempts = deployments_repo.record_releases(s, app.id, kind, releases)
+            for device_id, gen in gens.items():
+                dev = devs[device_id]
                 flows = dict((dev.desired or {}).get("flows") or {})
-                for flow_id, (version, make) in sorted(plan[device_id].items()):
-                    _dep, attempt = deployments_repo.record_release(
-                        s, app.id, device_id, flow_id, kind, version, gen, deps.get(flow_id)
-                    )
-                    flows[flow_id] = make(attempt.id)
+                for flow_id, (_version, make) in sorted(plan[device_id].items()):
+                    flows[flow_id] = make(attempts[(device_id, flow_id)].id)
                 dev.desired = {"generation": gen, "flows": flows}
                 dev.generation = gen
                 changed.append(device_id)
@@ -169,7 +177,7 @@ class DesiredWriter:
                     Device.id.in_(ids),
                     Device.published_generation < Device.generation,
                 )
-                .order_by(Device.id)
+                .order_by(devices_repo.lock_order(s))
                 .with_for_update(skip_locked=True)
             )
             rows = list(s.scalars(stmt))
