@@ -3,8 +3,16 @@
 The broker link hands every ``status`` and ``state`` message to :meth:`Inventory.offer`
 (on paho's thread: it only queues). One thread takes them in batches (a burst of a
 thousand reports is a few transactions, not a thousand), keeps only the newest
-message per topic of a batch, and applies them in device order with each device's
-row locked first, the same order the desired writer locks in.
+message per topic of a batch, and applies them with the devices' rows locked first,
+in the order the desired writer locks in.
+
+Several server processes split the reports (MQTT 5 shared subscriptions), so two
+reports of one device may be applied by two processes in either order: a state report
+older than the one recorded (by the device's ``time``) is not applied over it. A new
+device is created with ``INSERT … ON CONFLICT DO NOTHING`` in a transaction of its
+own, so two processes hearing it at once do not fail each other's batch. A batch the
+database refused is tried again (a deadlock, a lost connection); one that still fails
+is dropped, and ``on_lost`` asks for the devices' retained reports again.
 
 A message is bounded (``MAX_MESSAGE``) and parsed leniently: a malformed report is
 logged and dropped, never an error of the loop.
@@ -20,12 +28,14 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from agent.server.db import deployments as deployments_repo
 from agent.server.db import devices as devices_repo
 from agent.server.db.engine import Database
-from agent.server.db.models import Deployment, DeploymentAttempt, Device, utcnow
+from agent.server.db.models import Deployment, DeploymentAttempt, Device, new_id, utcnow
 from agent.wire.protocol import is_valid_id
 
 log = structlog.get_logger("agent.server.inventory")
@@ -36,6 +46,8 @@ BATCH = 500
 GATHER_S = 0.02
 #: The attempt statuses that end it.
 TERMINAL = deployments_repo.TERMINAL
+#: Seconds between the tries of a batch the database refused (then it is dropped).
+RETRY_DELAYS = (0.1, 0.5, 2.0)
 
 
 class Inventory:
@@ -44,11 +56,18 @@ class Inventory:
         db: Database,
         app_for_prefix: Callable[[str], str | None],
         on_retired: Callable[[str, str], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
         self.app_for_prefix = app_for_prefix
         #: Called (prefix, device id) once a decommissioned device reports no flows.
         self.on_retired = on_retired
+        #: Called once reports were dropped (the database refused them) and the
+        #: database answers again: the devices' retained reports are to be read again.
+        self.on_lost = on_lost
+        self._lost = False
+        #: Devices known to have a row (application id, device id): no INSERT for them.
+        self._known: set[tuple[str, str]] = set()
         self.queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self.applied = 0
         self._idle = threading.Event()
@@ -79,12 +98,30 @@ class Inventory:
                     break
                 batch.append(item)
                 deadline = 0.001
-            try:
-                self.apply([b for b in batch if b is not None])
-            except Exception:  # a database outage: the reports are re-sent by devices
-                log.exception("could not record device reports", messages=len(batch))
+            self._apply_retrying([b for b in batch if b is not None], stop)
             if self.queue.empty():
                 self._idle.set()
+
+    def _apply_retrying(self, batch: list[tuple[str, bytes]], stop: threading.Event) -> None:
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                self.apply(batch)
+            except (OperationalError, DBAPIError) as exc:
+                # A deadlock, a serialization failure, the connection lost: try again.
+                if delay is None or stop.is_set():
+                    log.error("device reports dropped", messages=len(batch), error=str(exc))
+                    self._lost = True
+                    return
+                log.warning("device reports not recorded; trying again", error=str(exc))
+                stop.wait(delay)
+            except Exception:  # a bug: never the end of the loop
+                log.exception("could not record device reports", messages=len(batch))
+                return
+            else:
+                if self._lost and self.on_lost is not None:
+                    self._lost = False
+                    self.on_lost()
+                return
 
     def close(self) -> None:
         self.queue.put(None)
@@ -106,13 +143,10 @@ class Inventory:
         return None
 
     def apply(self, batch: list[tuple[str, bytes]]) -> None:
-        latest: dict[str, bytes] = {}
         prefixes: dict[str, str] = {}
         retired: list[tuple[str, str]] = []
-        for topic, payload in batch:
-            latest[topic] = payload  # a newer report of a topic replaces the older
         work: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-        for topic, payload in latest.items():
+        for topic, payload in batch:
             route = self._route(topic)
             if route is None:
                 continue
@@ -122,31 +156,132 @@ class Inventory:
                 if payload:
                     log.warning("malformed device report dropped", topic=topic, size=len(payload))
                 continue
-            work.setdefault((app_id, device_id), {})[kind] = doc
+            docs = work.setdefault((app_id, device_id), {})
+            # The later report of a topic replaces the earlier (a state report by its
+            # time: a retained one read again may come after a live, newer one).
+            if kind != "state" or "state" not in docs or _newer(doc, docs["state"]):
+                docs[kind] = doc
             prefixes[app_id] = topic.rsplit("/", 2)[0]
         if not work:
             return
+        by_app: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+        for (app_id, device_id), docs in work.items():
+            by_app.setdefault(app_id, {})[device_id] = docs
+        self._create_missing(by_app)
         now = utcnow()
         with self.db.transaction() as s:
-            for (app_id, device_id), docs in sorted(work.items()):
-                dev = devices_repo.get(s, app_id, device_id, lock=True)
-                if dev is None:
-                    dev = devices_repo.ensure(s, app_id, device_id)
-                if dev.decommissioned:
-                    if "state" in docs and _no_flows(docs["state"]):
-                        retired.append((prefixes[app_id], device_id))
-                    continue
-                if "status" in docs:
-                    _apply_status(dev, docs["status"], now)
-                if "state" in docs:
-                    dev.state = docs["state"]
-                    dev.last_seen = now
-                    deps = deployments_repo.for_device(s, app_id, device_id)
-                    _apply_state(s, dev, deps, docs["state"], now)
+            for app_id, devices in sorted(by_app.items()):
+                retired += [(prefixes[app_id], d) for d in self._apply_app(s, app_id, devices, now)]
         self.applied += len(work)
         for prefix, device_id in retired:
             if self.on_retired is not None:
                 self.on_retired(prefix, device_id)
+
+    def _create_missing(self, by_app: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> None:
+        """Rows for devices heard of for the first time, committed on their own (a
+        concurrent insert by another process waits on nothing else, and is no error)."""
+        new = {
+            app_id: [d for d in devices if (app_id, d) not in self._known]
+            for app_id, devices in by_app.items()
+        }
+        if not any(new.values()):
+            return
+        with self.db.transaction() as s:
+            for app_id, ids in sorted(new.items()):
+                if not ids:
+                    continue
+                have = set(
+                    s.scalars(
+                        select(Device.id).where(Device.application_id == app_id, Device.id.in_(ids))
+                    )
+                )
+                devices_repo.insert_missing(s, app_id, [d for d in ids if d not in have])
+        for app_id, ids in new.items():
+            self._known.update((app_id, d) for d in ids)
+
+    def _apply_app(
+        self,
+        s: Session,
+        app_id: str,
+        devices: dict[str, dict[str, dict[str, Any]]],
+        now: datetime,
+    ) -> list[str]:
+        """Apply one application's reports; returns the decommissioned devices whose
+        flows are all gone (their retained documents can be cleared)."""
+        retired: list[str] = []
+        rows = devices_repo.lock_many(s, app_id, list(devices))
+        with_state = [d for d, docs in devices.items() if "state" in docs and d in rows]
+        deps: dict[str, dict[str, Deployment]] = {}
+        for (dv, flow_id), dep in deployments_repo.for_devices(s, app_id, with_state).items():
+            deps.setdefault(dv, {})[flow_id] = dep
+        attempts = deployments_repo.attempts_by_id(
+            s, [a for d in with_state for a in _attempt_ids(devices[d]["state"])]
+        )
+        for device_id, docs in sorted(devices.items()):
+            dev = rows.get(device_id)
+            if dev is None:  # (its row was removed since)
+                self._known.discard((app_id, device_id))
+                continue
+            if dev.decommissioned:
+                if "state" in docs and _no_flows(docs["state"]):
+                    retired.append(device_id)
+                continue
+            if "status" in docs:
+                _apply_status(dev, docs["status"], now)
+            state = docs.get("state")
+            if state is not None:
+                dev.last_seen = now
+                if not _newer(state, dev.state):
+                    continue  # another process applied a later report already
+                dev.state = state
+                _apply_state(s, dev, deps.setdefault(device_id, {}), state, attempts, now)
+        return retired
+
+
+def _attempt_ids(state: dict[str, Any]) -> list[str]:
+    flows = state.get("flows")
+    if not isinstance(flows, dict):
+        return []
+    return [
+        f["deploymentId"]
+        for f in flows.values()
+        if isinstance(f, dict)
+        and isinstance(f.get("deploymentId"), str)
+        and len(f["deploymentId"]) == 24
+    ]
+
+
+def _report_time(doc: dict[str, Any] | None) -> datetime | None:
+    value = (doc or {}).get("time")
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def _verdicts(doc: dict[str, Any]) -> int:
+    flows = doc.get("flows")
+    if not isinstance(flows, dict):
+        return 0
+    return sum(1 for f in flows.values() if isinstance(f, dict) and f.get("status") in TERMINAL)
+
+
+def _newer(incoming: dict[str, Any], recorded: dict[str, Any] | None) -> bool:
+    """Whether a state report is to replace the recorded one: a later ``time`` (the
+    device's clock, milliseconds); in the same millisecond, the one with as many
+    verdicts or more (an install and its ``success`` can share one). A report without
+    a time is applied (another writer's agent, or an old one)."""
+    if recorded == incoming:
+        return False
+    new, old = _report_time(incoming), _report_time(recorded)
+    if new is None or old is None:
+        return True
+    if new != old:
+        return new > old
+    return _verdicts(incoming) >= _verdicts(recorded or {})
 
 
 def _no_flows(state: dict[str, Any]) -> bool:
@@ -186,7 +321,12 @@ def _apply_status(dev: Device, doc: dict[str, Any], now: datetime) -> None:
 
 
 def _apply_state(
-    s: Session, dev: Device, deps: dict[str, Deployment], doc: dict[str, Any], now: datetime
+    s: Session,
+    dev: Device,
+    deps: dict[str, Deployment],
+    doc: dict[str, Any],
+    attempts: dict[str, DeploymentAttempt],
+    now: datetime,
 ) -> None:
     flows = doc.get("flows")
     if not isinstance(flows, dict):
@@ -197,6 +337,7 @@ def _apply_state(
         dep = deps.get(flow_id)
         if dep is None:  # deployed by another writer (the fleet tool): recorded too
             dep = Deployment(
+                id=new_id(),
                 application_id=dev.application_id,
                 device_id=dev.id,
                 flow_id=flow_id,
@@ -205,7 +346,7 @@ def _apply_state(
                 last_updated=now,
             )
             s.add(dep)
-            s.flush()
+            deps[flow_id] = dep
         current = _text(fs.get("currentVersion"), 128)
         status = _text(fs.get("status"), 32)
         error = _text(fs.get("error"), 4096)
@@ -224,9 +365,9 @@ def _apply_state(
             )
             dep.last_updated = now
         attempt_id = fs.get("deploymentId")
-        if status in TERMINAL and isinstance(attempt_id, str) and len(attempt_id) == 24:
+        if status in TERMINAL and isinstance(attempt_id, str):
             # (A failed attempt the agent retries later may still end in success.)
-            attempt = s.get(DeploymentAttempt, attempt_id)
+            attempt = attempts.get(attempt_id)
             if (
                 attempt is not None
                 and attempt.deployment_id == dep.id
