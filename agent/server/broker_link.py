@@ -7,6 +7,14 @@ subscription (``$share/edge-server/…``) so that several server processes split
 messages instead of each handling all of them. The subscriptions are renewed on every
 (re)connect; what arrives goes to ``on_message(topic, payload, retained)`` on the
 network thread (the handler only queues it).
+
+A shared subscription gets no retained messages (MQTT 5, 4.8.2; Mosquitto 2.0 sends
+them anyway, other brokers do not), and reports sent to a server process that dies
+with them unread are gone (its session ends with it). So the devices' retained
+``status`` and ``state`` are read again (:meth:`BrokerLink.resync`: a plain
+subscription, dropped once they stop coming) after every connect, when an
+application appears, and when the owner asks (periodically, or after the database
+refused reports).
 """
 
 from __future__ import annotations
@@ -27,6 +35,12 @@ log = structlog.get_logger("agent.server.broker")
 
 SHARE_GROUP = "edge-server"
 WATCHED = ("status", "state", "events", "command/response")
+#: The retained reports a resync reads.
+RETAINED = ("status", "state")
+#: A resync ends once no retained message came for this long (seconds) ...
+RESYNC_QUIET_S = 1.0
+#: ... or after this long at most.
+RESYNC_MAX_S = 120.0
 OnMessage = Callable[[str, bytes, bool], None]
 
 
@@ -50,6 +64,11 @@ class BrokerLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.shared = cfg.protocol == "5"
+        self._last_retained = 0.0
+        self._resyncing = False
+        self._resync_again = False
+        #: Resyncs done (tests and benchmarks).
+        self.resyncs = 0
 
     def start(self) -> None:
         """Connect in the background (paho retries until the broker is there)."""
@@ -68,6 +87,7 @@ class BrokerLink:
             self._prefixes.add(prefix)
         if self.connected.is_set():
             self._subscribe(prefix)
+            self.resync()
 
     def _filters(self, prefix: str) -> list[str]:
         share = f"$share/{SHARE_GROUP}/" if self.shared else ""
@@ -86,6 +106,7 @@ class BrokerLink:
         for prefix in prefixes:
             self._subscribe(prefix)
         log.info("connected to the broker", broker=self.cfg.broker, applications=len(prefixes))
+        self.resync()
 
     def _on_disconnect(self, *_args: Any) -> None:
         if self.connected.is_set():
@@ -93,7 +114,55 @@ class BrokerLink:
         self.connected.clear()
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        if msg.retain:
+            self._last_retained = time.monotonic()
         self.on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
+
+    def resync(self) -> None:
+        """Read every device's retained ``status`` and ``state`` again, in the
+        background (one at a time; asked again meanwhile, it runs once more after).
+        Without shared subscriptions the renewed plain ones bring them already."""
+        if not self.shared:
+            return
+        with self._lock:
+            if self._resyncing:
+                self._resync_again = True
+                return
+            self._resyncing = True
+        threading.Thread(target=self._resync_loop, name="broker-resync", daemon=True).start()
+
+    def _resync_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._resync_again = False
+                prefixes = sorted(self._prefixes)
+            try:
+                self._resync_once(prefixes)
+            except Exception:  # paho refusing (disconnected): the next connect resyncs
+                log.exception("could not read the retained reports again")
+            with self._lock:
+                if not self._resync_again:
+                    self._resyncing = False
+                    return
+
+    def _resync_once(self, prefixes: list[str]) -> None:
+        filters = [f"{p}/+/{what}" for p in prefixes for what in RETAINED]
+        if not filters or not self.connected.is_set():
+            return
+        started = time.monotonic()
+        self.client.subscribe([(f, 1) for f in filters])
+        while self.connected.is_set():
+            now = time.monotonic()
+            if now - max(started, self._last_retained) > RESYNC_QUIET_S:
+                break
+            if now - started > RESYNC_MAX_S:
+                log.warning("retained reports still coming; resync cut short")
+                break
+            time.sleep(0.1)
+        if self.connected.is_set():
+            self.client.unsubscribe(filters)
+        self.resyncs += 1
+        log.debug("retained reports read again", seconds=round(time.monotonic() - started, 2))
 
     def publish_many(self, messages: list[tuple[str, bytes, bool]], timeout: float = 10.0) -> None:
         """Publish ``(topic, payload, retain)`` at QoS 1 and wait for every PUBACK;

@@ -22,6 +22,10 @@ log = structlog.get_logger("agent.server")
 #: Seconds between reloads of the application list (another process, or the admin
 #: command, may have created one).
 APPS_REFRESH_S = 5.0
+#: Seconds between reads of every device's retained reports: what a server process
+#: that died took with it (reports it had received and not recorded) is recorded
+#: within this time by the others.
+RESYNC_S = 300.0
 
 
 class ServerContext:
@@ -33,7 +37,9 @@ class ServerContext:
         self.store = ArtifactStore(cfg.artifact_dir)
         self._prefixes: dict[str, str] = {}
         self._prefix_lock = threading.Lock()
-        self.inventory = Inventory(self.db, self.app_for_prefix, on_retired=self.retire)
+        self.inventory = Inventory(
+            self.db, self.app_for_prefix, on_retired=self.retire, on_lost=self.resync
+        )
         instance = cfg.instance or f"{int(time.time() * 1000) % 10**9}"
         self.link = (
             BrokerLink(cfg.mqtt, f"edge-server-{instance}", self.inventory.offer)
@@ -55,6 +61,11 @@ class ServerContext:
             )
         except BrokerUnavailable as exc:
             log.warning("could not clear a decommissioned device's documents", error=str(exc))
+
+    def resync(self) -> None:
+        """Read the devices' retained reports again (see :meth:`BrokerLink.resync`)."""
+        if self.link is not None:
+            self.link.resync()
 
     def app_for_prefix(self, prefix: str) -> str | None:
         with self._prefix_lock:
@@ -83,11 +94,15 @@ class ServerContext:
             self._threads.append(t)
 
     def _refresh_loop(self) -> None:
+        last_resync = time.monotonic()
         while not self._stop.wait(APPS_REFRESH_S):
             try:
                 self.refresh_applications()
             except Exception:  # the database away for a moment
                 log.exception("could not reload the applications")
+            if time.monotonic() - last_resync > RESYNC_S:
+                last_resync = time.monotonic()
+                self.resync()
 
     def stop(self) -> None:
         self._stop.set()

@@ -46,6 +46,9 @@ BATCH = 500
 GATHER_S = 0.02
 #: The attempt statuses that end it.
 TERMINAL = deployments_repo.TERMINAL
+#: (topic, payload, retained): retained is a report read from the broker's store (on
+#: subscribing, or read again), not one the device sent just now.
+Report = tuple[str, bytes, bool]
 #: Seconds between the tries of a batch the database refused (then it is dropped).
 RETRY_DELAYS = (0.1, 0.5, 2.0)
 
@@ -68,14 +71,14 @@ class Inventory:
         self._lost = False
         #: Devices known to have a row (application id, device id): no INSERT for them.
         self._known: set[tuple[str, str]] = set()
-        self.queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self.queue: queue.Queue[Report | None] = queue.Queue()
         self.applied = 0
         self._idle = threading.Event()
         self._idle.set()
 
-    def offer(self, topic: str, payload: bytes, _retained: bool = False) -> None:
+    def offer(self, topic: str, payload: bytes, retained: bool = False) -> None:
         self._idle.clear()
-        self.queue.put((topic, payload))
+        self.queue.put((topic, payload, retained))
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -102,7 +105,7 @@ class Inventory:
             if self.queue.empty():
                 self._idle.set()
 
-    def _apply_retrying(self, batch: list[tuple[str, bytes]], stop: threading.Event) -> None:
+    def _apply_retrying(self, batch: list[Report], stop: threading.Event) -> None:
         for delay in (*RETRY_DELAYS, None):
             try:
                 self.apply(batch)
@@ -142,11 +145,13 @@ class Inventory:
                 return app_id, device_id, kind[1:]
         return None
 
-    def apply(self, batch: list[tuple[str, bytes]]) -> None:
+    def apply(self, batch: list[Report]) -> None:
         prefixes: dict[str, str] = {}
         retired: list[tuple[str, str]] = []
         work: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-        for topic, payload in batch:
+        #: Devices heard now (not only retained reports read again).
+        heard: set[tuple[str, str]] = set()
+        for topic, payload, retained in batch:
             route = self._route(topic)
             if route is None:
                 continue
@@ -157,6 +162,8 @@ class Inventory:
                     log.warning("malformed device report dropped", topic=topic, size=len(payload))
                 continue
             docs = work.setdefault((app_id, device_id), {})
+            if not retained:
+                heard.add((app_id, device_id))
             # The later report of a topic replaces the earlier (a state report by its
             # time: a retained one read again may come after a live, newer one).
             if kind != "state" or "state" not in docs or _newer(doc, docs["state"]):
@@ -171,7 +178,9 @@ class Inventory:
         now = utcnow()
         with self.db.transaction() as s:
             for app_id, devices in sorted(by_app.items()):
-                retired += [(prefixes[app_id], d) for d in self._apply_app(s, app_id, devices, now)]
+                live = {d for a, d in heard if a == app_id}
+                done = self._apply_app(s, app_id, devices, live, now)
+                retired += [(prefixes[app_id], d) for d in done]
         self.applied += len(work)
         for prefix, device_id in retired:
             if self.on_retired is not None:
@@ -204,10 +213,12 @@ class Inventory:
         s: Session,
         app_id: str,
         devices: dict[str, dict[str, dict[str, Any]]],
+        heard: set[str],
         now: datetime,
     ) -> list[str]:
-        """Apply one application's reports; returns the decommissioned devices whose
-        flows are all gone (their retained documents can be cleared)."""
+        """Apply one application's reports (``heard``: the devices some of whose
+        reports were sent just now, not only read again); returns the decommissioned
+        devices whose flows are all gone (their retained documents can be cleared)."""
         retired: list[str] = []
         rows = devices_repo.lock_many(s, app_id, list(devices))
         with_state = [d for d, docs in devices.items() if "state" in docs and d in rows]
@@ -226,11 +237,14 @@ class Inventory:
                 if "state" in docs and _no_flows(docs["state"]):
                     retired.append(device_id)
                 continue
+            # A retained report read again is no sign of life: last_seen stays.
+            live = device_id in heard
             if "status" in docs:
-                _apply_status(dev, docs["status"], now)
+                _apply_status(dev, docs["status"], now if live else None)
             state = docs.get("state")
             if state is not None:
-                dev.last_seen = now
+                if live:
+                    dev.last_seen = now
                 if not _newer(state, dev.state):
                     continue  # another process applied a later report already
                 dev.state = state
@@ -306,14 +320,17 @@ def _text(value: Any, limit: int) -> str | None:
     return value[:limit] if isinstance(value, str) else None
 
 
-def _apply_status(dev: Device, doc: dict[str, Any], now: datetime) -> None:
+def _apply_status(dev: Device, doc: dict[str, Any], now: datetime | None) -> None:
+    """``now``: when it was heard (None: a retained status read again)."""
     online = doc.get("online") is True
+    at = now or utcnow()
     if online and not dev.online:
-        dev.connected_at = now
+        dev.connected_at = at
     if not online and dev.online:
-        dev.disconnected_at = now
+        dev.disconnected_at = at
     dev.online = online
-    dev.last_seen = now
+    if now is not None:
+        dev.last_seen = now
     if online:
         dev.agent_version = _text(doc.get("agentVersion"), 64) or dev.agent_version
         dev.device_type = _text(doc.get("deviceType"), 64) or dev.device_type
