@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
 from agent.server.api import deployments, devices, flows, jobs
+from agent.server.api.params import JSON_VALUE_SCHEMA, with_json_values
 from agent.server.api.query import QueryError
 from agent.server.context import ServerContext
 from agent.server.errors import ApiError, TooLarge
@@ -119,10 +120,12 @@ class ServerApp(FastAPI):
 
 
 def tidy_openapi(doc: dict[str, Any]) -> None:
+    doc.update(with_json_values(doc))
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+    schemas["JsonValue"] = JSON_VALUE_SCHEMA
     components["securitySchemes"] = {
         "bearer": {
             "type": "http",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from agent.server.api.params import AppId
 from agent.server.context import ServerContext
 from agent.server.db import applications as apps_repo
 from agent.server.db.models import Application
@@ -44,7 +45,7 @@ def context(request: Request) -> ServerContext:
 def require(resource: str, action: str, *, read: bool) -> Callable[[Request, str], Caller]:
     allowed = accepted(resource, action, read=read)
 
-    def dependency(request: Request, applicationId: str) -> Caller:
+    def dependency(request: Request, applicationId: AppId) -> Caller:
         caller = authenticate(request, applicationId)
         if not caller.scopes & allowed:
             raise Forbidden(

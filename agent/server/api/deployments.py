@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from pydantic import WithJsonSchema
 
 from agent.server.api import query as q
 from agent.server.api.auth import Caller, context, is_object_id, require
@@ -20,6 +21,15 @@ from agent.server.api.models import (
     Success,
     errors,
 )
+from agent.server.api.params import (
+    DirectionParam,
+    FlagParam,
+    ObjectId,
+    PageParam,
+    PerPageParam,
+    TextParam,
+    enum_schema,
+)
 from agent.server.db import deployments as repo
 from agent.server.errors import NotFound
 from agent.server.service import deployments as service
@@ -28,7 +38,6 @@ from agent.server.service import exports
 router = APIRouter(tags=["deployments"], responses=AUTH_ERRORS)
 SORT_FIELDS = list(repo.SORT_COLUMNS)
 EMBEDDED_SORT_FIELDS = ["id", "creationDate", "lastUpdated"]
-Opt = Annotated[str | None, Query()]
 
 
 def _list(request: Request, caller: Caller, kind: str) -> dict[str, Any]:
@@ -91,27 +100,29 @@ def _one(request: Request, caller: Caller, kind: str, deployment_id: str) -> dic
 
 def _routes(kind: str) -> None:
     resource = f"{kind}Deployments"
+    fields = SORT_FIELDS if kind == "edge" else EMBEDDED_SORT_FIELDS
     base = f"/applications/{{applicationId}}/{kind}/deployments"
 
     @router.get(base, summary=f"Get: the {kind} deployments of an application")
     def get_all(
         request: Request,
         caller: Annotated[Caller, Depends(require(resource, "get", read=True))],
-        sortField: Opt = None,  # (read by the query parser; listed for the OpenAPI document)
-        sortDirection: Opt = None,
-        page: Opt = None,
-        perPage: Opt = None,
-        deviceId: Opt = None,
-        version: Opt = None,
-        filterEmpty: Opt = None,
-        flowId: Opt = None,
+        # (read by the query parser; listed for the OpenAPI document)
+        sortField: Annotated[str | None, Query(), WithJsonSchema(enum_schema(fields))] = None,
+        sortDirection: DirectionParam = None,
+        page: PageParam = None,
+        perPage: PerPageParam = None,
+        deviceId: TextParam = None,
+        version: TextParam = None,
+        filterEmpty: FlagParam = None,
+        flowId: TextParam = None,
     ) -> dict[str, Any]:
         return _list(request, caller, kind)
 
     @router.get(base + "/{deploymentId}", summary=f"One {kind} deployment, with its attempts")
     def get_one(
         request: Request,
-        deploymentId: str,
+        deploymentId: ObjectId,
         caller: Annotated[Caller, Depends(require(resource[:-1], "get", read=True))],
     ) -> dict[str, Any]:
         return _one(request, caller, kind, deploymentId)

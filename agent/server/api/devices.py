@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import WithJsonSchema
 from sqlalchemy.exc import IntegrityError
 
 from agent.server.api import query as q
@@ -20,6 +21,17 @@ from agent.server.api.models import (
     Success,
     errors,
 )
+from agent.server.api.params import (
+    CALLBACK_URL_SCHEMA,
+    DirectionParam,
+    FlagParam,
+    IdPath,
+    PageParam,
+    PerPageParam,
+    TextParam,
+    enum_schema,
+    text_schema,
+)
 from agent.server.db import devices as repo
 from agent.server.errors import Conflict, NotFound, Validation
 from agent.server.service import devices as service
@@ -28,7 +40,6 @@ from agent.wire.protocol import is_valid_id
 
 router = APIRouter(tags=["devices"], responses=AUTH_ERRORS)
 BASE = "/applications/{applicationId}/devices"
-Opt = Annotated[str | None, Query()]
 DEVICE_CLASSES = get_args(DeviceClass)
 
 
@@ -44,14 +55,19 @@ def known_device_id(device_id: str) -> str:
 def get_devices(
     request: Request,
     caller: Annotated[Caller, Depends(require("devices", "get", read=True))],
-    sortField: Opt = None,  # (read by the query parser; listed for the OpenAPI document)
-    sortDirection: Opt = None,
-    page: Opt = None,
-    perPage: Opt = None,
-    filterField: Opt = None,
-    filter: Opt = None,
-    deviceClass: Opt = None,
-    excludeConnectionInfo: Opt = None,
+    # (read by the query parser; listed for the OpenAPI document)
+    sortField: Annotated[
+        str | None, Query(), WithJsonSchema(enum_schema(list(repo.SORT_COLUMNS)))
+    ] = None,
+    sortDirection: DirectionParam = None,
+    page: PageParam = None,
+    perPage: PerPageParam = None,
+    filterField: Annotated[str | None, Query(), WithJsonSchema(enum_schema(["name", ""]))] = None,
+    filter: TextParam = None,
+    deviceClass: Annotated[
+        str | None, Query(), WithJsonSchema(enum_schema([*DEVICE_CLASSES, ""]))
+    ] = None,
+    excludeConnectionInfo: FlagParam = None,
 ) -> dict[str, Any]:
     pairs = request.query_params.multi_items()
     paging = q.parse_paging(pairs)
@@ -129,8 +145,8 @@ def post_device(
 def export_devices(
     request: Request,
     caller: Annotated[Caller, Depends(require("devices", "export", read=True))],
-    email: Opt = None,
-    callbackUrl: Opt = None,
+    email: Annotated[str | None, Query(), WithJsonSchema(text_schema(exports.MAX_EMAIL))] = None,
+    callbackUrl: Annotated[str | None, Query(), WithJsonSchema(CALLBACK_URL_SCHEMA)] = None,
 ) -> dict[str, Any]:
     pairs = request.query_params.multi_items()
     email = q.text_param(pairs, "email", max_length=exports.MAX_EMAIL)
@@ -185,7 +201,7 @@ def _device(request: Request, caller: Caller, device_id: str) -> dict[str, Any]:
 @router.get(BASE + "/{deviceId}", summary="One device, with its desired and reported state")
 def get_device(
     request: Request,
-    deviceId: str,
+    deviceId: IdPath,
     caller: Annotated[Caller, Depends(require("device", "get", read=True))],
 ) -> dict[str, Any]:
     return _device(request, caller, deviceId)
@@ -196,7 +212,7 @@ def get_device(
 )
 def patch_device(
     request: Request,
-    deviceId: str,
+    deviceId: IdPath,
     body: DevicePatch,
     caller: Annotated[Caller, Depends(require("device", "patch", read=False))],
 ) -> dict[str, Any]:
@@ -216,7 +232,7 @@ def patch_device(
 @router.delete(BASE + "/{deviceId}", summary="Decommission: remove its flows, stop targeting it")
 def delete_device(
     request: Request,
-    deviceId: str,
+    deviceId: IdPath,
     caller: Annotated[Caller, Depends(require("device", "delete", read=False))],
 ) -> Success:
     service.decommission(context(request), caller.app, known_device_id(deviceId))
@@ -231,7 +247,7 @@ def delete_device(
 )
 def command_device(
     request: Request,
-    deviceId: str,
+    deviceId: IdPath,
     body: DeviceCommand,
     caller: Annotated[Caller, Depends(require("device", "sendCommand", read=False))],
 ) -> Success:

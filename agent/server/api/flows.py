@@ -12,6 +12,7 @@ from starlette.responses import MalformedRangeHeader
 
 from agent.server.api.auth import Caller, context, is_object_id, require
 from agent.server.api.models import AUTH_ERRORS, errors
+from agent.server.api.params import AppId, IdPath, Sha256Path
 from agent.server.artifact_store import is_digest, verify
 from agent.server.db import applications as apps_repo
 from agent.server.db import flow_versions as repo
@@ -87,7 +88,7 @@ def _files(form: FormData, name: str) -> list[UploadFile]:
 )
 async def post_version(
     request: Request,
-    flowId: str,
+    flowId: IdPath,
     caller: Annotated[Caller, Depends(require("flows", "post", read=False))],
 ) -> dict[str, Any]:
     # The form is read here, after the token and its scope were checked: a caller
@@ -126,7 +127,7 @@ async def post_version(
 @router.get(BASE, responses=AUTH_ERRORS, summary="The versions of a flow")
 def get_versions(
     request: Request,
-    flowId: str,
+    flowId: IdPath,
     caller: Annotated[Caller, Depends(require("flows", "get", read=True))],
 ) -> dict[str, Any]:
     service.check_flow_id(flowId)
@@ -170,8 +171,8 @@ class ArtifactResponse(FileResponse):
 )
 def get_artifact(
     request: Request,
-    applicationId: str,
-    sha256: str,
+    applicationId: AppId,
+    sha256: Sha256Path,
     sig: Annotated[str, Query(max_length=64)],
     expires: Annotated[int | None, Query(ge=0, le=2**40)] = None,
 ) -> ArtifactResponse:

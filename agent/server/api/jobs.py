@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 
 from agent.server.api.auth import Caller, authenticate, context, is_object_id
 from agent.server.api.models import AUTH_ERRORS
+from agent.server.api.params import AppId, ObjectId
 from agent.server.db.models import Job
 from agent.server.errors import Forbidden, NotFound
 from agent.server.scopes import accepted
@@ -37,7 +38,7 @@ def _caller(request: Request, applicationId: str) -> Caller:
 
 
 @router.get(BASE, summary="An export job: queued, done (with its URL) or failed")
-def get_job(request: Request, applicationId: str, jobId: str) -> dict[str, Any]:
+def get_job(request: Request, applicationId: AppId, jobId: ObjectId) -> dict[str, Any]:
     job = _job(request, _caller(request, applicationId), jobId)
     return {"jobId": job.id, "kind": job.kind, "status": job.status, **(job.result or {})}
 
@@ -56,7 +57,7 @@ def get_job(request: Request, applicationId: str, jobId: str) -> dict[str, Any]:
         }
     },
 )
-def download(request: Request, applicationId: str, jobId: str) -> FileResponse:
+def download(request: Request, applicationId: AppId, jobId: ObjectId) -> FileResponse:
     job = _job(request, _caller(request, applicationId), jobId)
     path = export_path(context(request), job.id)
     if job.status != "done" or not path.is_file():

@@ -16,9 +16,11 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    WithJsonSchema,
     model_validator,
 )
 
+from agent.server.api.params import CALLBACK_URL_SCHEMA, ID_SCHEMA, JSON_VALUE_MARK, NO_NUL
 from agent.server.text import tree_problem
 from agent.wire.protocol import is_valid_id
 
@@ -29,9 +31,18 @@ def _id(value: str) -> str:
     return value
 
 
-Id = Annotated[str, AfterValidator(_id)]
+def _no_nul() -> Any:
+    """(For the OpenAPI document: the body checks refuse a NUL in any string.)"""
+    return Field(json_schema_extra={"pattern": NO_NUL})
+
+
+Id = Annotated[str, AfterValidator(_id), WithJsonSchema(ID_SCHEMA)]
 Version = Annotated[str, StringConstraints(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")]
-Text = Annotated[str, StringConstraints(max_length=1024)]
+Text = Annotated[str, StringConstraints(max_length=1024), _no_nul()]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=255), _no_nul()]
+Description = Annotated[str, StringConstraints(max_length=32_767), _no_nul()]
+#: Any JSON (documented as :data:`agent.server.api.params.JSON_VALUE_SCHEMA`).
+Json = Annotated[Any, WithJsonSchema(JSON_VALUE_MARK)]
 
 
 def _storable(data: Any) -> Any:
@@ -94,6 +105,16 @@ class DeploymentRelease(_Body):
 
 
 class DeploymentRemove(_Body):
+    """Losant's three forms: flowId, deviceId or both (not neither)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["flowId"], "properties": {"flowId": {"type": "string"}}},
+                {"required": ["deviceId"], "properties": {"deviceId": {"type": "string"}}},
+            ]
+        }
+    )
     flowId: Id | None = None
     deviceId: Id | None = None
 
@@ -107,16 +128,22 @@ class DeploymentReplace(_Body):
 class DeploymentExport(_Body):
     email: Text | None = None
     deviceId: Id
-    callbackUrl: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    callbackUrl: Annotated[str, WithJsonSchema(CALLBACK_URL_SCHEMA)] | None = None
 
 
 class Tag(_Body):
     key: Annotated[str, StringConstraints(pattern=r"^[0-9a-zA-Z_-]{1,255}$")]
-    value: Annotated[str, StringConstraints(min_length=1, max_length=255)] | int | float
+    value: Name | int | float
 
 
 class Attribute(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "additionalProperties": JSON_VALUE_MARK,
+            "propertyNames": {"pattern": NO_NUL},
+        },
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -131,35 +158,69 @@ DeviceClass = Literal["standalone", "gateway", "peripheral", "floating", "edgeCo
 
 
 class DevicePost(_Body):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=255)]
-    description: Annotated[str, StringConstraints(max_length=32_767)] = ""
+    name: Name
+    description: Description = ""
     tags: list[Tag] = Field(default_factory=list, max_length=100)
     attributes: list[Attribute] = Field(default_factory=list, max_length=256)
     deviceClass: DeviceClass = "edgeCompute"
     #: This project's: the agent's device id (default: a new 24-hex id) and type.
     deviceId: Id | None = None
-    deviceType: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    deviceType: Annotated[str, StringConstraints(min_length=1, max_length=64), _no_nul()] | None = (
+        None
+    )
     # Losant fields accepted and ignored (this server has no parent/peripheral links).
     parentId: Id | None = None
     gatewayId: Id | None = None
 
 
-TimeValue = Annotated[str, StringConstraints(max_length=64)] | float | dict[str, Any] | None
+TimeValue = Annotated[
+    Annotated[str, StringConstraints(max_length=64)] | float | dict[str, Any] | None,
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "maxLength": 64, "pattern": NO_NUL},
+                {"type": "number"},
+                {
+                    "type": "object",
+                    "additionalProperties": JSON_VALUE_MARK,
+                    "propertyNames": {"pattern": NO_NUL},
+                },
+                {"type": "null"},
+            ]
+        }
+    ),
+]
 
 
 class DeviceCommand(_Body):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=255)]
-    payload: Any = None
+    name: Name
+    payload: Json = None
     time: TimeValue = None
 
 
 class MultiDeviceCommand(DeviceCommand):
+    """To the devices listed, or to those with one of the tags (one way, not both)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["deviceIds"],
+                    "properties": {"deviceIds": {"type": "array", "minItems": 1}},
+                },
+                {
+                    "required": ["deviceTags"],
+                    "properties": {"deviceTags": {"type": "array", "minItems": 1}},
+                },
+            ]
+        }
+    )
     deviceIds: list[Id] | None = Field(default=None, max_length=10_000)
     deviceTags: list[Tag] | None = Field(default=None, max_length=100)
 
 
 class DevicePatch(_Body):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
-    description: Annotated[str, StringConstraints(max_length=32_767)] | None = None
+    name: Name | None = None
+    description: Description | None = None
     tags: list[Tag] | None = Field(default=None, max_length=100)
     deviceClass: DeviceClass | None = None

@@ -25,6 +25,7 @@ from agent.server.db import deployments as deployments_repo
 from agent.server.db import devices as devices_repo
 from agent.server.db.models import Application, Device, Job, utcnow
 from agent.server.errors import NotFound, ServerError, Validation
+from agent.server.text import text_problem
 
 log = structlog.get_logger("agent.server.exports")
 
@@ -60,8 +61,8 @@ def _check_callback(url: str | None) -> None:
 def _start(ctx: ServerContext, app: Application, kind: str, params: dict[str, Any]) -> str:
     _check_callback(params.get("callbackUrl"))
     email = params.get("email")
-    if email is not None and (len(email) > MAX_EMAIL or not email.isprintable()):
-        raise Validation(f"email: at most {MAX_EMAIL} printable characters")
+    if email is not None and (len(email) > MAX_EMAIL or text_problem(email)):
+        raise Validation(f"email: at most {MAX_EMAIL} characters, no NUL")
     with ctx.db.transaction() as s:
         job = Job(application_id=app.id, kind=kind, params=params)
         s.add(job)
