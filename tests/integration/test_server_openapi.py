@@ -38,7 +38,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from server_harness import RunningServer, running_server
 
-MAX_EXAMPLES = {GenerationMode.POSITIVE: 30, GenerationMode.NEGATIVE: 20}
+MAX_EXAMPLES = {GenerationMode.POSITIVE: 30, GenerationMode.NEGATIVE: 15}
 CHECKS: list[Callable[..., Any]] = [
     not_a_server_error,
     status_code_conformance,
