@@ -2,7 +2,7 @@
 
 One paho client on paho's own network thread (``loop_start``), built from the agent's
 ``[mqtt]`` settings (TLS included). For every application it subscribes to
-``{prefix}/+/status``, ``/state`` and ``/events``; on MQTT 5 through a shared
+``{prefix}/+/status`` and ``/state``; on MQTT 5 through a shared
 subscription (``$share/edge-server/…``) so that several server processes split the
 messages instead of each handling all of them. The subscriptions are renewed on every
 (re)connect; what arrives goes to ``on_message(topic, payload, retained)`` on the
@@ -34,9 +34,9 @@ from agent.server.errors import ServerError
 log = structlog.get_logger("agent.server.broker")
 
 SHARE_GROUP = "edge-server"
-WATCHED = ("status", "state", "events", "command/response")
-#: The retained reports a resync reads.
-RETAINED = ("status", "state")
+#: What the server records (the devices' events and command responses: nothing reads
+#: them here, and a release makes about as many events as state reports).
+WATCHED = ("status", "state")
 #: A resync ends once no retained message came for this long (seconds) ...
 RESYNC_QUIET_S = 1.0
 #: ... or after this long at most.
@@ -146,7 +146,7 @@ class BrokerLink:
                     return
 
     def _resync_once(self, prefixes: list[str]) -> None:
-        filters = [f"{p}/+/{what}" for p in prefixes for what in RETAINED]
+        filters = [f"{p}/+/{what}" for p in prefixes for what in WATCHED]
         if not filters or not self.connected.is_set():
             return
         started = time.monotonic()
