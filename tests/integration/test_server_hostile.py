@@ -220,6 +220,7 @@ def test_malformed_bodies_content_types_and_bounds_are_400(lite: RunningServer) 
                 ({"name": "x", "tags": [tag] * 101}, "tags"),
                 ({"name": "x", "tags": [{"key": "bad key", "value": "v"}]}, "key"),
                 ({"name": "x", "tags": [{"key": "k", "value": ""}]}, "value"),
+                ({"name": "x", "tags": [{"key": "k", "value": True}]}, "value"),
                 ({"name": "x", "deviceClass": "toaster"}, "deviceClass"),
                 ({"name": "x", "attributes": [{"name": "a", "dataType": "nope"}]}, "dataType"),
                 ({"name": "x", "deviceId": "../etc"}, "deviceId"),
@@ -245,6 +246,7 @@ def test_malformed_bodies_content_types_and_bounds_are_400(lite: RunningServer) 
             "POST /devices/d1/command": [
                 ({"name": ""}, "name"),
                 ({"name": "x", "time": "t" * 65}, "time"),
+                ({"name": "x", "time": True}, "time"),
             ],
         }
         for endpoint, cases in bad_json.items():

@@ -15,6 +15,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictFloat,
+    StrictInt,
     StringConstraints,
     WithJsonSchema,
     model_validator,
@@ -133,7 +135,9 @@ class DeploymentExport(_Body):
 
 class Tag(_Body):
     key: Annotated[str, StringConstraints(pattern=r"^[0-9a-zA-Z_-]{1,255}$")]
-    value: Name | int | float
+    # (Strict numbers: in lax mode pydantic would take true as 1, which the
+    # document, like Losant's, does not allow.)
+    value: Name | StrictInt | StrictFloat
 
 
 class Attribute(BaseModel):
@@ -174,7 +178,11 @@ class DevicePost(_Body):
 
 
 TimeValue = Annotated[
-    Annotated[str, StringConstraints(max_length=64)] | float | dict[str, Any] | None,
+    Annotated[str, StringConstraints(max_length=64)]
+    | StrictInt
+    | StrictFloat
+    | dict[str, Any]
+    | None,
     WithJsonSchema(
         {
             "anyOf": [
