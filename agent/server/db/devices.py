@@ -54,21 +54,28 @@ def lock_order(session: Session) -> ColumnElement[str] | InstrumentedAttribute[s
     return Device.id
 
 
-def lock_many(session: Session, app_id: str, device_ids: Sequence[str]) -> dict[str, Device]:
-    """The rows of these devices, each locked (``FOR UPDATE`` on PostgreSQL; SQLite's
-    transactions hold the database's write lock already), locked in :func:`lock_order`:
-    a few statements for a thousand devices, not a thousand."""
+def get_many(
+    session: Session, app_id: str, device_ids: Sequence[str], *, lock: bool = False
+) -> dict[str, Device]:
+    """The rows of these devices (the ones that exist), by id: a few statements for a
+    thousand devices, not a thousand. ``lock``: each row locked (``FOR UPDATE`` on
+    PostgreSQL; SQLite's transactions hold the database's write lock already), in
+    :func:`lock_order`."""
     ids = sorted(set(device_ids))
     found: dict[str, Device] = {}
     for i in range(0, len(ids), CHUNK):
-        stmt = (
-            select(Device)
-            .where(Device.application_id == app_id, Device.id.in_(ids[i : i + CHUNK]))
-            .order_by(lock_order(session))
-            .with_for_update()
+        stmt = select(Device).where(
+            Device.application_id == app_id, Device.id.in_(ids[i : i + CHUNK])
         )
+        if lock:
+            stmt = stmt.order_by(lock_order(session)).with_for_update()
         found.update((d.id, d) for d in session.scalars(stmt))
     return found
+
+
+def lock_many(session: Session, app_id: str, device_ids: Sequence[str]) -> dict[str, Device]:
+    """:func:`get_many`, each row locked, in one order for every transaction."""
+    return get_many(session, app_id, device_ids, lock=True)
 
 
 def insert_missing(session: Session, app_id: str, device_ids: Sequence[str]) -> None:
