@@ -61,7 +61,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        multipart = headers.get(b"content-type", b"").startswith(b"multipart/")
+        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
         limit = self.upload_limit + (1 << 20) if multipart else MAX_JSON_BODY
         declared = headers.get(b"content-length", b"")
         too_large = error(413, "RequestTooLarge", f"body over {limit} bytes")
