@@ -19,6 +19,7 @@ refused reports).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +79,10 @@ class BrokerLink:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        # paho closes its socket and wake-up socketpair only in __del__, whose timing in
+        # a reference cycle is arbitrary (a collection in another test's middle).
+        with contextlib.suppress(Exception):
+            self.client._reset_sockets()
 
     def watch(self, prefix: str) -> None:
         """Hear the devices under ``prefix`` (now, and after every reconnect)."""
