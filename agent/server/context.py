@@ -38,6 +38,7 @@ class ServerContext:
         self.store = ArtifactStore(cfg.artifact_dir)
         self._prefixes: dict[str, str] = {}
         self._prefix_lock = threading.Lock()
+        self._url_keys: dict[str, str] = {}
         self.inventory = Inventory(
             self.db, self.app_for_prefix, on_retired=self.retire, on_lost=self.resync
         )
@@ -67,6 +68,18 @@ class ServerContext:
         """Read the devices' retained reports again (see :meth:`BrokerLink.resync`)."""
         if self.link is not None:
             self.link.resync()
+
+    def url_key(self, app_id: str) -> str | None:
+        """The key that signs an application's artifact URLs (it never changes, so it
+        is read from the database once per process: downloads do not touch it)."""
+        key = self._url_keys.get(app_id)
+        if key is None:
+            with self.db.transaction() as s:
+                app = apps_repo.get_application(s, app_id)
+                key = app.url_key if app is not None else None
+            if key is not None:
+                self._url_keys[app_id] = key
+        return key
 
     def app_for_prefix(self, prefix: str) -> str | None:
         with self._prefix_lock:

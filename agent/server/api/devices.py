@@ -161,8 +161,9 @@ def _targets(request: Request, caller: Caller, body: MultiDeviceCommand) -> list
     ctx = context(request)
     with ctx.db.transaction() as s:
         if body.deviceIds:
+            found = repo.get_many(s, caller.app.id, body.deviceIds)
             for device_id in body.deviceIds:
-                dev = repo.get(s, caller.app.id, device_id)
+                dev = found.get(device_id)
                 if dev is None or dev.decommissioned:
                     raise NotFound(f"Device {device_id} was not found")
             return list(dict.fromkeys(body.deviceIds))

@@ -14,7 +14,6 @@ from agent.server.api.auth import Caller, context, is_object_id, require
 from agent.server.api.models import AUTH_ERRORS, errors
 from agent.server.api.params import AppId, IdPath, Sha256Path
 from agent.server.artifact_store import is_digest, verify
-from agent.server.db import applications as apps_repo
 from agent.server.db import flow_versions as repo
 from agent.server.errors import NotFound, Validation
 from agent.server.service import flow_versions as service
@@ -179,9 +178,7 @@ def get_artifact(
     ctx = context(request)
     if not is_object_id(applicationId) or not is_digest(sha256):
         raise NotFound("Artifact was not found")
-    with ctx.db.transaction() as s:
-        app = apps_repo.get_application(s, applicationId)
-        key = app.url_key if app is not None else None
+    key = ctx.url_key(applicationId)
     if key is None or not verify(key, applicationId, sha256, sig, expires):
         raise NotFound("Artifact was not found")
     path = ctx.store.path(sha256)

@@ -55,8 +55,9 @@ def release(
         raise Validation(f"deviceIds: at most {MAX_RELEASE_DEVICES} devices")
     with ctx.db.transaction() as s:
         made = _entry(ctx, s, app, flow_id, version)
+        found = devices_repo.get_many(s, app.id, device_ids)
         for device_id in dict.fromkeys(device_ids):
-            dev = devices_repo.get(s, app.id, device_id)
+            dev = found.get(device_id)
             if dev is None or dev.decommissioned:
                 raise NotFound(f"Device {device_id} was not found")
     plan = {d: {flow_id: made} for d in dict.fromkeys(device_ids)}
