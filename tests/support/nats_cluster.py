@@ -96,13 +96,31 @@ class NatsNode:
 
 class NatsCluster:
     def __init__(self, root: Path, size: int = 3) -> None:
-        routes = [free_port() for _ in range(size)]
-        self.nodes = [NatsNode(root, f"n{i + 1}", routes[i:] + routes[:i]) for i in range(size)]
+        self.root = root
+        self.size = size
+        self.nodes = self._make_nodes(root)
 
-    def start(self, timeout: float = 60.0) -> None:
-        for node in self.nodes:
-            node.start()
-        self.wait_ready(self.nodes, timeout)
+    def _make_nodes(self, root: Path) -> list[NatsNode]:
+        routes = [free_port() for _ in range(self.size)]
+        return [NatsNode(root, f"n{i + 1}", routes[i:] + routes[:i]) for i in range(self.size)]
+
+    def start(self, timeout: float = 45.0, attempts: int = 2) -> None:
+        """Start the nodes and wait until each serves MQTT with JetStream. A free port
+        picked for a route can be taken before its node binds it (by any process's
+        outgoing connection); that node then never joins, and the three-replica
+        streams cannot be placed. So a cluster that does not come up is started once
+        more on fresh ports, in a fresh directory, before the tests are failed."""
+        for attempt in range(1, attempts + 1):
+            for node in self.nodes:
+                node.start()
+            try:
+                self.wait_ready(self.nodes, timeout)
+                return
+            except RuntimeError:
+                if attempt == attempts:
+                    raise
+                self.stop()
+                self.nodes = self._make_nodes(self.root / f"retry{attempt}")
 
     @staticmethod
     def wait_ready(nodes: list[NatsNode], timeout: float = 60.0) -> None:
