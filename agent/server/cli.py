@@ -79,7 +79,20 @@ def _config(args: argparse.Namespace) -> Any:
     return cfg
 
 
+#: What ``edge-agent server`` needs beyond the device install (the ``server`` extra).
+SERVER_EXTRA = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "python_multipart")
+
+
 def cmd_server(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = next((m for m in SERVER_EXTRA if importlib.util.find_spec(m) is None), None)
+    if missing is not None:
+        sys.stderr.write(
+            f"edge-agent server needs the server extra ({missing} is not installed): "
+            "pip install 'edge-agent[server]'\n"
+        )
+        return EXIT_USAGE
     from agent.server.errors import ApiError, ServerError
 
     try:

@@ -19,6 +19,9 @@ SCRIPTS = [
     "packaging/deb/debian/postinst",
     "packaging/deb/debian/prerm",
     "packaging/deb/debian/postrm",
+    "packaging/deb/debian-server/postinst",
+    "packaging/deb/debian-server/prerm",
+    "packaging/deb/debian-server/postrm",
     "scripts/bootstrap",
     "examples/flows/build.sh",
     ".ci/run",
@@ -48,13 +51,12 @@ def test_shell_scripts_are_shellcheck_clean() -> None:
     assert res.returncode == 0, res.stdout
 
 
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_deb(tmp_path_factory: pytest.TempPathFactory, *flags: str) -> Path:
     if shutil.which("dpkg-deb") is None:
         pytest.skip("dpkg-deb is not installed (not a Debian system)")
     out = tmp_path_factory.mktemp("deb")
     res = subprocess.run(
-        ["bash", str(REPO / "packaging/deb/build.sh"), str(out)],
+        ["bash", str(REPO / "packaging/deb/build.sh"), *flags, str(out)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -62,6 +64,95 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert res.returncode == 0, res.stdout + res.stderr
     return Path(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_deb(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_the_server_package_runs_the_control_plane(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, broker: Broker
+) -> None:
+    """edge-agent-server: its own virtualenv with the server extra, its unit and
+    configuration; extracted, it migrates a database and serves the API."""
+    import socket
+    import time
+
+    import httpx
+
+    server_deb = build_deb(tmp_path_factory, "--server")
+    assert server_deb.name.startswith("edge-agent-server_0.1.0_")
+    contents = subprocess.run(
+        ["dpkg-deb", "--contents", str(server_deb)], capture_output=True, text=True, check=True
+    ).stdout
+    for path in (
+        "./lib/systemd/system/edge-agent-server.service",
+        "./etc/edge-agent-server/server.toml",
+        "./opt/edge-agent-server/bin/edge-agent",
+        "./usr/share/doc/edge-agent-server/losant-api.md",
+    ):
+        assert path in contents, path
+    assert "./usr/bin/edge-agent" not in contents  # the device package's, not this one's
+    root = tmp_path / "root"
+    subprocess.run(["dpkg-deb", "-x", str(server_deb), str(root)], check=True)
+    py = str(root / "opt" / "edge-agent-server" / "bin" / "python")
+    conf = str(root / "etc/edge-agent-server/server.toml")
+    state = str(tmp_path / "state")
+    admin = [py, "-m", "agent", "server", "admin", "--config", conf, "--state-dir", state]
+    app = subprocess.run(
+        [*admin, "create-application", "--name", "pkg"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    token = subprocess.run(
+        [*admin, "create-token", "--application", app, "--scope", "all.Application"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            py,
+            "-m",
+            "agent",
+            "server",
+            "--config",
+            conf,
+            "--state-dir",
+            state,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--broker",
+            broker.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.get(
+                    f"http://127.0.0.1:{port}/applications/{app}/devices",
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()[0].decode()
+                assert time.monotonic() < deadline, "the packaged server did not listen"
+                time.sleep(0.2)
+        assert r.status_code == 200, r.text
+        assert r.json()["totalCount"] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=20)[0].decode()
+    # uvicorn shuts down gracefully, then ends by the signal it caught (systemd counts
+    # that as a clean stop).
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out
 
 
 @pytest.mark.slow
@@ -171,6 +262,14 @@ def test_the_device_package_carries_no_operator_tool(
     )
     assert fleet.returncode == 2
     assert "pip install 'edge-agent[fleet]'" in fleet.stderr
+    server = subprocess.run(
+        [py, "-m", "agent", "server", "--state-dir", str(tmp_path / "srv")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert server.returncode == 2
+    assert "pip install 'edge-agent[server]'" in server.stderr
     op = Operator(broker).connect()
     op.subscribe("edge/pkg1/status")
     agent = subprocess.Popen(
@@ -229,6 +328,7 @@ def test_wheel_with_the_fleet_extra_runs_the_demo_outside_the_tree(tmp_path: Pat
             "install",
             "--quiet",
             "--disable-pip-version-check",
+            "--no-compile",  # (byte-code of every dependency: a third of the test's time)
             f"{wheel}[fleet]",
         ],
         capture_output=True,

@@ -214,7 +214,8 @@ def test_unit_verifies_and_exposure_is_at_most_1_5(tmp_path: Path, unit_file: Pa
     # verify wants ExecStart to exist: point it at this checkout's edge-agent.
     exe = Path(sys.executable).parent / "edge-agent"
     copy = tmp_path / unit_file.name
-    copy.write_text(unit_file.read_text().replace("/usr/bin/edge-agent", str(exe)))
+    text = unit_file.read_text().replace("/opt/edge-agent-server/bin/edge-agent", str(exe))
+    copy.write_text(text.replace("/usr/bin/edge-agent", str(exe)))
     res = subprocess.run(
         ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, check=False
     )
