@@ -39,6 +39,11 @@ class ServerConfig(BaseModel):
     max_upload: Annotated[int, Field(gt=0, le=1 << 32)] = 64 << 20
     #: Server processes sharing one PostgreSQL name themselves apart in logs.
     instance: str = ""
+    #: URL prefixes export results may be POSTed to (``callbackUrl``), each ending
+    #: in "/" after the host; none by default.
+    callbacks: list[Annotated[str, Field(pattern=r"^https?://[^/\s]+/\S*$")]] = Field(
+        default_factory=list, max_length=64
+    )
     #: Seconds a device's desired document may wait unpublished before a retry.
     publish_retry_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
 

@@ -31,7 +31,15 @@ def admin(*argv: str) -> str:
 
 
 class RunningServer:
-    def __init__(self, state_dir: Path, db_url: str, broker_url: str, *, prefix: str) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        db_url: str,
+        broker_url: str,
+        *,
+        prefix: str,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.cfg = ServerConfig.model_validate(
@@ -41,6 +49,7 @@ class RunningServer:
                 "listen": f"127.0.0.1:{port}",
                 "mqtt": {"broker": broker_url},
                 "publish_retry_s": 0.2,
+                **(settings or {}),
             }
         )
         common = ["--db", db_url, "--state-dir", str(state_dir)]
@@ -96,9 +105,15 @@ class RunningServer:
 
 @contextlib.contextmanager
 def running_server(
-    state_dir: Path, db_url: str, broker_url: str, *, prefix: str = "edge"
+    state_dir: Path,
+    db_url: str,
+    broker_url: str,
+    *,
+    prefix: str = "edge",
+    settings: dict[str, Any] | None = None,
 ) -> Iterator[RunningServer]:
-    srv = RunningServer(state_dir, db_url, broker_url, prefix=prefix)
+    """A started server; ``settings``: ServerConfig keys over the test's defaults."""
+    srv = RunningServer(state_dir, db_url, broker_url, prefix=prefix, settings=settings)
     srv.start()
     try:
         yield srv

@@ -40,9 +40,11 @@ def export_path(ctx: ServerContext, job_id: str) -> Path:
     return child_path(ctx.cfg.state_dir / "exports", job_id)
 
 
-def _check_callback(url: str | None) -> None:
+def _check_callback(url: str | None, allowed: list[str]) -> None:
     """A callback URL the job's thread can POST to: http(s), a host, nothing that
-    the HTTP client would refuse later (where the refusal would be lost)."""
+    the HTTP client would refuse later (where the refusal would be lost), and under
+    one of the prefixes the server's ``callbacks`` setting allows (none by default:
+    a token must not make the server POST to any address it can reach)."""
     if url is None:
         return
     import httpx
@@ -56,10 +58,15 @@ def _check_callback(url: str | None) -> None:
         raise bad from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise bad
+    if not any(url.startswith(prefix) for prefix in allowed):
+        raise Validation(
+            "callbackUrl: not allowed by this server (its `callbacks` setting lists the "
+            "URL prefixes export results may be POSTed to)"
+        )
 
 
 def _start(ctx: ServerContext, app: Application, kind: str, params: dict[str, Any]) -> str:
-    _check_callback(params.get("callbackUrl"))
+    _check_callback(params.get("callbackUrl"), ctx.cfg.callbacks)
     email = params.get("email")
     if email is not None and (len(email) > MAX_EMAIL or text_problem(email)):
         raise Validation(f"email: at most {MAX_EMAIL} characters, no NUL")
