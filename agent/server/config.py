@@ -39,6 +39,11 @@ class ServerConfig(BaseModel):
     max_upload: Annotated[int, Field(gt=0, le=1 << 32)] = 64 << 20
     #: Server processes sharing one PostgreSQL name themselves apart in logs.
     instance: str = ""
+    #: Artifacts of at most this many bytes travel as retained MQTT messages
+    #: (``{prefix}/artifacts/{sha256}``) instead of by URL; 0: always by URL. The
+    #: broker must allow messages this large, and its ACL should let devices read
+    #: their prefix's artifacts only.
+    mqtt_artifact_limit: Annotated[int, Field(ge=0, le=16 << 20)] = 0
     #: URL prefixes export results may be POSTed to (``callbackUrl``), each ending
     #: in "/" after the host; none by default.
     callbacks: list[Annotated[str, Field(pattern=r"^https?://[^/\s]+/\S*$")]] = Field(

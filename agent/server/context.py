@@ -48,7 +48,7 @@ class ServerContext:
             if with_broker
             else None
         )
-        self.writer = DesiredWriter(self.db, self.link)
+        self.writer = DesiredWriter(self.db, self.link, self.store)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

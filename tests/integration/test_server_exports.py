@@ -99,3 +99,23 @@ def test_a_callback_the_server_does_not_allow_is_refused(
     assert r.status_code == 400
     assert "not allowed by this server" in r.json()["message"]
     assert receiver.received == []
+
+
+def test_a_download_link_works_until_it_expires(server: RunningServer) -> None:
+    from common import COUNTER_WASM
+
+    wasm = COUNTER_WASM.read_bytes()
+    assert server.upload("counter", "v1", wasm).status_code == 201
+    base = f"/applications/{server.app_id}/flows/counter/versions"
+    with server.http() as http:
+        link = http.get(f"{base}/v1/link", params={"expiresIn": 60}).json()
+        assert link["expire"].endswith("Z")
+        uri = link["items"][0]["uri"]
+        assert "expires=" in uri
+        got = http.get(uri.replace(server.url, ""), headers={"Authorization": ""})
+        assert got.content == wasm
+        # The same link with its expiry moved on is refused: the signature covers it.
+        stretched = uri.rsplit("expires=", 1)[0] + "expires=9999999999"
+        assert http.get(stretched.replace(server.url, "")).status_code == 404
+        assert http.get(f"{base}/v9/link").status_code == 404
+        assert http.get(f"{base}/v1/link", params={"expiresIn": 0}).status_code == 400

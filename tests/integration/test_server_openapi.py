@@ -136,7 +136,7 @@ def test_the_server_keeps_to_its_openapi_document(server: RunningServer) -> None
     schema.config.generation.update(allow_extra_parameters=False)
     seen: dict[str, dict[int, int]] = {}
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 24, [op.label for op in operations]
+    assert len(operations) == 25, [op.label for op in operations]
 
     for operation in operations:
         checks = CHECKS

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from starlette.datastructures import FormData, UploadFile
@@ -13,10 +15,11 @@ from starlette.responses import MalformedRangeHeader
 from agent.server.api.auth import Caller, context, is_object_id, require
 from agent.server.api.models import AUTH_ERRORS, errors
 from agent.server.api.params import AppId, IdPath, Sha256Path
-from agent.server.artifact_store import is_digest, verify
+from agent.server.artifact_store import artifact_url, is_digest, verify
 from agent.server.db import flow_versions as repo
 from agent.server.errors import NotFound, Validation
 from agent.server.service import flow_versions as service
+from agent.server.text import text_problem
 
 router = APIRouter(tags=["flows"])
 BASE = "/applications/{applicationId}/flows/{flowId}/versions"
@@ -135,6 +138,48 @@ def get_versions(
         rows = repo.list_for_flow(s, caller.app.id, flowId)
         items = [service.view(v) for v in rows]
     return {"items": items, "count": len(items), "flowId": flowId, "applicationId": caller.app.id}
+
+
+#: How long a download link given to a person stays valid, by default and at most.
+LINK_DEFAULT_S = 3600
+LINK_MAX_S = 7 * 86400
+
+
+@router.get(
+    BASE + "/{version}/link",
+    responses=AUTH_ERRORS,
+    summary="A time-limited download link for each artifact of a version",
+)
+def get_link(
+    request: Request,
+    flowId: IdPath,
+    version: Annotated[str, Path(max_length=128)],
+    caller: Annotated[Caller, Depends(require("flows", "get", read=True))],
+    expiresIn: Annotated[int, Query(ge=1, le=LINK_MAX_S)] = LINK_DEFAULT_S,
+) -> dict[str, Any]:
+    """``{"items": [{"sha256", "deviceTypes"?, "uri"}], "expire"}``: each URI is signed
+    for this application and stops working at ``expire`` (ISO-8601, UTC)."""
+    service.check_flow_id(flowId)
+    if text_problem(version):
+        raise NotFound(f"No such version of flow {flowId}")
+    ctx = context(request)
+    with ctx.db.transaction() as s:
+        fv = repo.get(s, caller.app.id, flowId, version)
+        if fv is None:
+            raise NotFound(f"Version {version} of flow {flowId} was not found")
+        items = list(fv.artifacts)
+    expires = int(time.time()) + expiresIn
+    key = caller.app.url_key
+    return {
+        "items": [
+            {
+                **{k: v for k, v in item.items() if k in ("sha256", "size", "deviceTypes")},
+                "uri": artifact_url(ctx.cfg.base_url, key, caller.app.id, item["sha256"], expires),
+            }
+            for item in items
+        ],
+        "expire": datetime.fromtimestamp(expires, UTC).isoformat().replace("+00:00", "Z"),
+    }
 
 
 _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}

@@ -38,7 +38,7 @@ def _entry(
     fv = versions_repo.get(s, app.id, flow_id, version)
     if fv is None:
         raise NotFound(f"Version {version} of flow {flow_id} was not found")
-    return version, version_entry(app, ctx.cfg.base_url, fv)
+    return version, version_entry(app, ctx.cfg.base_url, fv, ctx.cfg.mqtt_artifact_limit)
 
 
 def release(

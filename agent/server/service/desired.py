@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from sqlalchemy import select
 
-from agent.server.artifact_store import artifact_url
+from agent.server.artifact_store import ArtifactStore, artifact_url
 from agent.server.broker_link import BrokerLink, BrokerUnavailable
 from agent.server.db import deployments as deployments_repo
 from agent.server.db import devices as devices_repo
@@ -44,14 +44,24 @@ PUBLISH_BATCH = 200
 EntryFor = Callable[[str], dict[str, Any]]
 
 
-def version_entry(app: Application, base_url: str, fv: FlowVersion) -> EntryFor:
-    """The desired entry of a flow version (artifact URLs signed for the application)."""
+def version_entry(
+    app: Application, base_url: str, fv: FlowVersion, mqtt_limit: int = 0
+) -> EntryFor:
+    """The desired entry of a flow version: artifact URLs signed for the application,
+    or, for an artifact of at most ``mqtt_limit`` bytes, its retained MQTT topic
+    (``mqtt:{prefix}/artifacts/{sha256}``, published by the writer before the
+    documents that name it)."""
 
     key = _signing_key(app.signing_key) if app.signing_key else None
 
+    def url(item: dict[str, Any]) -> str:
+        if 0 < item["size"] <= mqtt_limit:
+            return f"mqtt:{Topics(app.topic_prefix, '').artifact(item['sha256'])}"
+        return artifact_url(base_url, app.url_key, app.id, item["sha256"])
+
     def ref(item: dict[str, Any]) -> dict[str, Any]:
         out = {
-            "url": artifact_url(base_url, app.url_key, app.id, item["sha256"]),
+            "url": url(item),
             "sha256": item["sha256"],
             "size": item["size"],
             "kind": fv.kind,
@@ -64,9 +74,9 @@ def version_entry(app: Application, base_url: str, fv: FlowVersion) -> EntryFor:
 
     def make(deployment_id: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"version": fv.version, "deploymentId": deployment_id}
-        for key in MANIFEST_KEYS:
-            if fv.manifest and key in fv.manifest:
-                entry[key] = fv.manifest[key]
+        for name in MANIFEST_KEYS:
+            if fv.manifest and name in fv.manifest:
+                entry[name] = fv.manifest[name]
         typed = [a for a in fv.artifacts if a.get("deviceTypes")]
         untyped = [a for a in fv.artifacts if not a.get("deviceTypes")]
         if untyped:
@@ -98,9 +108,15 @@ def _reported_generation(dev: Device) -> int:
 
 
 class DesiredWriter:
-    def __init__(self, db: Database, link: BrokerLink | None) -> None:
+    def __init__(
+        self, db: Database, link: BrokerLink | None, store: ArtifactStore | None = None
+    ) -> None:
         self.db = db
         self.link = link
+        #: Where ``mqtt:`` artifacts are read from before they are published.
+        self.store = store
+        #: ``mqtt:`` artifact topics this process has published (retained) already.
+        self._sent_artifacts: set[str] = set()
         self._kick = threading.Event()
 
     def change(
@@ -183,12 +199,32 @@ class DesiredWriter:
             rows = list(s.scalars(stmt))
             if not rows:
                 return 0
+            # The artifacts a document names by topic go first, so a device that reads
+            # the document finds its artifact retained.
+            self._publish_artifacts(rows)
             self.link.publish_many(
                 [(Topics(prefix, d.id).desired, _dump(d.desired), True) for d in rows]
             )
             for d in rows:
                 d.published_generation = d.generation
             return len(rows)
+
+    def _publish_artifacts(self, rows: list[Device]) -> None:
+        assert self.link is not None
+        topics = {
+            ref["url"][len("mqtt:") :]: ref["sha256"]
+            for d in rows
+            for entry in ((d.desired or {}).get("flows") or {}).values()
+            for ref in [entry.get("artifact") or {}, *(entry.get("artifacts") or [])]
+            if str(ref.get("url", "")).startswith("mqtt:")
+        }
+        todo = sorted(t for t in topics if t not in self._sent_artifacts)
+        if not todo:
+            return
+        if self.store is None:
+            raise BrokerUnavailable("no artifact store to read mqtt: artifacts from")
+        self.link.publish_many([(t, self.store.path(topics[t]).read_bytes(), True) for t in todo])
+        self._sent_artifacts.update(todo)
 
     def sweep(self) -> int:
         """Publish whatever is still unpublished (any application); returns how many."""
