@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from broker import Broker, Operator
 from common import COUNTER_WASM
-from server_harness import RunningServer, running_server
+from server_harness import RunningServer, running_server, sim_fleet
 
-from agent.device.config import AgentConfig
 from agent.fleet.sim import Simulation
 
 PREFIX = "devs"
@@ -28,20 +27,8 @@ def server(tmp_path: Path, broker: Broker) -> Iterator[RunningServer]:
 
 @pytest.fixture
 async def fleet(tmp_path: Path, broker: Broker) -> AsyncIterator[Simulation]:
-    base = AgentConfig.model_validate(
-        {
-            "device_id": "sim",
-            "device_type": "rpi4",
-            "state_dir": str(tmp_path / "unused"),
-            "mqtt": {"broker": broker.url, "topic_prefix": PREFIX},
-        }
-    )
-    sim = Simulation(base, 2, tmp_path / "sim")
-    await sim.__aenter__()
-    try:
+    async with sim_fleet(tmp_path, broker.url, PREFIX, 2, device_type="rpi4") as sim:
         yield sim
-    finally:
-        await sim.__aexit__(None, None, None)
 
 
 async def poll(check: Any, what: str, timeout: float = 20) -> Any:

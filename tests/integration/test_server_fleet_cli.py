@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 from broker import Broker, Operator
 from common import COUNTER_WASM
-from server_harness import RunningServer, running_server
+from server_harness import RunningServer, running_server, sim_fleet
 
 from agent import cli
-from agent.device.config import AgentConfig
 from agent.fleet.sim import Simulation
 
 PREFIX = "edge"
@@ -31,19 +30,8 @@ def server(tmp_path: Path, broker: Broker) -> Iterator[RunningServer]:
 
 @pytest.fixture
 async def fleet(tmp_path: Path, broker: Broker) -> AsyncIterator[Simulation]:
-    base = AgentConfig.model_validate(
-        {
-            "device_id": "sim",
-            "state_dir": str(tmp_path / "unused"),
-            "mqtt": {"broker": broker.url, "topic_prefix": PREFIX},
-        }
-    )
-    sim = Simulation(base, 2, tmp_path / "sim")
-    await sim.__aenter__()
-    try:
+    async with sim_fleet(tmp_path, broker.url, PREFIX, 2) as sim:
         yield sim
-    finally:
-        await sim.__aexit__(None, None, None)
 
 
 async def fleet_cli(srv: RunningServer, tmp_path: Path, *argv: str) -> tuple[int, str]:

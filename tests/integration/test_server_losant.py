@@ -16,9 +16,8 @@ import pytest
 from broker import Broker, Operator
 from common import COUNTER_WASM
 from losant_rest import Client, LosantError
-from server_harness import RunningServer, running_server
+from server_harness import RunningServer, running_server, sim_fleet
 
-from agent.device.config import AgentConfig
 from agent.fleet.sim import Simulation
 
 DEVICES = 3
@@ -33,21 +32,16 @@ def server(tmp_path: Path, db_url: str, broker: Broker) -> Iterator[RunningServe
 
 @pytest.fixture
 async def fleet(tmp_path: Path, broker: Broker) -> AsyncIterator[Simulation]:
-    base = AgentConfig.model_validate(
-        {
-            "device_id": "sim",
-            "device_type": "gw",
-            "state_dir": str(tmp_path / "unused"),
-            "mqtt": {"broker": broker.url, "topic_prefix": PREFIX, "keepalive": 5},
-            "reconcile": {"retry_backoff_initial": 0.2, "retry_backoff_max": 1.0},
-        }
-    )
-    sim = Simulation(base, DEVICES, tmp_path / "sim")
-    await sim.__aenter__()
-    try:
+    async with sim_fleet(
+        tmp_path,
+        broker.url,
+        PREFIX,
+        DEVICES,
+        device_type="gw",
+        mqtt={"keepalive": 5},
+        reconcile={"retry_backoff_initial": 0.2, "retry_backoff_max": 1.0},
+    ) as sim:
         yield sim
-    finally:
-        await sim.__aexit__(None, None, None)
 
 
 def losant(srv: RunningServer, token: str | None = None) -> Client:

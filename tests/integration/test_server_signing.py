@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from broker import Broker
 from common import COUNTER_WASM
-from server_harness import RunningServer, admin, running_server
+from server_harness import RunningServer, admin, running_server, sim_fleet
 
-from agent.device.config import AgentConfig
 from agent.fleet.sim import Simulation
 from agent.wire.signing import generate
 
@@ -38,21 +37,15 @@ def server(tmp_path: Path, broker: Broker) -> Iterator[RunningServer]:
 async def fleet(
     tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
 ) -> AsyncIterator[Simulation]:
-    base = AgentConfig.model_validate(
-        {
-            "device_id": "sim",
-            "state_dir": str(tmp_path / "unused"),
-            "mqtt": {"broker": broker.url, "topic_prefix": PREFIX},
-            "artifacts": {"trusted_keys": [str(keys[1])], "require_signature": True},
-            "reconcile": {"retry_backoff_initial": 0.2, "retry_backoff_max": 1.0},
-        }
-    )
-    sim = Simulation(base, 1, tmp_path / "sim")
-    await sim.__aenter__()
-    try:
+    async with sim_fleet(
+        tmp_path,
+        broker.url,
+        PREFIX,
+        1,
+        artifacts={"trusted_keys": [str(keys[1])], "require_signature": True},
+        reconcile={"retry_backoff_initial": 0.2, "retry_backoff_max": 1.0},
+    ) as sim:
         yield sim
-    finally:
-        await sim.__aexit__(None, None, None)
 
 
 async def record(srv: RunningServer, pred: Any) -> dict[str, Any]:

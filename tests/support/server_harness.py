@@ -8,7 +8,7 @@ import contextlib
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ import uvicorn
 from broker import free_port
 
 from agent import cli
+from agent.device.config import AgentConfig
+from agent.fleet.sim import Simulation
 from agent.server.api.app import create_app
 from agent.server.config import ServerConfig
 from agent.server.context import ServerContext
@@ -119,3 +121,21 @@ def running_server(
         yield srv
     finally:
         srv.stop()
+
+
+@contextlib.asynccontextmanager
+async def sim_fleet(
+    root: Path, broker_url: str, prefix: str, devices: int, **agent: Any
+) -> AsyncIterator[Simulation]:
+    """``devices`` real agents (``sim-0001``…) on the test's broker under ``prefix``;
+    ``agent``: more of the agents' settings (``mqtt`` merged into the broker's)."""
+    mqtt = {"broker": broker_url, "topic_prefix": prefix, **agent.pop("mqtt", {})}
+    base = AgentConfig.model_validate(
+        {"device_id": "sim", "state_dir": str(root / "unused"), "mqtt": mqtt, **agent}
+    )
+    sim = Simulation(base, devices, root / "sim")
+    await sim.__aenter__()
+    try:
+        yield sim
+    finally:
+        await sim.__aexit__(None, None, None)

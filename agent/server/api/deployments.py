@@ -19,6 +19,7 @@ from agent.server.api.models import (
     DeploymentReplace,
     JobEnqueued,
     Success,
+    collection,
     errors,
 )
 from agent.server.api.params import (
@@ -68,25 +69,16 @@ def _list(request: Request, caller: Caller, kind: str) -> dict[str, Any]:
             per_page=paging.per_page,
         )
         items = [service.view(d, kind) for d in rows]
-    return {
-        "items": items,
-        "count": len(items),
-        "totalCount": total,
-        "perPage": paging.per_page,
-        "page": paging.page,
-        "sortField": sort.field,
-        "sortDirection": sort.direction,
-        "applicationId": caller.app.id,
-        **{
-            k: v
-            for k, v in (
-                ("deviceId", filters.device_id),
-                ("flowId", filters.flow_id),
-                ("version", filters.version),
-            )
-            if v is not None
-        },
-    }
+    return collection(
+        items,
+        total,
+        paging,
+        sort,
+        caller.app.id,
+        deviceId=filters.device_id,
+        flowId=filters.flow_id,
+        version=filters.version,
+    )
 
 
 def _one(request: Request, caller: Caller, kind: str, deployment_id: str) -> dict[str, Any]:

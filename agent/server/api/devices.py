@@ -19,6 +19,7 @@ from agent.server.api.models import (
     DevicePost,
     MultiDeviceCommand,
     Success,
+    collection,
     errors,
 )
 from agent.server.api.params import (
@@ -101,18 +102,16 @@ def get_devices(
     if no_conn:
         for item in items:
             item.pop("connectionInfo")
-    return {
-        "items": items,
-        "count": len(items),
-        "totalCount": total,
-        "perPage": paging.per_page,
-        "page": paging.page,
-        "sortField": sort.field,
-        "sortDirection": sort.direction,
-        "applicationId": caller.app.id,
-        **({"filterField": field, "filter": pattern} if pattern else {}),
-        **({"deviceClass": klass} if klass else {}),
-    }
+    return collection(
+        items,
+        total,
+        paging,
+        sort,
+        caller.app.id,
+        filterField=field if pattern else None,
+        filter=pattern,
+        deviceClass=klass,
+    )
 
 
 @router.post(BASE, status_code=201, responses=errors(409, 413), summary="Post: create a device")

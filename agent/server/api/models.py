@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from agent.server.api.params import CALLBACK_URL_SCHEMA, ID_SCHEMA, JSON_VALUE_MARK, NO_NUL
+from agent.server.api.query import Paging, Sort
 from agent.server.text import tree_problem
 from agent.wire.protocol import is_valid_id
 
@@ -232,3 +233,25 @@ class DevicePatch(_Body):
     description: Description | None = None
     tags: list[Tag] | None = Field(default=None, max_length=100)
     deviceClass: DeviceClass | None = None
+
+
+def collection(
+    items: list[dict[str, Any]],
+    total: int,
+    paging: Paging,
+    sort: Sort,
+    app_id: str,
+    **filters: str | None,
+) -> dict[str, Any]:
+    """A page of a collection in Losant's envelope, with the filters that were given."""
+    return {
+        "items": items,
+        "count": len(items),
+        "totalCount": total,
+        "perPage": paging.per_page,
+        "page": paging.page,
+        "sortField": sort.field,
+        "sortDirection": sort.direction,
+        "applicationId": app_id,
+        **{k: v for k, v in filters.items() if v},
+    }
