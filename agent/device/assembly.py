@@ -184,6 +184,7 @@ def assemble(
         host=host,
         losant=losant,
         command_slots=s.command_slots,
+        on_own_status=None if losant else reporter.on_own_status,
     )
     return Parts(
         session=session,

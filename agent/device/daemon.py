@@ -167,7 +167,8 @@ class Agent:
             topics = (
                 self.losant.subscriptions()
                 if self.losant is not None
-                else [self.topics.desired, self.topics.command]
+                # (its own status too: see Reporter.on_own_status)
+                else [self.topics.desired, self.topics.command, self.topics.status]
             )
             for topic in topics:
                 p.session.subscribe(topic, qos=1)
@@ -221,6 +222,7 @@ class Agent:
             await p.reconciler.persist()
         except AgentError as exc:  # the file keeps the last state that was saved
             log.error("cannot save the state at shutdown", error=str(exc))
+        p.reporter.stopping = True  # its own offline status is not to be answered
         if self.losant is None and p.session.connected.is_set():  # (no edge topics on
             # Losant: its broker disconnects a client that publishes retained)
             with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@ logged and the next one is taken: one bad message never stops the agent.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
@@ -35,6 +36,7 @@ class Dispatcher:
         host: FlowHost,
         losant: LosantProfile | None,
         command_slots: int,
+        on_own_status: Callable[[bytes], None] | None = None,
     ) -> None:
         self.messages = messages
         self.topics = topics
@@ -42,6 +44,9 @@ class Dispatcher:
         self.commands = commands
         self.host = host
         self.losant = losant
+        #: The device's own retained status as the broker has it (the reporter checks
+        #: that it does not say offline while the device is connected).
+        self.on_own_status = on_own_status
         self._slots = asyncio.Semaphore(command_slots)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -76,6 +81,10 @@ class Dispatcher:
             return
         elif msg.topic == self.topics.command:
             self._spawn_command(msg)
+            return
+        elif msg.topic == self.topics.status:
+            if self.on_own_status is not None:
+                self.on_own_status(msg.payload)
             return
         if not self.host.route(msg.topic, msg.payload):
             log.debug("message on unhandled topic", topic=msg.topic)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -39,6 +40,10 @@ from agent.wire.protocol import (
 from agent.wire.topics import Topics
 
 log = structlog.get_logger("agent.device.reporter")
+
+
+#: Re-announcements per connection when the broker keeps saying offline.
+MAX_REBIRTHS = 5
 
 
 def offline_status(time: str | None = None) -> bytes:
@@ -75,6 +80,10 @@ class Reporter:
         # flow id -> (download started, last progress event, events sent)
         self._progress: dict[str, tuple[float, float, int]] = {}
         self.published = 0
+        #: Set at shutdown, before the agent publishes its own offline status.
+        self.stopping = False
+        #: Re-announcements made on this connection (bounded: see on_own_status).
+        self._reborn = 0
         #: Supervision info per flow (set by the agent; None outside an agent).
         self.runtime_info: Callable[[str], FlowRuntime | None] = lambda _flow_id: None
 
@@ -115,8 +124,32 @@ class Reporter:
         if urgent:
             self._urgent.set()
 
+    def on_own_status(self, payload: bytes) -> None:
+        """The broker's copy of this device's status, heard through the agent's own
+        subscription. If it says offline while the device is connected, the birth
+        message was lost or overtaken: a last will of an earlier connection of this
+        device published after it (a broker that answered a CONNACK late, a session
+        taken over), or a clustered broker that lost the retained message in a
+        failover. The device then announces itself again, at most MAX_REBIRTHS times
+        per connection, so two writers cannot ping-pong for ever."""
+        if self.stopping or self.silent or not self.session.established.is_set():
+            return
+        try:
+            online = json.loads(payload).get("online") if payload else False
+        except (ValueError, AttributeError):
+            return
+        if online is not False or self._reborn >= MAX_REBIRTHS:
+            return
+        self._reborn += 1
+        log.warning("the broker says this device is offline; announcing it again")
+        self._birth()
+
     def on_connect(self) -> None:
         """Birth message and a fresh state report after every (re)connect."""
+        self._reborn = 0
+        self._birth()
+
+    def _birth(self) -> None:
         self._direct(
             self.topics.status,
             dump(
