@@ -16,6 +16,7 @@ from agent.server.db import applications as apps_repo
 from agent.server.db.engine import Database
 from agent.server.service.desired import DesiredWriter
 from agent.server.service.inventory import Inventory
+from agent.server.service.rollout_engine import RolloutEngine
 from agent.wire.topics import Topics
 
 log = structlog.get_logger("agent.server")
@@ -49,6 +50,7 @@ class ServerContext:
             else None
         )
         self.writer = DesiredWriter(self.db, self.link, self.store)
+        self.engine = RolloutEngine(self)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -102,6 +104,7 @@ class ServerContext:
             ("inventory", lambda: self.inventory.run(self._stop)),
             ("publisher", lambda: self.writer.run_sweeper(self._stop, self.cfg.publish_retry_s)),
             ("applications", self._refresh_loop),
+            ("rollouts", lambda: self.engine.run(self._stop)),
         ):
             t = threading.Thread(target=target, name=f"server-{name}", daemon=True)
             t.start()
@@ -130,6 +133,7 @@ class ServerContext:
         self._stop.set()
         self.inventory.close()
         self.writer.kick()
+        self.engine.kick()
         for t in self._threads:
             t.join(timeout=5)
         if self.link is not None:

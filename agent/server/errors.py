@@ -9,9 +9,11 @@
         ├── Unauthorized         401 "Unauthorized"
         ├── Forbidden            403 "Forbidden"
         ├── Conflict             409 "Conflict"
+        ├── Unprocessable        422 "Unprocessable"
         └── TooLarge             413 "RequestTooLarge"
 
-Route functions raise these; one handler turns them into ``{"type", "message"}``.
+Route functions raise these; one handler turns them into Losant's ``{"type",
+"message"}``, or Mender's ``{"error", "request_id"}`` under ``/api/management/``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class Forbidden(ApiError):
 class Conflict(ApiError):
     status = 409
     type = "Conflict"
+
+
+class Unprocessable(ApiError):
+    status = 422
+    type = "Unprocessable"
 
 
 class TooLarge(ApiError):

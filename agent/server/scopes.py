@@ -22,6 +22,9 @@ RESOURCES = {
     "devices": ("get", "post", "export", "sendCommand"),
     "device": ("get", "patch", "delete", "sendCommand"),
     "flows": ("get", "post"),
+    # Mender's deployments API (this project's names: Mender has no scopes).
+    "artifacts": ("get", "post", "put", "delete"),
+    "rollouts": ("get", "post", "abort"),
 }
 #: The endpoints that also take a device-wide token (``all.Device``, and
 #: ``all.Device.read`` for the reads), as Losant lists them.

@@ -8,6 +8,8 @@ device, deployment or route, 409 for a conflict, 413 for a body over the limit.
 
 from __future__ import annotations
 
+import re
+import uuid
 from typing import Any
 
 import structlog
@@ -18,7 +20,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
-from agent.server.api import deployments, devices, flows, jobs
+from agent.server.api import (
+    deployments,
+    devices,
+    flows,
+    jobs,
+    mender_artifacts,
+    mender_deployments,
+    useradm,
+)
 from agent.server.api.params import JSON_VALUE_SCHEMA, with_json_values
 from agent.server.api.query import QueryError
 from agent.server.context import ServerContext
@@ -39,8 +49,34 @@ _HTTP_TYPES = {
 }
 
 
+#: Paths that take no Bearer token: signed downloads, and the login (basic auth).
+PUBLIC_PATHS = ("/artifacts/", "/downloads/", "/api/management/v1/useradm/auth/")
+#: A request id a client may choose (``X-MEN-RequestID``); anything else gets a new one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: Mender's API lives under this path; its errors take Mender's shape.
+MENDER_PATHS = "/api/management/"
+
+
 def error(status: int, type_: str, message: str) -> JSONResponse:
     return JSONResponse({"type": type_, "message": message}, status_code=status)
+
+
+def mender_error(status: int, message: str, request_id: str | None = None) -> JSONResponse:
+    """Mender's error body, ``{"error", "request_id"}``, with its ``X-MEN-RequestID``."""
+    ok = request_id is not None and _REQUEST_ID.fullmatch(request_id) is not None
+    rid = request_id if ok and request_id else uuid.uuid4().hex
+    return JSONResponse(
+        {"error": message, "request_id": rid},
+        status_code=status,
+        headers={"X-MEN-RequestID": rid},
+    )
+
+
+def api_error(request: Request | None, status: int, type_: str, message: str) -> JSONResponse:
+    """An error in the shape of the API the request was made to."""
+    if request is not None and request.url.path.startswith(MENDER_PATHS):
+        return mender_error(status, message, request.headers.get("x-men-requestid"))
+    return error(status, type_, message)
 
 
 class BodyLimit:
@@ -64,7 +100,11 @@ class BodyLimit:
         multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
         limit = self.upload_limit + (1 << 20) if multipart else MAX_JSON_BODY
         declared = headers.get(b"content-length", b"")
-        too_large = error(413, "RequestTooLarge", f"body over {limit} bytes")
+        too_large = (
+            mender_error(413, f"body over {limit} bytes")
+            if str(scope.get("path", "")).startswith(MENDER_PATHS)
+            else error(413, "RequestTooLarge", f"body over {limit} bytes")
+        )
         if declared.isdigit() and int(declared) > limit:
             await too_large(scope, receive, send)
             return
@@ -136,7 +176,7 @@ def tidy_openapi(doc: dict[str, Any]) -> None:
     for path, operations in doc.get("paths", {}).items():
         for operation in operations.values():
             operation.get("responses", {}).pop("422", None)
-            if not path.startswith("/artifacts/"):
+            if not path.startswith(PUBLIC_PATHS):
                 operation["security"] = [{"bearer": []}]
 
 
@@ -148,25 +188,33 @@ def create_app(ctx: ServerContext) -> FastAPI:
         "self-hosted fleet of edge-agent devices.",
     )
     app.state.ctx = ctx
-    for module in (deployments, devices, flows, jobs):
+    for module in (
+        deployments,
+        devices,
+        flows,
+        jobs,
+        mender_artifacts,
+        mender_deployments,
+        useradm,
+    ):
         app.include_router(module.router)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_r: Request, exc: ApiError) -> JSONResponse:
-        return error(exc.status, exc.type, exc.message)
+    async def _api_error(r: Request, exc: ApiError) -> JSONResponse:
+        return api_error(r, exc.status, exc.type, exc.message)
 
     @app.exception_handler(QueryError)
-    async def _query_error(_r: Request, exc: QueryError) -> JSONResponse:
-        return error(400, "Validation", str(exc))
+    async def _query_error(r: Request, exc: QueryError) -> JSONResponse:
+        return api_error(r, 400, "Validation", str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_r: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(400, "Validation", validation_message(exc))
+    async def _validation(r: Request, exc: RequestValidationError) -> JSONResponse:
+        return api_error(r, 400, "Validation", validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = error(
-            exc.status_code, _HTTP_TYPES.get(exc.status_code, "Error"), str(exc.detail)
+    async def _http(r: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = api_error(
+            r, exc.status_code, _HTTP_TYPES.get(exc.status_code, "Error"), str(exc.detail)
         )
         response.headers.update(exc.headers or {})  # (a 405's Allow, a 416's Content-Range)
         return response
@@ -174,7 +222,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error", path=request.url.path, error=repr(exc), exc_info=exc)
-        return error(500, "InternalError", "internal server error (logged)")
+        return api_error(request, 500, "InternalError", "internal server error (logged)")
 
     app.add_middleware(BodyLimit, upload_limit=ctx.cfg.max_upload)
     return app

@@ -11,6 +11,7 @@ per application.
 from __future__ import annotations
 
 import secrets
+import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -228,3 +229,185 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created: Mapped[datetime] = mapped_column(default=utcnow)
     finished: Mapped[datetime | None]
+
+
+# ---------------------------------------------------------------- Mender's deployments API
+# Mender's ids are UUIDs (36 characters); its "deployments" are called rollouts here, so
+# they are not confused with Losant's deployment records (one flow on one device) that
+# a rollout writes through the desired writer.
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+class Artifact(Base):
+    """A Mender artifact in the repository: the ``.mender`` file as uploaded (its bytes
+    in the artifact store, ``mender_sha256``) and the payload it carries, which is an
+    artifact item of the flow version ``flow_id``/``version`` (one repository, two
+    views: Losant's flow versions and Mender's artifacts). A flow version uploaded
+    through Losant's API gets a row too (``source`` "flow-version"; it has no ``.mender``
+    file)."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    application_id: Mapped[str] = mapped_column(
+        ForeignKey("applications.id", ondelete="CASCADE"), index=True
+    )
+    #: The artifact name (Mender's release name).
+    name: Mapped[str] = mapped_column(String(256))
+    description: Mapped[str] = mapped_column(Text, default="")
+    device_types: Mapped[list[Any]] = mapped_column(JSON)
+    signed: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Bytes of the file a device would download (the ``.mender`` file, or the payload).
+    size: Mapped[int] = mapped_column(BigInteger)
+    #: ``{"format": "mender", "version": 3}``
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Mender's ``updates``: ``[{"type_info": {"type"}, "files": [...], "meta_data"}]``.
+    updates: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    provides: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    flow_id: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(128))
+    #: The payload (wasm module, EEA bundle or workflow bundle) the devices get.
+    payload_sha256: Mapped[str] = mapped_column(String(64))
+    #: The ``.mender`` file as uploaded (None for a flow version uploaded directly).
+    mender_sha256: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16), default="mender")
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    modified: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_artifacts_app_name", "application_id", "name"),)
+
+
+class Rollout(Base):
+    """A Mender deployment: an artifact name to a set of devices, in phases.
+
+    ``status`` is Mender's (scheduled, pending, inprogress, finished); ``aborted`` and
+    ``stopped`` (this project's failure threshold) say how a finished one ended.
+    """
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    application_id: Mapped[str] = mapped_column(
+        ForeignKey("applications.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(256))
+    artifact_name: Mapped[str] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    aborted: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Why the engine stopped it (the failure threshold), or None.
+    stopped: Mapped[str | None] = mapped_column(Text)
+    dynamic: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The inventory filter (``{"id", "name", "terms": [...]}``) of a filter deployment.
+    filter: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    max_devices: Mapped[int | None] = mapped_column(Integer)
+    initial_device_count: Mapped[int | None] = mapped_column(Integer)
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    #: This project's extensions: ``failure_threshold`` (percent of the devices that
+    #: finished), ``revert``, ``health_window`` (seconds).
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    finished: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_rollouts_app_status", "application_id", "status"),)
+
+
+class RolloutPhase(Base):
+    __tablename__ = "rollout_phases"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    rollout_id: Mapped[str] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    #: Percent of the devices not yet assigned (None: the rest; the last phase).
+    batch_size: Mapped[int | None] = mapped_column(Integer)
+    start_ts: Mapped[datetime | None]
+    #: When the engine started it (None: not yet).
+    started: Mapped[datetime | None]
+
+    __table_args__ = (UniqueConstraint("rollout_id", "number"),)
+
+
+class RolloutDevice(Base):
+    """One device of a rollout: its phase, the artifact chosen for its type, and its
+    Mender status, kept in step with the device's reports by the engine."""
+
+    __tablename__ = "rollout_devices"
+
+    rollout_id: Mapped[str] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    application_id: Mapped[str] = mapped_column(String(24))
+    phase: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(32), default="pending")
+    substate: Mapped[str | None] = mapped_column(Text)
+    device_type: Mapped[str | None] = mapped_column(String(64))
+    artifact_id: Mapped[str | None] = mapped_column(String(36))
+    flow_id: Mapped[str | None] = mapped_column(String(128))
+    #: The Losant deployment attempt written for it (the ``deploymentId`` the device
+    #: reports back), once its phase started.
+    attempt_id: Mapped[str | None] = mapped_column(String(24), index=True)
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    started: Mapped[datetime | None]
+    finished: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_rollout_devices_app_device", "application_id", "device_id"),)
+
+
+class RolloutEvent(Base):
+    """Every transition of a rollout (created, phase started, device status, stopped,
+    aborted, finished), in order."""
+
+    __tablename__ = "rollout_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), index=True
+    )
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    device_id: Mapped[str | None] = mapped_column(String(128))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class DeploymentLog(Base):
+    """A device's deployment log (the agent's retained ``deployments/{id}/log``)."""
+
+    __tablename__ = "deployment_logs"
+
+    application_id: Mapped[str] = mapped_column(
+        ForeignKey("applications.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    #: The ``deploymentId`` of the entry (an attempt id for the server's own).
+    deployment_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    flow_id: Mapped[str | None] = mapped_column(String(128))
+    messages: Mapped[list[Any]] = mapped_column(JSON)
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    """A person who logs in (Mender's ``useradm``): the password as scrypt."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    application_id: Mapped[str] = mapped_column(
+        ForeignKey("applications.id", ondelete="CASCADE"), index=True
+    )
+    email: Mapped[str] = mapped_column(String(255), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ServerSecret(Base):
+    """Secrets every server process shares (the key that signs login tokens)."""
+
+    __tablename__ = "server_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))

@@ -11,6 +11,7 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from agent.server.context import ServerContext
+from agent.server.db import artifacts as artifacts_repo
 from agent.server.db import flow_versions as repo
 from agent.server.db.models import Application, FlowVersion
 from agent.server.errors import Conflict, TooLarge, Validation
@@ -162,7 +163,9 @@ def create(
     for attempt in (1, 2):
         try:
             with ctx.db.transaction() as s:
-                return repo.create(s, app.id, flow_id, version, kind, items, man, notes[:4096])
+                fv = repo.create(s, app.id, flow_id, version, kind, items, man, notes[:4096])
+                artifacts_repo.add_for_flow_version(s, fv)
+                return fv
         except Conflict:
             # The insert of an artifact's blob row can lose a race with another
             # upload of the same bytes (PostgreSQL): that is no conflict of versions.

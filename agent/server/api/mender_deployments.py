@@ -1,0 +1,7 @@
+"""Mender's API: mender_deployments (not written yet)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["mender"])
