@@ -51,6 +51,16 @@ class ServerConfig(BaseModel):
     )
     #: Seconds a device's desired document may wait unpublished before a retry.
     publish_retry_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    #: Bytes the artifacts of one application may take (Mender's storage limit);
+    #: 0: no limit.
+    storage_limit: Annotated[int, Field(ge=0)] = 0
+    #: Seconds between the rollout engine's looks at active rollouts (device reports
+    #: wake it sooner).
+    rollout_tick_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    #: Seconds a login token (``useradm/auth/login``) is valid.
+    login_ttl_s: Annotated[int, Field(gt=0, le=366 * 86400)] = 7 * 86400
+    #: Seconds a download link (Mender's ``artifacts/{id}/download``) is valid.
+    download_link_s: Annotated[int, Field(gt=0, le=7 * 86400)] = 3600
 
     @field_validator("listen")
     @classmethod
