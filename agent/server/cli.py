@@ -3,6 +3,7 @@
     edge-agent server --db sqlite:///srv.db --broker mqtt://127.0.0.1:1883
     edge-agent server admin create-application --name plant-1 [--prefix edge]
     edge-agent server admin create-token --application ID --scope all.Application
+    edge-agent server admin create-user --application ID --email E --password-file F
 
 FastAPI, SQLAlchemy and uvicorn are imported only here, on use (the ``server``
 extra); the device install does not need them.
@@ -32,7 +33,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--instance", help="this process's name among several (client id, logs)")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     admin = p.add_subparsers(dest="server_command")
-    a = admin.add_parser("admin", help="create applications and API tokens")
+    a = admin.add_parser("admin", help="create applications, API tokens and users")
     _common(a)
     asub = a.add_subparsers(dest="admin_command", required=True)
     app = asub.add_parser("create-application", help="print the new application's id")
@@ -51,6 +52,19 @@ def add_parser(sub: Any) -> None:
     key.add_argument(
         "--key", type=Path, required=True, help="ed25519 private key (edge-agent fleet sign keygen)"
     )
+    user = asub.add_parser(
+        "create-user", help="a user who logs in to Mender's API (mender-cli login); prints its id"
+    )
+    user.add_argument("--application", required=True, help="the application id")
+    user.add_argument("--email", required=True, help="the user's email (the login name)")
+    user.add_argument(
+        "--password-file",
+        type=Path,
+        help="a file holding the password (one trailing newline is dropped); "
+        "default: read from stdin (never from the command line, where ps shows it)",
+    )
+    gone = asub.add_parser("delete-user", help="delete a user: its login tokens stop working")
+    gone.add_argument("--email", required=True, help="the user's email")
     asub.add_parser("migrate", help="bring the database to the newest schema and exit")
 
 
@@ -80,7 +94,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 #: What ``edge-agent server`` needs beyond the device install (the ``server`` extra).
-SERVER_EXTRA = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "python_multipart")
+SERVER_EXTRA = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "python_multipart", "jwt")
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -118,6 +132,8 @@ def _admin(args: argparse.Namespace) -> int:
         db.migrate()
         if args.admin_command == "migrate":
             return 0
+        if args.admin_command in ("create-user", "delete-user"):
+            return _users(args, db)
         with db.transaction() as s:
             if args.admin_command == "create-application":
                 app = apps_repo.create_application(s, args.name, args.prefix)
@@ -143,6 +159,41 @@ def _admin(args: argparse.Namespace) -> int:
             return 0
     finally:
         db.close()
+
+
+def _users(args: argparse.Namespace, db: Any) -> int:
+    from agent.server.service import users
+
+    if args.admin_command == "delete-user":
+        print(users.delete_user(db, args.email))
+        return 0
+    password = _password(args.password_file)
+    if password is None:
+        return EXIT_USAGE
+    print(users.create_user(db, args.application, args.email, password))
+    return 0
+
+
+def _password(path: Path | None) -> str | None:
+    """The new user's password: from ``path``, else a prompt on a terminal, else
+    stdin; one trailing newline dropped."""
+    import getpass
+
+    try:
+        if path is not None:
+            text = path.read_text(encoding="utf-8")
+        elif sys.stdin.isatty():
+            text = getpass.getpass("Password: ")
+        else:
+            text = sys.stdin.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        sys.stderr.write(f"edge-agent server: cannot read the password: {exc}\n")
+        return None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        sys.stderr.write("edge-agent server: the password is empty\n")
+        return None
+    return text
 
 
 def _run(args: argparse.Namespace) -> int:

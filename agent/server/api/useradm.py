@@ -1,7 +1,67 @@
-"""Mender's API: useradm (not written yet)."""
+"""Mender's API: useradm's login, so that ``mender-cli login`` works.
+
+``POST /api/management/v1/useradm/auth/login`` with ``Authorization: Basic
+base64(email:password)`` answers a login token (a JWT) as ``text/plain``; the token
+is then a ``Bearer`` credential of Mender's API (:mod:`agent.server.api.mender_auth`).
+Users are made with ``edge-agent server admin create-user``.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
+
+from agent.server.api.auth import context
+from agent.server.api.mender_auth import mender_caller
+from agent.server.service import users
 
 router = APIRouter(tags=["mender"])
+BASE = "/api/management/v1/useradm/auth"
+
+
+class MenderError(BaseModel):
+    """Mender's error body."""
+
+    error: str
+    request_id: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {400: "Bad request", 401: "Wrong or missing credentials", 404: "Not found"}
+    return {code: {"model": MenderError, "description": text[code]} for code in codes}
+
+
+@router.post(
+    f"{BASE}/login",
+    response_class=PlainTextResponse,
+    summary="Log in: a login token for Mender's API",
+    description="Basic authentication (email:password of a user made with `edge-agent "
+    "server admin create-user`). The answer is the token itself, as text (a JWT, valid "
+    "for the server's `login_ttl_s`).",
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        **_errors(400, 401, 404),
+    },
+)
+def login(request: Request) -> PlainTextResponse:
+    # A plain def: FastAPI runs it in its thread pool, where scrypt may take its time.
+    token = users.login(context(request), request.headers.get("authorization", ""))
+    return PlainTextResponse(token)
+
+
+@router.post(
+    f"{BASE}/logout",
+    status_code=204,
+    response_class=Response,
+    summary="Log out (the token is not revoked)",
+    description="Login tokens are stateless: logging out does not revoke one; it stays "
+    "valid until it expires or its user is deleted.",
+    responses=_errors(400, 401, 404),
+    openapi_extra={"security": [{"bearer": []}]},
+)
+def logout(request: Request) -> Response:
+    mender_caller(request)
+    return Response(status_code=204)
