@@ -3,10 +3,19 @@ the artifacts, and the seed's multipart upload posts them to the server's reposi
 
 from __future__ import annotations
 
+import copy
+import gzip
+import hashlib
+import io
+import json
+import lzma
 import os
 import shutil
 import subprocess
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -80,3 +89,110 @@ def upload_artifact(base_url: str, token: str, path: Path, description: str = ""
         return client.post(
             ARTIFACTS_PATH, files=files, headers={"Authorization": f"Bearer {token}"}
         )
+
+
+# ---------------------------------------------------------------- crafted artifacts
+# Edits of a real artifact, for the checks of bad input: each keeps everything else
+# valid (checksums recomputed) unless the edit is the fault.
+
+
+def tar_members(data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """The members of a plain tar, in order."""
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            fh = tar.extractfile(info)
+            out.append((info, fh.read() if fh is not None else b""))
+    return out
+
+
+def pack(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    """A plain tar of ``members`` (TarInfo kept as given: links, devices, odd names)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+        for given, body in members:
+            info = copy.copy(given)
+            if info.isreg():
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def entry(
+    name: str, body: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = ""
+) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.size = len(body)
+    info.mode = 0o600
+    return info, body
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def with_manifest(
+    members: list[tuple[tarfile.TarInfo, bytes]],
+) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """``members`` with a manifest of their checksums (version, header, payload files)."""
+    sums: dict[str, str] = {}
+    for info, body in members:
+        if info.name == "version" or info.name.startswith("header.tar"):
+            sums[info.name] = _sha(body)
+        elif info.name.startswith("data/") and info.isreg():
+            stem = info.name.split(".tar")[0]
+            raw = _decompress(info.name, body)
+            for file_info, file_body in tar_members(raw):
+                sums[f"{stem}/{file_info.name}"] = _sha(file_body)
+    manifest = "".join(f"{sums[k]}  {k}\n" for k in sorted(sums)).encode()
+    return [(i, manifest if i.name == "manifest" else b) for i, b in members]
+
+
+def _decompress(name: str, body: bytes) -> bytes:
+    if name.endswith(".gz"):
+        return gzip.decompress(body)
+    if name.endswith(".xz"):
+        return lzma.decompress(body)
+    return body
+
+
+def edit_header(data: bytes, edit: Callable[[dict[str, bytes]], None]) -> bytes:
+    """The artifact with its header's files edited by ``edit`` (name → bytes, in
+    place) and the manifest's checksums recomputed."""
+    members = tar_members(data)
+    out = []
+    for info, body in members:
+        if info.name == "header.tar.gz":
+            files = {i.name: b for i, b in tar_members(gzip.decompress(body))}
+            edit(files)
+            new = gzip.compress(pack([entry(n, b) for n, b in files.items()]), mtime=0)
+            out.append((info, new))
+        else:
+            out.append((info, body))
+    return pack(with_manifest(out))
+
+
+def edit_json(data: bytes, member: str, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    """The artifact with one JSON file of its header edited."""
+
+    def change(files: dict[str, bytes]) -> None:
+        doc = json.loads(files[member])
+        edit(doc)
+        files[member] = json.dumps(doc).encode()
+
+    return edit_header(data, change)
+
+
+def edit_payload(
+    data: bytes, files: list[tuple[tarfile.TarInfo, bytes]], name: str = "data/0000.tar.gz"
+) -> bytes:
+    """The artifact with ``files`` as its payload (under ``name``), manifest recomputed."""
+    body = pack(files)
+    body = gzip.compress(body, mtime=0) if name.endswith(".gz") else body
+    out = [(i, b) for i, b in tar_members(data) if not i.name.startswith("data/")]
+    out.append(entry(name, body))
+    return pack(with_manifest(out))

@@ -101,6 +101,35 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 AUTH_ERRORS = errors(400, 401, 403, 404)
 
 
+class MenderError(BaseModel):
+    """Mender's error (every route under ``/api/management/``): ``{"error",
+    "request_id"}``, the request id also in the ``X-MEN-RequestID`` header."""
+
+    error: str
+    request_id: str
+
+
+_MENDER_ERROR_TEXT = {
+    400: "Invalid request: a malformed body, field or parameter",
+    401: "No valid credential (an API token or a login token)",
+    403: "The token does not have a scope this endpoint accepts",
+    404: "Not found (or not of the caller's application)",
+    409: "A conflict with what exists",
+    412: "A precondition of the request failed",
+    413: "Over a size or storage limit",
+    422: "The request is well formed but cannot be carried out",
+}
+
+
+def mender_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error responses of a route of Mender's API, for the OpenAPI document."""
+    return {code: {"model": MenderError, "description": _MENDER_ERROR_TEXT[code]} for code in codes}
+
+
+#: Every route of Mender's API that takes a credential answers these.
+MENDER_AUTH_ERRORS = mender_errors(400, 401, 403, 404)
+
+
 class DeploymentRelease(_Body):
     flowId: Id
     version: Version | None = None

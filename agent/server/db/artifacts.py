@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from agent.server.db.models import Artifact, FlowVersion, utcnow
+from agent.server.db.models import Artifact, Blob, FlowVersion, Rollout, utcnow
 
 
 def create(session: Session, **fields: Any) -> Artifact:
@@ -116,3 +116,46 @@ def add_for_flow_version(session: Session, fv: FlowVersion) -> list[Artifact]:
             )
         )
     return rows
+
+
+def delete(session: Session, row: Artifact) -> None:
+    session.delete(row)
+    session.flush()
+
+
+def set_description(session: Session, row: Artifact, description: str) -> None:
+    row.description = description
+    row.modified = utcnow()
+    session.flush()
+
+
+def sharing_a_type(
+    session: Session, app_id: str, name: str, device_types: Sequence[str]
+) -> Artifact | None:
+    """An artifact named ``name`` that serves one of ``device_types`` (Mender's rule:
+    two artifacts of one name may not share a device type; one without device types
+    serves every type)."""
+    wanted = set(device_types)
+    for row in by_name(session, app_id, name):
+        types = set(row.device_types or ())
+        if not types or not wanted or types & wanted:
+            return row
+    return None
+
+
+def rollouts_naming(session: Session, app_id: str, name: str, *, active_only: bool) -> int:
+    """How many rollouts (all, or those not finished) deploy the artifact name ``name``."""
+    query = (
+        select(func.count())
+        .select_from(Rollout)
+        .where(Rollout.application_id == app_id, Rollout.artifact_name == name)
+    )
+    if active_only:
+        query = query.where(Rollout.status != "finished")
+    return int(session.scalar(query) or 0)
+
+
+def ensure_blob(session: Session, sha256: str, size: int) -> None:
+    """The blob row of bytes stored in the artifact store (once per digest)."""
+    if session.get(Blob, sha256) is None:
+        session.add(Blob(sha256=sha256, size=size))

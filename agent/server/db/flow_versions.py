@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from agent.server.db.models import Blob, FlowVersion
+from agent.server.db.models import Blob, Deployment, FlowVersion
 from agent.server.errors import Conflict
 
 
@@ -59,4 +59,35 @@ def list_for_flow(session: Session, app_id: str, flow_id: str) -> list[FlowVersi
             .where(FlowVersion.application_id == app_id, FlowVersion.flow_id == flow_id)
             .order_by(FlowVersion.created, FlowVersion.version)
         )
+    )
+
+
+def set_artifacts(session: Session, fv: FlowVersion, artifacts: list[dict[str, Any]]) -> None:
+    """Replace the version's artifact items (a new list, so that SQLAlchemy sees the
+    JSON column change)."""
+    for item in artifacts:
+        if session.get(Blob, item["sha256"]) is None:
+            session.add(Blob(sha256=item["sha256"], size=item["size"]))
+    fv.artifacts = [dict(item) for item in artifacts]
+    session.flush()
+
+
+def delete(session: Session, fv: FlowVersion) -> None:
+    session.delete(fv)
+    session.flush()
+
+
+def is_desired(session: Session, app_id: str, flow_id: str, version: str) -> bool:
+    """Whether a deployment record (Losant's, one flow on one device) wants this version."""
+    return (
+        session.scalar(
+            select(Deployment.id)
+            .where(
+                Deployment.application_id == app_id,
+                Deployment.flow_id == flow_id,
+                Deployment.desired_version == version,
+            )
+            .limit(1)
+        )
+        is not None
     )

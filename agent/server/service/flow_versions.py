@@ -9,6 +9,7 @@ import os
 from typing import Any, BinaryIO
 
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 
 from agent.server.context import ServerContext
 from agent.server.db import artifacts as artifacts_repo
@@ -54,7 +55,7 @@ def _device_types(name: str, value: Any) -> list[str]:
     return list(value)
 
 
-def _read(fh: BinaryIO, limit: int) -> bytes:
+def read_upload(fh: BinaryIO, limit: int) -> bytes:
     """The whole upload (in memory, to be validated before anything is stored)."""
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
@@ -116,13 +117,7 @@ def create(
     will write, that the version is new), and only then store the files and the row:
     a refused upload leaves nothing behind."""
     check_flow_id(flow_id)
-    if (
-        not version
-        or len(version) > 128
-        or any(ord(c) < 32 or c == "\x7f" for c in version)
-        or text_problem(version)
-    ):
-        raise Validation("version: 1 to 128 printable characters")
+    check_version(version)
     if kind not in KINDS:
         raise Validation(f"kind: one of {', '.join(KINDS)}")
     if not files:
@@ -150,14 +145,14 @@ def create(
     blobs: list[bytes] = []
     items: list[dict[str, Any]] = []
     for i, (fh, types) in enumerate(zip(files, type_lists, strict=True)):
-        data = _read(fh, ctx.cfg.max_upload)
+        data = read_upload(fh, ctx.cfg.max_upload)
         check_artifact(kind, data, f"artifacts[{i}]" if per_type else "artifact")
         item: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         if types:
             item["deviceTypes"] = types
         blobs.append(data)
         items.append(item)
-    _check_entry(version, kind, items, man)
+    check_entry(version, kind, items, man)
     for data in blobs:
         ctx.store.put_bytes(data, ctx.cfg.max_upload)
     for attempt in (1, 2):
@@ -176,7 +171,7 @@ def create(
     raise AssertionError("unreachable")
 
 
-def _check_entry(
+def check_entry(
     version: str, kind: str, items: list[dict[str, Any]], manifest: dict[str, Any] | None
 ) -> None:
     """The desired entry a release will write must be one the agent accepts."""
@@ -197,6 +192,94 @@ def _check_entry(
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise Validation(f"manifest: {where}: {err['msg']}") from None
+
+
+def check_version(version: str) -> str:
+    if (
+        not version
+        or len(version) > 128
+        or any(ord(c) < 32 or c == "\x7f" for c in version)
+        or text_problem(version)
+    ):
+        raise Validation("version: 1 to 128 printable characters")
+    return version
+
+
+def _overlap(items: list[dict[str, Any]], device_types: list[str]) -> dict[str, Any] | None:
+    wanted = set(device_types)
+    for item in items:
+        types = set(item.get("deviceTypes") or ())
+        if not types or types & wanted:
+            return item
+    return None
+
+
+def plan_item(
+    s: Session, app_id: str, flow_id: str, version: str, kind: str, item: dict[str, Any]
+) -> FlowVersion | None:
+    """Check that a payload of ``kind`` for ``item["deviceTypes"]`` can become part of
+    the version (a new version, or a new item of an existing one of the same kind
+    that serves none of those device types yet); the existing version, if any."""
+    fv = repo.get(s, app_id, flow_id, version)
+    items = [item]
+    manifest = None
+    if fv is not None:
+        if fv.kind != kind:
+            raise Conflict(
+                f"version {version!r} of flow {flow_id} is of kind {fv.kind}, not {kind}"
+            )
+        taken = _overlap(list(fv.artifacts), list(item["deviceTypes"]))
+        if taken is not None:
+            served = ", ".join(taken.get("deviceTypes") or ["every device type"])
+            raise Conflict(
+                f"version {version!r} of flow {flow_id} has a payload for {served} already"
+            )
+        items = [*fv.artifacts, item]
+        manifest = fv.manifest
+    check_entry(version, kind, items, manifest)
+    return fv
+
+
+def add_item(
+    s: Session,
+    app_id: str,
+    flow_id: str,
+    version: str,
+    kind: str,
+    item: dict[str, Any],
+    notes: str,
+) -> FlowVersion:
+    """Create the version with ``item``, or add ``item`` to the existing one
+    (checked as :func:`plan_item` does), in the caller's transaction."""
+    fv = plan_item(s, app_id, flow_id, version, kind, item)
+    if fv is None:
+        return repo.create(s, app_id, flow_id, version, kind, [item], None, notes[:4096])
+    repo.set_artifacts(s, fv, [*fv.artifacts, item])
+    return fv
+
+
+def remove_item(s: Session, fv: FlowVersion, sha256: str, device_types: list[str]) -> str:
+    """Take the item ``sha256`` for ``device_types`` out of the version: ``"removed"``,
+    ``"deleted"`` (it was the last item: the version is gone too), ``"kept"`` (the
+    last item of a version a deployment record still wants: both stay), or
+    ``"absent"``."""
+    items = list(fv.artifacts)
+    rest = [
+        i
+        for i in items
+        if not (
+            i["sha256"] == sha256 and sorted(i.get("deviceTypes") or []) == sorted(device_types)
+        )
+    ]
+    if len(rest) == len(items):
+        return "absent"
+    if rest:
+        repo.set_artifacts(s, fv, rest)
+        return "removed"
+    if repo.is_desired(s, fv.application_id, fv.flow_id, fv.version):
+        return "kept"
+    repo.delete(s, fv)
+    return "deleted"
 
 
 def view(fv: FlowVersion) -> dict[str, Any]:
