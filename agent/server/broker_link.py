@@ -2,7 +2,8 @@
 
 One paho client on paho's own network thread (``loop_start``), built from the agent's
 ``[mqtt]`` settings (TLS included). For every application it subscribes to
-``{prefix}/+/status`` and ``/state``; on MQTT 5 through a shared
+``{prefix}/+/status``, ``/state`` and the deployment logs
+(``/deployments/+/log``, kept for Mender's API); on MQTT 5 through a shared
 subscription (``$share/edge-server/…``) so that several server processes split the
 messages instead of each handling all of them. The subscriptions are renewed on every
 (re)connect; what arrives goes to ``on_message(topic, payload, retained)`` on the
@@ -11,8 +12,8 @@ network thread (the handler only queues it).
 A shared subscription gets no retained messages (MQTT 5, 4.8.2; Mosquitto 2.0 sends
 them anyway, other brokers do not), and reports sent to a server process that dies
 with them unread are gone (its session ends with it). So the devices' retained
-``status`` and ``state`` are read again (:meth:`BrokerLink.resync`: a plain
-subscription, dropped once they stop coming) after every connect, when an
+``status``, ``state`` and deployment logs are read again (:meth:`BrokerLink.resync`:
+a plain subscription, dropped once they stop coming) after every connect, when an
 application appears, and when the owner asks (periodically, or after the database
 refused reports).
 """
@@ -36,8 +37,9 @@ log = structlog.get_logger("agent.server.broker")
 
 SHARE_GROUP = "edge-server"
 #: What the server records (the devices' events and command responses: nothing reads
-#: them here, and a release makes about as many events as state reports).
-WATCHED = ("status", "state")
+#: them here, and a release makes about as many events as state reports). The
+#: deployment logs (retained, one per failed attempt) are what Mender's API serves.
+WATCHED = ("status", "state", "deployments/+/log")
 #: A resync ends once no retained message came for this long (seconds) ...
 RESYNC_QUIET_S = 1.0
 #: ... or after this long at most.
@@ -124,7 +126,7 @@ class BrokerLink:
         self.on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
 
     def resync(self) -> None:
-        """Read every device's retained ``status`` and ``state`` again, in the
+        """Read every device's retained ``status``, ``state`` and logs again, in the
         background (one at a time; asked again meanwhile, it runs once more after).
         Without shared subscriptions the renewed plain ones bring them already."""
         if not self.shared:

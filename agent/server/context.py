@@ -40,8 +40,13 @@ class ServerContext:
         self._prefixes: dict[str, str] = {}
         self._prefix_lock = threading.Lock()
         self._url_keys: dict[str, str] = {}
+        self.engine = RolloutEngine(self)
         self.inventory = Inventory(
-            self.db, self.app_for_prefix, on_retired=self.retire, on_lost=self.resync
+            self.db,
+            self.app_for_prefix,
+            on_retired=self.retire,
+            on_lost=self.resync,
+            on_applied=self.engine.kick,
         )
         instance = cfg.instance or f"{int(time.time() * 1000) % 10**9}"
         self.link = (
@@ -50,7 +55,6 @@ class ServerContext:
             else None
         )
         self.writer = DesiredWriter(self.db, self.link, self.store)
-        self.engine = RolloutEngine(self)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

@@ -28,12 +28,13 @@ from agent.server.broker_link import BrokerLink, BrokerUnavailable
 from agent.server.db import deployments as deployments_repo
 from agent.server.db import devices as devices_repo
 from agent.server.db.engine import Database
-from agent.server.db.models import Application, Device, FlowVersion
+from agent.server.db.models import Application, DeploymentAttempt, Device, FlowVersion
 from agent.server.errors import ServerError
 from agent.wire.topics import Topics
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from sqlalchemy.orm import Session
 
 log = structlog.get_logger("agent.server.desired")
 
@@ -42,6 +43,10 @@ MANIFEST_KEYS = ("triggers", "permissions", "config", "retries", "health")
 PUBLISH_BATCH = 200
 #: An entry given the attempt's id (the ``deploymentId`` the device reports back).
 EntryFor = Callable[[str], dict[str, Any]]
+#: Runs inside a change's transaction, after its attempts were recorded (by device id
+#: and flow id): what must commit with the documents or not at all (a rollout's
+#: devices get their attempt ids). Raising rolls the whole change back.
+OnRecorded = Callable[["Session", dict[tuple[str, str], DeploymentAttempt]], None]
 
 
 def version_entry(
@@ -124,9 +129,12 @@ class DesiredWriter:
         app: Application,
         plan: dict[str, dict[str, tuple[str | None, EntryFor]]],
         kind: str,
+        on_recorded: OnRecorded | None = None,
     ) -> list[str]:
         """Apply ``plan`` (device id → flow id → (version or None, entry maker)) in one
-        transaction; returns the devices whose document changed, then publishes them."""
+        transaction; returns the devices whose document changed, then publishes them.
+        ``on_recorded`` runs in that transaction (with an empty plan too), after the
+        attempts were recorded (a decommissioned or unknown device gets none)."""
         changed: list[str] = []
         with self.db.transaction() as s:
             # Every row locked first, in one order (see devices_repo.lock_order).
@@ -152,6 +160,8 @@ class DesiredWriter:
                 dev.desired = {"generation": gen, "flows": flows}
                 dev.generation = gen
                 changed.append(device_id)
+            if on_recorded is not None:
+                on_recorded(s, attempts)
         self.publish(app, changed)
         return changed
 

@@ -16,12 +16,18 @@ is dropped, and ``on_lost`` asks for the devices' retained reports again.
 
 A message is bounded (``MAX_MESSAGE``) and parsed leniently: a malformed report is
 logged and dropped, never an error of the loop.
+
+The devices' deployment logs (``{prefix}/{id}/deployments/{deploymentId}/log``,
+retained, one per failed attempt) are stored too (``DeploymentLog``, replaced by a
+later one; an empty retained message deletes it): Mender's API serves them. Once a
+batch is recorded, ``on_applied`` is called (the rollout engine looks again).
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +41,10 @@ from sqlalchemy.orm import Session
 
 from agent.server.db import deployments as deployments_repo
 from agent.server.db import devices as devices_repo
+from agent.server.db import rollouts as rollouts_repo
 from agent.server.db.engine import Database
 from agent.server.db.models import Deployment, DeploymentAttempt, Device, new_id, utcnow
+from agent.server.text import tree_problem
 from agent.wire.protocol import is_valid_id
 
 log = structlog.get_logger("agent.server.inventory")
@@ -54,6 +62,13 @@ TERMINAL = deployments_repo.TERMINAL
 Report = tuple[str, bytes, bool]
 #: Seconds between the tries of a batch the database refused (then it is dropped).
 RETRY_DELAYS = (0.1, 0.5, 2.0)
+#: A deployment id as the agent accepts it (protocol.md, ``deploymentId``).
+DEPLOYMENT_ID = re.compile(r"(?!\.+$)[A-Za-z0-9._:-]{1,128}")
+#: Lines of one deployment log kept (the agent sends at most ``reconcile.log_lines``).
+MAX_LOG_LINES = 2000
+MAX_LOG_TEXT = 4096
+#: (application id, device id, deployment id) → the log's document (None: cleared).
+Logs = dict[tuple[str, str, str], dict[str, Any] | None]
 
 
 class Inventory:
@@ -63,6 +78,7 @@ class Inventory:
         app_for_prefix: Callable[[str], str | None],
         on_retired: Callable[[str, str], None] | None = None,
         on_lost: Callable[[], None] | None = None,
+        on_applied: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
         self.app_for_prefix = app_for_prefix
@@ -71,6 +87,8 @@ class Inventory:
         #: Called once reports were dropped (the database refused them) and the
         #: database answers again: the devices' retained reports are to be read again.
         self.on_lost = on_lost
+        #: Called after every batch recorded (the rollout engine looks again).
+        self.on_applied = on_applied
         self._lost = False
         #: Devices known to have a row (application id, device id): no INSERT for them.
         self._known: set[tuple[str, str]] = set()
@@ -148,13 +166,32 @@ class Inventory:
                 return app_id, device_id, kind[1:]
         return None
 
+    def _route_log(self, topic: str) -> tuple[str, str, str] | None:
+        """(application id, device id, deployment id) of a deployment log's topic."""
+        head, _, tail = topic.rpartition("/deployments/")
+        deployment_id, _, last = tail.partition("/")
+        prefix, _, device_id = head.rpartition("/")
+        if last != "log" or DEPLOYMENT_ID.fullmatch(deployment_id) is None:
+            return None
+        app_id = self.app_for_prefix(prefix)
+        if app_id is None or not is_valid_id(device_id):
+            return None
+        return app_id, device_id, deployment_id
+
     def apply(self, batch: list[Report]) -> None:
         prefixes: dict[str, str] = {}
         retired: list[tuple[str, str]] = []
         work: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        logs: Logs = {}
         #: Devices heard now (not only retained reports read again).
         heard: set[tuple[str, str]] = set()
         for topic, payload, retained in batch:
+            if topic.endswith("/log"):
+                where = self._route_log(topic)
+                doc = _parse(payload)
+                if where is not None and (doc is not None or not payload):
+                    logs[where] = doc  # (None: cleared)
+                continue
             route = self._route(topic)
             if route is None:
                 continue
@@ -172,7 +209,11 @@ class Inventory:
             if kind != "state" or "state" not in docs or _newer(doc, docs["state"]):
                 docs[kind] = doc
             prefixes[app_id] = topic.rsplit("/", 2)[0]
+        if logs:
+            with self.db.transaction() as s:
+                _store_logs(s, logs)
         if not work:
+            self._applied()
             return
         by_app: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
         for (app_id, device_id), docs in work.items():
@@ -188,6 +229,11 @@ class Inventory:
         for prefix, device_id in retired:
             if self.on_retired is not None:
                 self.on_retired(prefix, device_id)
+        self._applied()
+
+    def _applied(self) -> None:
+        if self.on_applied is not None:
+            self.on_applied()
 
     def _create_missing(self, by_app: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> None:
         """Rows for devices heard of for the first time, committed on their own (a
@@ -253,6 +299,24 @@ class Inventory:
                 dev.state = state
                 _apply_state(s, dev, deps.setdefault(device_id, {}), state, attempts, now)
         return retired
+
+
+def _store_logs(s: Session, logs: Logs) -> None:
+    for (app_id, device_id, deployment_id), doc in sorted(logs.items()):
+        if doc is None:
+            rollouts_repo.drop_log(s, app_id, device_id, deployment_id)
+            continue
+        messages = doc.get("messages")
+        if not isinstance(messages, list) or tree_problem(doc) is not None:
+            log.warning("malformed deployment log dropped", device=device_id)
+            continue
+        lines = [
+            {k: str(m.get(k, ""))[:MAX_LOG_TEXT] for k in ("time", "level", "message")}
+            for m in messages[-MAX_LOG_LINES:]
+            if isinstance(m, dict)
+        ]
+        flow_id = _text(doc.get("flowId"), 128)
+        rollouts_repo.save_log(s, app_id, device_id, deployment_id, flow_id, lines)
 
 
 def _attempt_ids(state: dict[str, Any]) -> list[str]:

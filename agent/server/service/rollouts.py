@@ -1,0 +1,211 @@
+"""Mender's deployments as objects (called rollouts here): create, abort, decommission
+a device, and the reads (:mod:`agent.server.service.rollout_views` shapes them).
+
+A creation is checked whole before anything is stored: the artifact name must name at
+least one artifact (else 422), every listed device must exist (else 400, naming
+them), the filter must parse and the phases add up (else 400). The devices' phases
+are decided here, once (:func:`agent.server.service.phases.assign`); the engine
+starts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from agent.server.context import ServerContext
+from agent.server.db import artifacts as artifacts_repo
+from agent.server.db import devices as devices_repo
+from agent.server.db import rollouts as repo
+from agent.server.db.models import (
+    Application,
+    Device,
+    Rollout,
+    RolloutDevice,
+    RolloutPhase,
+    utcnow,
+)
+from agent.server.errors import NotFound, Unprocessable, Validation
+from agent.server.service import inventory_filter
+from agent.server.service.phases import FINAL, PhaseError, PhaseSpec, assign, phase_sizes
+from agent.server.service.rollout_actions import halt
+
+#: Devices one rollout may have.
+MAX_DEVICES = 10_000
+
+
+@dataclass(frozen=True)
+class NewRollout:
+    """A validated ``NewDeployment`` (shapes and bounds checked by the API's model)."""
+
+    name: str
+    artifact_name: str
+    devices: list[str] | None
+    all_devices: bool
+    filter: dict[str, Any] | None
+    dynamic: bool
+    max_devices: int | None
+    retries: int
+    phases: list[PhaseSpec]
+    #: This project's extension (``failure_threshold``, ``revert``, ``health_window``).
+    options: dict[str, Any]
+
+
+def create(ctx: ServerContext, app: Application, new: NewRollout) -> str:
+    """Store a rollout; returns its id (the engine is kicked to start it)."""
+    targets = sum(x for x in (new.devices is not None, new.all_devices, new.filter is not None))
+    if targets != 1:
+        raise Validation("give exactly one of devices, filter and all_devices")
+    if new.dynamic and new.filter is None:
+        raise Validation("dynamic: only with a filter")
+    if new.max_devices is not None and not new.dynamic:
+        raise Validation("max_devices: only with dynamic")
+    terms = None
+    if new.filter is not None:
+        try:
+            terms = inventory_filter.parse(new.filter)
+        except inventory_filter.FilterError as exc:
+            raise Validation(str(exc)) from None
+    now = utcnow()
+    with ctx.db.transaction() as s:
+        if not artifacts_repo.by_name(s, app.id, new.artifact_name):
+            raise Unprocessable(f"No artifact named {new.artifact_name!r}")
+        if new.devices is not None:
+            ids = _listed(s, app.id, new.devices)
+        else:
+            ids = _matching(s, app.id, terms)
+            if new.dynamic and new.max_devices is not None:
+                ids = ids[: new.max_devices]
+        if len(ids) > MAX_DEVICES:
+            raise Validation(f"{len(ids)} devices: at most {MAX_DEVICES} in one deployment")
+        if not ids and not new.dynamic:
+            raise Validation("No devices for the deployment")
+        try:
+            sizes = phase_sizes(len(ids), new.phases)
+        except PhaseError as exc:
+            raise Validation(str(exc)) from None
+        first = new.phases[0].start_ts if new.phases else None
+        rollout = Rollout(
+            application_id=app.id,
+            name=new.name,
+            artifact_name=new.artifact_name,
+            status="scheduled" if first is not None and first > now else "pending",
+            dynamic=new.dynamic,
+            filter=_stored_filter(new.filter),
+            max_devices=new.max_devices,
+            initial_device_count=len(ids) if new.dynamic else None,
+            retries=new.retries,
+            options=new.options,
+            created=now,
+        )
+        s.add(rollout)
+        s.flush()
+        specs = new.phases or [PhaseSpec(None, None)]
+        s.add_all(
+            RolloutPhase(
+                rollout_id=rollout.id, number=i, batch_size=p.batch_size, start_ts=p.start_ts
+            )
+            for i, p in enumerate(specs)
+        )
+        types = devices_repo.get_many(s, app.id, ids)
+        s.add_all(
+            RolloutDevice(
+                rollout_id=rollout.id,
+                device_id=device_id,
+                application_id=app.id,
+                phase=phase,
+                status="pending",
+                device_type=types[device_id].device_type if device_id in types else None,
+                created=now,
+            )
+            for device_id, phase in assign(ids, sizes).items()
+        )
+        repo.add_event(s, rollout.id, "created", time=now, devices=len(ids), phases=sizes)
+        rollout_id = rollout.id
+    ctx.engine.kick()
+    return rollout_id
+
+
+def _listed(s: Any, app_id: str, devices: list[str]) -> list[str]:
+    ids = list(dict.fromkeys(devices))
+    if len(ids) > MAX_DEVICES:
+        raise Validation(f"devices: at most {MAX_DEVICES}")
+    rows = devices_repo.get_many(s, app_id, ids)
+    unknown = [d for d in ids if d not in rows or rows[d].decommissioned]
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (", …" if len(unknown) > 10 else "")
+        raise Validation(f"devices: {len(unknown)} unknown or decommissioned: {shown}")
+    return ids
+
+
+def _matching(s: Any, app_id: str, terms: list[inventory_filter.Term] | None) -> list[str]:
+    rows = s.scalars(
+        select(Device)
+        .where(Device.application_id == app_id, Device.decommissioned.is_(False))
+        .order_by(Device.id)
+    )
+    return [
+        d.id
+        for d in rows
+        if terms is None or inventory_filter.matches(terms, inventory_filter.attributes(d))
+    ]
+
+
+def _stored_filter(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The filter as the Deployment shows it (Mender's ``Filter``: ``id``, ``name``,
+    ``terms``); an inline filter has no saved id, so its id is empty."""
+    if data is None:
+        return None
+    return {
+        "id": str(data.get("id") or ""),
+        "name": str(data.get("name") or ""),
+        "terms": data["terms"],
+    }
+
+
+def abort(ctx: ServerContext, app: Application, rollout_id: str) -> None:
+    """``PUT …/status {"status": "aborted"}``: 404 unknown, 422 finished."""
+    with ctx.db.transaction() as s:
+        if repo.get(s, app.id, rollout_id) is None:
+            raise NotFound("Deployment was not found")
+    halt(ctx, app, rollout_id, reason=None)
+
+
+def decommission(ctx: ServerContext, app: Application, device_id: str) -> int:
+    """The device's unfinished places in unfinished rollouts become ``decommissioned``
+    (its flows stay as they are); returns how many."""
+    now = utcnow()
+    with ctx.db.transaction() as s:
+        rows = repo.unfinished_of_device(s, app.id, device_id, sorted(FINAL))
+        # Each rollout's row locked (in id order) before its device rows change: the
+        # engine changes them only under that lock.
+        for rollout_id in sorted({d.rollout_id for d in rows}):
+            repo.get(s, app.id, rollout_id, lock=True)
+        done = 0
+        for d in rows:
+            s.refresh(d)
+            if d.status in FINAL:
+                continue
+            repo.add_event(
+                s, d.rollout_id, "device_decommissioned", device_id, time=now, before=d.status
+            )
+            d.status, d.substate, d.finished = "decommissioned", "removed from deployments", now
+            done += 1
+    ctx.engine.kick()
+    return done
+
+
+def get(s: Any, app_id: str, rollout_id: str) -> Rollout:
+    rollout = repo.get(s, app_id, rollout_id)
+    if rollout is None:
+        raise NotFound("Deployment was not found")
+    return rollout
+
+
+def created_bound(seconds: int) -> datetime:
+    from datetime import UTC
+
+    return datetime.fromtimestamp(seconds, UTC)

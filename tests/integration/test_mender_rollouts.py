@@ -1,0 +1,538 @@
+"""Mender's deployments run by the server's rollout engine, end to end: a real server
+(uvicorn, SQLite or PostgreSQL), real Mosquitto, real sim agents running real wasm.
+
+Phases start on time and only after the earlier ones are healthy; a version that
+traps in its health window stops the rollout at the failure threshold and the failed
+devices run the previous version again; an abort in the middle; a server restarted
+mid-rollout carries on; a dynamic rollout enrols a device that appears later; a
+device is decommissioned from its rollouts; bad input is refused with nothing stored.
+
+Every flow here answers ``f1.version`` (:func:`wat.versioned_flow`); which version a
+device runs is read from its own state report (the Losant records the server keeps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import wat
+from broker import Broker
+from server_harness import RunningServer, running_server
+
+from agent.device.config import AgentConfig
+from agent.fleet.sim import Simulation
+from agent.server.context import ServerContext
+
+PREFIX = "edge"
+V1 = "/api/management/v1/deployments"
+TRIGGERS = [{"type": "command", "command": "f1.version"}]
+TICKING = [*TRIGGERS, {"type": "interval", "ms": 100}]
+AGENT: dict[str, Any] = {
+    "device_type": "gw",
+    "mqtt": {"keepalive": 5, "reconnect_min": 0.05, "reconnect_max": 0.5},
+    "reconcile": {"retry_backoff_initial": 0.2, "retry_backoff_max": 1.0, "state_coalesce_ms": 20},
+    "sandbox": {"call_deadline_ms": 1000, "restart_backoff_initial": 0.05},
+}
+
+
+@pytest.fixture
+def server(tmp_path: Path, broker: Broker) -> Iterator[RunningServer]:
+    url = f"sqlite:///{tmp_path / 'server.db'}"
+    with running_server(
+        tmp_path / "server", url, broker.url, prefix=PREFIX, settings={"rollout_tick_s": 0.2}
+    ) as srv:
+        yield srv
+
+
+def fleet(root: Path, broker: Broker, count: int, first: int = 1, **over: Any) -> Simulation:
+    data = {**AGENT, **over}
+    data["mqtt"] = {**data["mqtt"], "broker": broker.url, "topic_prefix": PREFIX}
+    base = AgentConfig.model_validate(
+        {"device_id": "sim", "state_dir": str(root / "unused"), **data}
+    )
+    return Simulation(base, count, root / f"sim-{first}", first=first)
+
+
+@pytest.fixture
+async def sims(server: RunningServer, tmp_path: Path, broker: Broker) -> AsyncIterator[Simulation]:
+    """Four devices of type gw, in the server's inventory."""
+    async with fleet(tmp_path, broker, 4) as sim:
+        await until(lambda: set(ids(4)) <= set(known_types(server)), "the devices known")
+        yield sim
+
+
+def ids(n: int, first: int = 1) -> list[str]:
+    return [f"sim-{i:04d}" for i in range(first, first + n)]
+
+
+def upload(srv: RunningServer, version: str, data: bytes, triggers: list[Any]) -> None:
+    r = srv.upload("f1", version, bytes(data), manifest=json.dumps({"triggers": triggers}))
+    assert r.status_code == 201, r.text
+
+
+def mender(srv: RunningServer) -> httpx.Client:
+    return srv.http()
+
+
+def create(srv: RunningServer, body: dict[str, Any]) -> str:
+    with mender(srv) as c:
+        r = c.post(f"{V1}/deployments", json=body)
+    assert r.status_code == 201, r.text
+    assert r.content == b""
+    location = r.headers["location"]
+    assert location.startswith(f"{V1}/deployments/")
+    return location.rsplit("/", 1)[1]
+
+
+def get(srv: RunningServer, path: str) -> Any:
+    with mender(srv) as c:
+        r = c.get(f"{V1}/deployments/{path}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def events(srv: RunningServer, rid: str) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = get(srv, f"{rid}/events")
+    return got
+
+
+def started_at(srv: RunningServer, rid: str, phase: int) -> datetime:
+    found = [e for e in events(srv, rid) if e["kind"] == "phase_started"]
+    times = [e["time"] for e in found if e["detail"]["phase"] == phase]
+    assert len(times) == 1, found
+    return datetime.fromisoformat(times[0])
+
+
+async def until(check: Any, what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await asyncio.to_thread(check)
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+def finished(srv: RunningServer, rid: str) -> dict[str, Any] | None:
+    d: dict[str, Any] = get(srv, rid)
+    return d if d["status"] == "finished" else None
+
+
+def statuses(srv: RunningServer, rid: str) -> dict[str, str]:
+    return {d["id"]: d["status"] for d in get(srv, f"{rid}/devices")}
+
+
+def running(srv: RunningServer) -> dict[str, str | None]:
+    """Device → the version of f1 its report says runs."""
+    with srv.http() as c:
+        r = c.get(f"/applications/{srv.app_id}/edge/deployments", params={"flowId": "f1"})
+    return {d["deviceId"]: d["currentVersion"] for d in r.json()["items"]}
+
+
+def desired_ids(srv: RunningServer, device_id: str) -> str | None:
+    """The deploymentId of f1 in the device's desired document (what it was told)."""
+    with srv.ctx.db.transaction() as s:
+        from agent.server.db import devices as devices_repo
+
+        dev = devices_repo.get(s, srv.app_id, device_id)
+        assert dev is not None
+        entry = (dev.desired.get("flows") or {}).get("f1")
+        return entry.get("deploymentId") if isinstance(entry, dict) else None
+
+
+def in_(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+async def deploy_v1_everywhere(srv: RunningServer, devices: list[str]) -> None:
+    upload(srv, "v1", wat.versioned_flow("v1"), TRIGGERS)
+    rid = create(
+        srv,
+        {"name": "v1", "artifact_name": "f1-v1", "devices": devices, "edge": {"health_window": 0}},
+    )
+    await until(lambda: finished(srv, rid), "v1 everywhere")
+    assert set(statuses(srv, rid).values()) == {"success"}
+
+
+# ------------------------------------------------------------------ phases on time
+async def test_three_phases_start_on_time_after_healthy_ones(
+    server: RunningServer, sims: Simulation
+) -> None:
+    upload(server, "v1", wat.versioned_flow("v1"), TRIGGERS)
+    second, third = in_(4), in_(5)
+    rid = create(
+        server,
+        {
+            "name": "three phases",
+            "artifact_name": "f1-v1",
+            "devices": ids(4),
+            "phases": [
+                {"batch_size": 25},
+                {"batch_size": 34, "start_ts": second},
+                {"start_ts": third},
+            ],
+            "retries": 1,
+            "edge": {"health_window": 1},
+        },
+    )
+    d = get(server, rid)
+    assert d["status"] in ("pending", "inprogress")
+    assert [p["batch_size"] for p in d["phases"]] == [25, 34, None]
+    assert [p["number"] for p in d["edge"]["phases"]] == [0, 1, 2]
+    # 25% of 4 = 1; 34% of the 3 left = 1; the rest = 2.
+    assert [p["devices"] for p in d["edge"]["phases"]] == [1, 1, 2]
+    assert get(server, f"{rid}/device_list") == ids(4)
+
+    done = await until(lambda: finished(server, rid), "the rollout to finish", timeout=40)
+    assert get(server, f"{rid}/statistics") == {
+        "success": 4,
+        "pending": 0,
+        "downloading": 0,
+        "installing": 0,
+        "rebooting": 0,
+        "failure": 0,
+        "noartifact": 0,
+        "already-installed": 0,
+        "aborted": 0,
+        "decommissioned": 0,
+    }
+    assert [p["device_count"] for p in done["phases"]] == [1, 1, 2]
+    assert done["finished"] is not None
+    assert done["artifacts"]
+    # Phase 2 started at its start time, not before; each phase only once the
+    # earlier ones were all healthy (the health window over, not just installed).
+    log = events(server, rid)
+    p1, p2 = started_at(server, rid, 1), started_at(server, rid, 2)
+    assert p1 >= datetime.fromisoformat(second)
+    assert p2 >= datetime.fromisoformat(third)
+    first_device = ids(4)[0]
+    healthy = [
+        datetime.fromisoformat(e["time"])
+        for e in log
+        if e["kind"] == "device_status" and e["detail"]["status"] == "success"
+    ]
+    rebooting = [
+        e for e in log if e["kind"] == "device_status" and e["detail"]["status"] == "rebooting"
+    ]
+    assert {e["device_id"] for e in rebooting} >= {first_device}  # the health window was seen
+    assert min(healthy) <= p1
+    assert sorted(healthy)[1] <= p2
+    assert set(running(server).values()) == {"v1"}
+    entries = get(server, f"{rid}/devices")
+    assert {e["state"] for e in entries} == {"success"}
+    assert all(e["device_type"] == "gw" and e["log"] is False for e in entries)
+
+
+# ------------------------------------------------------------------ threshold, revert
+async def test_failure_threshold_stops_and_failed_devices_revert(
+    server: RunningServer, sims: Simulation
+) -> None:
+    await deploy_v1_everywhere(server, ids(4))
+    upload(server, "v2", wat.versioned_flow("v2", trap_from_tick=5), TICKING)
+    rid = create(
+        server,
+        {
+            "name": "breaks",
+            "artifact_name": "f1-v2",
+            "devices": ids(4),
+            "phases": [{"batch_size": 50}, {"start_ts": in_(1)}],
+            "edge": {"health_window": 5, "failure_threshold": 20},
+        },
+    )
+    done = await until(lambda: finished(server, rid), "the threshold to stop it", timeout=40)
+    assert done["edge"]["stopped"] == "2 of 2 devices failed, over the threshold 20%"
+    assert done["edge"]["aborted"] is False
+    got = statuses(server, rid)
+    first, later = ids(2), ids(2, first=3)
+    assert [got[d] for d in first] == ["failure", "failure"]
+    assert [got[d] for d in later] == ["aborted", "aborted"]
+    kinds = [e["kind"] for e in events(server, rid)]
+    assert "stopped" in kinds
+    assert kinds[-1] == "finished"
+    assert [e for e in events(server, rid) if e["kind"] == "phase_started"][-1]["detail"] == {
+        "phase": 0
+    }
+    # The failed devices run v1 again (their agents reverted); the others never got v2.
+    versions = await until(
+        lambda: (v := running(server)) and all(v[d] == "v1" for d in ids(4)) and v,
+        "v1 everywhere again",
+    )
+    assert set(versions.values()) == {"v1"}
+    attempt_ids = {desired_ids(server, d) for d in later}
+    assert all(a is not None for a in attempt_ids)
+    # (The later devices' desired f1 is still the v1 rollout's entry.)
+    assert not any(
+        e["device_id"] in later for e in events(server, rid) if e["kind"] == "device_started"
+    )
+    # The failed devices' deployment logs, as text.
+    with mender(server) as c:
+        text = await until(
+            lambda: (
+                (r := c.get(f"{V1}/deployments/{rid}/devices/{first[0]}/log")).status_code == 200
+                and r
+            ),
+            "the deployment log",
+        )
+        assert text.headers["content-type"].startswith("text/plain")
+        assert "unreachable" in text.text
+        lines = text.text.splitlines()
+        assert lines
+        assert all(len(line.split(" ", 2)) == 3 for line in lines)
+        assert c.get(f"{V1}/deployments/{rid}/devices/{later[0]}/log").status_code == 404
+    assert [d["log"] for d in get(server, f"{rid}/devices") if d["id"] in first] == [True, True]
+    # Finished: an abort now is a 422, and the statuses stay.
+    with mender(server) as c:
+        r = c.put(f"{V1}/deployments/{rid}/status", json={"status": "aborted"})
+    assert r.status_code == 422, r.text
+    assert "error" in r.json()
+
+
+# ------------------------------------------------------------------ abort, decommission
+async def test_abort_in_the_middle(server: RunningServer, sims: Simulation) -> None:
+    await deploy_v1_everywhere(server, ids(4))
+    upload(server, "v2", wat.versioned_flow("v2"), TRIGGERS)
+    rid = create(
+        server,
+        {
+            "name": "to abort",
+            "artifact_name": "f1-v2",
+            "devices": ids(4),
+            "phases": [
+                {"batch_size": 25},
+                {"batch_size": 34, "start_ts": in_(0.5)},
+                {"start_ts": in_(3600)},
+            ],
+            "edge": {"health_window": 2},
+        },
+    )
+    # Phase 0 healthy, phase 1's device inside its health window (rebooting).
+    await until(
+        lambda: statuses(server, rid)[ids(4)[1]] == "rebooting", "phase 1 in its health window"
+    )
+    assert statuses(server, rid)[ids(4)[0]] == "success"
+    # Decommissioned from its rollouts: the device of the last phase.
+    with mender(server) as c:
+        assert c.delete(f"{V1}/deployments/devices/{ids(4)[3]}").status_code == 204
+        r = c.put(f"{V1}/deployments/{rid}/status", json={"status": "aborted"})
+        assert r.status_code == 204, r.text
+        assert r.content == b""
+    done = get(server, rid)
+    assert done["status"] == "finished"
+    assert done["edge"]["aborted"] is True
+    got = statuses(server, rid)
+    assert [got[d] for d in ids(4)] == ["success", "aborted", "aborted", "decommissioned"]
+    # The device in progress goes back to v1; the finished one keeps v2; the devices
+    # that had not started never got the rollout's entry.
+    await until(lambda: running(server)[ids(4)[1]] == "v1", "the aborted device to revert")
+    assert running(server)[ids(4)[0]] == "v2"
+    started = {e["device_id"] for e in events(server, rid) if e["kind"] == "device_started"}
+    assert started == set(ids(2))
+    stats = get(server, f"{rid}/statistics")
+    assert (stats["success"], stats["aborted"], stats["decommissioned"]) == (1, 2, 1)
+    await asyncio.sleep(0.5)
+    assert get(server, f"{rid}/statistics") == stats  # finished: nothing moves any more
+
+
+# ------------------------------------------------------------------ restart
+async def test_a_restarted_server_carries_on(server: RunningServer, sims: Simulation) -> None:
+    upload(server, "v1", wat.versioned_flow("v1"), TRIGGERS)
+    second = in_(3)
+    rid = create(
+        server,
+        {
+            "name": "across a restart",
+            "artifact_name": "f1-v1",
+            "devices": ids(4),
+            "phases": [{"batch_size": 50}, {"start_ts": second}],
+            "edge": {"health_window": 0},
+        },
+    )
+    await until(
+        lambda: [statuses(server, rid)[d] for d in ids(2)] == ["success"] * 2, "phase 0 done"
+    )
+    server.stop()
+    stopped = datetime.now(UTC)
+    assert stopped < datetime.fromisoformat(second), "phase 1 was not to start yet"
+    await asyncio.sleep(max((datetime.fromisoformat(second) - stopped).total_seconds(), 0) + 0.5)
+    server.ctx = ServerContext(server.cfg)  # a new process on the same database
+    server.start()
+    done = await until(lambda: finished(server, rid), "the rollout to finish after the restart")
+    assert started_at(server, rid, 1) > stopped
+    assert set(statuses(server, rid).values()) == {"success"}
+    assert done["phases"][1]["device_count"] == 2
+
+
+# ------------------------------------------------------------------ dynamic enrolment
+async def test_a_dynamic_rollout_enrols_a_device_that_appears_later(
+    server: RunningServer, tmp_path: Path, broker: Broker
+) -> None:
+    upload(server, "v1", wat.versioned_flow("v1"), TRIGGERS)
+    async with fleet(tmp_path, broker, 2) as first:
+        await first.wait_connected()
+        # An "other" device that must not be enrolled.
+        async with fleet(tmp_path, broker, 1, first=5, device_type="other"):
+            await until(lambda: len(known_types(server)) == 3, "three devices known")
+            rid = create(
+                server,
+                {
+                    "name": "dynamic",
+                    "artifact_name": "f1-v1",
+                    "filter": {
+                        "terms": [
+                            {
+                                "scope": "inventory",
+                                "attribute": "device_type",
+                                "type": "$eq",
+                                "value": "gw",
+                            }
+                        ]
+                    },
+                    "dynamic": True,
+                    "max_devices": 3,
+                    "edge": {"health_window": 0},
+                },
+            )
+            d = get(server, rid)
+            assert (d["initial_device_count"], d["dynamic"], d["max_devices"]) == (2, True, 3)
+            assert d["filter"]["terms"][0]["value"] == "gw"
+            await until(lambda: set(statuses(server, rid).values()) == {"success"}, "the first two")
+            assert get(server, rid)["status"] == "inprogress"  # still waiting for a third
+            async with fleet(tmp_path, broker, 1, first=3):
+                done = await until(lambda: finished(server, rid), "the late device enrolled")
+    assert done["device_count"] == 3
+    assert set(statuses(server, rid)) == set(ids(3))
+    enrolled = [e["device_id"] for e in events(server, rid) if e["kind"] == "device_enrolled"]
+    assert enrolled == ["sim-0003"]
+
+
+def known_types(srv: RunningServer) -> dict[str, str]:
+    with srv.http() as c:
+        items = c.get(f"/applications/{srv.app_id}/devices").json()["items"]
+    return {d["id"]: d["deviceType"] for d in items if d.get("deviceType")}
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_input_is_refused_and_nothing_is_stored(server: RunningServer) -> None:
+    upload(server, "v1", wat.versioned_flow("v1"), TRIGGERS)
+    with server.http() as c:
+        for i in range(1, 12):
+            r = c.post(
+                f"/applications/{server.app_id}/devices",
+                json={"name": f"d{i}", "deviceId": f"d{i:02d}"},
+            )
+            assert r.status_code == 201, r.text
+    eleven = [f"d{i:02d}" for i in range(1, 12)]
+    good: dict[str, Any] = {"name": "n", "artifact_name": "f1-v1", "devices": eleven}
+    bad: list[tuple[int, dict[str, Any], str]] = [
+        (422, {**good, "artifact_name": "nope"}, "No artifact named"),
+        # The seed's example: 5% of 11 devices rounds to zero.
+        (
+            400,
+            {
+                **good,
+                "phases": [
+                    {"batch_size": 5},
+                    {"batch_size": 15, "start_ts": in_(60)},
+                    {"start_ts": in_(120)},
+                ],
+            },
+            "rounds down to no device",
+        ),
+        (
+            400,
+            {**good, "phases": [{"batch_size": 60}, {"batch_size": 50, "start_ts": in_(60)}]},
+            "over 100",
+        ),
+        (
+            400,
+            {**good, "phases": [{"batch_size": 50, "start_ts": in_(60)}, {"start_ts": in_(30)}]},
+            "not after",
+        ),
+        (400, {**good, "phases": [{"batch_size": 50}, {}]}, "start_ts: required"),
+        (
+            400,
+            {**good, "phases": [{"batch_size": 50, "start_ts": "2026-01-01T00:00:00"}]},
+            "timezone",
+        ),
+        (400, {**good, "phases": [{"batch_size": 5}] * 17}, "phases"),
+        (400, {**good, "devices": ["d01", "ghost"]}, "unknown or decommissioned: ghost"),
+        (400, {**good, "devices": ["../etc"]}, "not a device id"),
+        (400, {**good, "devices": []}, "No devices"),
+        (400, {**good, "name": "x" * 257}, "name"),
+        (400, {**good, "devices": None}, "exactly one of"),
+        (400, {**good, "filter": {"terms": []}}, "exactly one of"),
+        (400, {"name": "n", "artifact_name": "f1-v1", "filter": {"terms": "x"}}, "filter.terms"),
+        (
+            400,
+            {
+                "name": "n",
+                "artifact_name": "f1-v1",
+                "filter": {"terms": [{"scope": "x", "attribute": "a", "type": "$eq", "value": 1}]},
+            },
+            "scope",
+        ),
+        (400, {**good, "dynamic": True}, "dynamic: only with a filter"),
+        (400, {**good, "max_devices": 3}, "max_devices: only with dynamic"),
+        (400, {**good, "retries": -1}, "retries"),
+        (400, {**good, "edge": {"failure_threshold": 101}}, "failure_threshold"),
+        (400, {**good, "edge": {"unknown": 1}}, "unknown"),
+        (400, {**good, "name": "a\u0000b"}, "NUL"),
+    ]
+    with mender(server) as c:
+        for status, body, message in bad:
+            r = c.post(f"{V1}/deployments", json=body)
+            assert r.status_code == status, (body, r.text)
+            assert message in r.json()["error"], (message, r.text)
+            assert r.json()["request_id"]
+        r = c.post(f"{V1}/deployments", content=b"{", headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        listed = c.get(f"{V1}/deployments")
+        assert listed.status_code == 200, listed.text
+        assert listed.json() == []
+        assert listed.headers["x-total-count"] == "0"
+
+        # Unknown ids: 404, without a query for what cannot be an id.
+        for path in ("nope", "00000000-0000-0000-0000-000000000000", "%00", "..%2F..%2Fetc"):
+            for sub in (
+                "",
+                "/statistics",
+                "/devices",
+                "/device_list",
+                "/events",
+                "/devices/d01/log",
+            ):
+                r = c.get(f"{V1}/deployments/{path}{sub}")
+                assert r.status_code == 404, (path, sub, r.text)
+        # A real one, for the status body checks.
+        rid = create(
+            server,
+            {
+                **good,
+                "phases": [{"batch_size": 50, "start_ts": in_(3600)}, {"start_ts": in_(7200)}],
+            },
+        )
+        assert get(server, rid)["status"] == "scheduled"
+        for body in ({"status": "finished"}, {"status": "inprogress"}, {}, [], "aborted", None):
+            r = c.put(f"{V1}/deployments/{rid}/status", json=body)
+            assert r.status_code == 400, (body, r.text)
+        assert (
+            c.put(
+                f"{V1}/deployments/{'0' * 8}-0000-0000-0000-{'0' * 12}/status",
+                json={"status": "aborted"},
+            ).status_code
+            == 404
+        )
+        assert c.delete(f"{V1}/deployments/devices/a%20b").status_code == 404
+        assert get(server, rid)["status"] == "scheduled"
+        assert c.get(f"{V1}/deployments", params={"status": "done"}).status_code == 400
+        assert c.get(f"{V1}/deployments", params={"per_page": "501"}).status_code == 400
+        assert c.get(f"{V1}/deployments", params={"page": "0"}).status_code == 400
+        assert c.get(f"{V1}/deployments/{rid}/devices/d01/log").status_code == 404
