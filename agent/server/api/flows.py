@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from starlette.datastructures import FormData, UploadFile
@@ -206,6 +207,8 @@ class ArtifactResponse(FileResponse):
     responses={
         200: {"description": "The artifact's bytes", "content": _BINARY},
         206: {"description": "The bytes of the Range asked for", "content": _BINARY},
+        304: {"description": "Not modified since the If-Modified-Since date"},
+        412: {"description": "Modified since the If-Unmodified-Since date"},
         416: {
             "description": "A Range that starts past the artifact's end",
             "content": {"text/plain": {"schema": {"type": "string"}}},
@@ -219,7 +222,7 @@ def get_artifact(
     sha256: Sha256Path,
     sig: Annotated[str, Query(max_length=64)],
     expires: Annotated[int | None, Query(ge=0, le=2**40)] = None,
-) -> ArtifactResponse:
+) -> Response:
     ctx = context(request)
     if not is_object_id(applicationId) or not is_digest(sha256):
         raise NotFound("Artifact was not found")
@@ -227,13 +230,36 @@ def get_artifact(
     if key is None or not verify(key, applicationId, sha256, sig, expires):
         raise NotFound("Artifact was not found")
     path = ctx.store.path(sha256)
-    if not path.is_file():
-        raise NotFound("Artifact was not found")
-    return ArtifactResponse(
-        path,
-        media_type="application/octet-stream",
-        headers={
-            "x-checksum-sha256": sha256,
-            "cache-control": "private, max-age=31536000, immutable",
-        },
-    )
+    try:
+        modified = int(path.stat().st_mtime)
+    except OSError:
+        raise NotFound("Artifact was not found") from None
+    headers = {
+        "x-checksum-sha256": sha256,
+        "cache-control": "private, max-age=31536000, immutable",
+        "last-modified": formatdate(modified, usegmt=True),
+    }
+    unmodified_since = _http_date(request.headers.get("if-unmodified-since"))
+    if unmodified_since is not None and modified > unmodified_since:
+        return Response(status_code=412, headers=headers)
+    modified_since = _http_date(request.headers.get("if-modified-since"))
+    if modified_since is not None and modified <= modified_since:
+        return Response(status_code=304, headers=headers)
+    return ArtifactResponse(path, media_type="application/octet-stream", headers=headers)
+
+
+def _http_date(value: str | None) -> int | None:
+    """An HTTP date as a Unix time; None when absent or malformed (then ignored, as
+    RFC 9110 says)."""
+    if not value or len(value) > 64:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        return None
+    try:
+        return int(when.timestamp())
+    except (OverflowError, OSError, ValueError):
+        return None
