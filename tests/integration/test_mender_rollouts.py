@@ -342,32 +342,61 @@ async def test_abort_in_the_middle(server: RunningServer, sims: Simulation) -> N
 
 
 # ------------------------------------------------------------------ restart
-async def test_a_restarted_server_carries_on(server: RunningServer, sims: Simulation) -> None:
+@pytest.fixture
+def any_server(tmp_path: Path, broker: Broker, db_url: str) -> Iterator[RunningServer]:
+    settings = {"rollout_tick_s": 0.2}
+    with running_server(
+        tmp_path / "srv", db_url, broker.url, prefix=PREFIX, settings=settings
+    ) as srv:
+        yield srv
+
+
+async def test_a_restarted_server_carries_on(
+    any_server: RunningServer, tmp_path: Path, broker: Broker
+) -> None:
+    """On PostgreSQL two server processes run the rest at once: one engine per
+    rollout at a time (each phase and device started once)."""
+    server = any_server
     upload(server, "v1", wat.versioned_flow("v1"), TRIGGERS)
-    second = in_(3)
-    rid = create(
-        server,
-        {
-            "name": "across a restart",
-            "artifact_name": "f1-v1",
-            "devices": ids(4),
-            "phases": [{"batch_size": 50}, {"start_ts": second}],
-            "edge": {"health_window": 0},
-        },
-    )
-    await until(
-        lambda: [statuses(server, rid)[d] for d in ids(2)] == ["success"] * 2, "phase 0 done"
-    )
-    server.stop()
-    stopped = datetime.now(UTC)
-    assert stopped < datetime.fromisoformat(second), "phase 1 was not to start yet"
-    await asyncio.sleep(max((datetime.fromisoformat(second) - stopped).total_seconds(), 0) + 0.5)
-    server.ctx = ServerContext(server.cfg)  # a new process on the same database
-    server.start()
-    done = await until(lambda: finished(server, rid), "the rollout to finish after the restart")
+    async with fleet(tmp_path, broker, 4):
+        await until(lambda: set(ids(4)) <= set(known_types(server)), "the devices known")
+        second = in_(3)
+        rid = create(
+            server,
+            {
+                "name": "across a restart",
+                "artifact_name": "f1-v1",
+                "devices": ids(4),
+                "phases": [{"batch_size": 50}, {"start_ts": second}],
+                "edge": {"health_window": 0},
+            },
+        )
+        await until(
+            lambda: [statuses(server, rid)[d] for d in ids(2)] == ["success"] * 2,
+            "phase 0 done",
+        )
+        server.stop()
+        stopped = datetime.now(UTC)
+        assert stopped < datetime.fromisoformat(second), "phase 1 was not to start yet"
+        await asyncio.sleep((datetime.fromisoformat(second) - stopped).total_seconds() + 0.5)
+        server.ctx = ServerContext(server.cfg)  # a new process on the same database
+        other = None
+        if server.ctx.db.is_postgres:
+            other = ServerContext(server.cfg.model_copy(update={"instance": "other"}))
+            other.start()
+        server.start()
+        try:
+            done = await until(lambda: finished(server, rid), "the rollout to finish")
+        finally:
+            if other is not None:
+                other.stop()
     assert started_at(server, rid, 1) > stopped
     assert set(statuses(server, rid).values()) == {"success"}
     assert done["phases"][1]["device_count"] == 2
+    log = events(server, rid)
+    assert sorted(e["device_id"] for e in log if e["kind"] == "device_started") == ids(4)
+    assert [e["detail"]["phase"] for e in log if e["kind"] == "phase_started"] == [0, 1]
+    assert [e["kind"] for e in log].count("finished") == 1
 
 
 # ------------------------------------------------------------------ dynamic enrolment
