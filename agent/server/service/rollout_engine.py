@@ -58,6 +58,7 @@ from agent.server.db import applications as apps_repo
 from agent.server.db import devices as devices_repo
 from agent.server.db import rollouts as repo
 from agent.server.db.models import Device, Rollout, RolloutDevice, RolloutPhase, utcnow
+from agent.server.errors import Unprocessable
 from agent.server.service import inventory_filter
 from agent.server.service.phases import FINAL, device_status, threshold_exceeded
 from agent.server.service.rollout_actions import Stale, halt, start_devices
@@ -137,7 +138,10 @@ class RolloutEngine:
             self._due = nxt.due
         if nxt.stop is not None:
             log.warning("rollout stopped", rollout=rollout_id, reason=nxt.stop)
-            halt(self.ctx, app, rollout_id, reason=nxt.stop)
+            try:
+                halt(self.ctx, app, rollout_id, reason=nxt.stop)
+            except Unprocessable:  # aborted (or stopped by another process) meanwhile
+                return
         elif nxt.start or nxt.phase is not None:
             start_devices(self.ctx, app, rollout_id, nxt.start, nxt.phase)
 

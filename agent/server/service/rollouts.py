@@ -11,7 +11,7 @@ starts them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -206,6 +206,5 @@ def get(s: Any, app_id: str, rollout_id: str) -> Rollout:
 
 
 def created_bound(seconds: int) -> datetime:
-    from datetime import UTC
-
+    """A ``created_after``/``created_before`` bound (Unix seconds, UTC)."""
     return datetime.fromtimestamp(seconds, UTC)
