@@ -8,13 +8,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 from starlette.datastructures import FormData, UploadFile
 
 from agent.server.api.auth import Caller, context
 from agent.server.api.mender_auth import mender_require
 from agent.server.api.models import MENDER_AUTH_ERRORS, Json, _Body, mender_errors
-from agent.server.api.params import NO_NUL
+from agent.server.api.params import NO_NUL, text_schema
+from agent.server.api.query import text_param
 from agent.server.errors import Validation
 from agent.server.service import artifacts as service
 
@@ -25,6 +26,7 @@ ARTIFACTS = BASE + "/artifacts"
 Reader = Annotated[Caller, Depends(mender_require("artifacts", "get", read=True))]
 Poster = Annotated[Caller, Depends(mender_require("artifacts", "post", read=False))]
 Putter = Annotated[Caller, Depends(mender_require("artifacts", "put", read=False))]
+NameParam = Annotated[str | None, Query(), WithJsonSchema(text_schema(256))]
 Deleter = Annotated[Caller, Depends(mender_require("artifacts", "delete", read=False))]
 #: An artifact id: a UUID (anything else is an unknown artifact, 404).
 ArtifactId = Annotated[
@@ -280,17 +282,15 @@ async def generate(request: Request, caller: Poster) -> Response:
 def list_artifacts(
     request: Request,
     caller: Reader,
-    name: Annotated[
-        str | None, Query(max_length=256, json_schema_extra={"pattern": NO_NUL})
-    ] = None,
+    # (read by the query parser; listed for the OpenAPI document)
+    name: NameParam = None,
 ) -> list[dict[str, Any]]:
-    return service.list_all(context(request), caller.app, _name(name))
+    return service.list_all(context(request), caller.app, _name(request))
 
 
-def _name(name: str | None) -> str | None:
-    if name is not None and "\x00" in name:
-        raise Validation("name: contains a NUL character")
-    return name
+def _name(request: Request) -> str | None:
+    """The ``name`` filter: once at most, storable text of at most 256 characters."""
+    return text_param(request.query_params.multi_items(), "name", max_length=256)
 
 
 @router.get(
@@ -350,11 +350,10 @@ def download(request: Request, id: ArtifactId, caller: Reader) -> dict[str, str]
 def releases(
     request: Request,
     caller: Reader,
-    name: Annotated[
-        str | None, Query(max_length=256, json_schema_extra={"pattern": NO_NUL})
-    ] = None,
+    # (read by the query parser; listed for the OpenAPI document)
+    name: NameParam = None,
 ) -> list[dict[str, Any]]:
-    return service.releases(context(request), caller.app, _name(name))
+    return service.releases(context(request), caller.app, _name(request))
 
 
 @router.get(

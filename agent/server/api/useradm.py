@@ -12,21 +12,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel
 
 from agent.server.api.auth import context
 from agent.server.api.mender_auth import mender_caller
+from agent.server.api.models import MenderError
 from agent.server.service import users
 
 router = APIRouter(tags=["mender"])
 BASE = "/api/management/v1/useradm/auth"
-
-
-class MenderError(BaseModel):
-    """Mender's error body."""
-
-    error: str
-    request_id: str
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
