@@ -69,16 +69,19 @@ def work(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def mender_cli(srv: RunningServer, *args: str, token: str | None = None) -> str:
+def mender_cli(srv: RunningServer, *args: str, ok: bool = True) -> str:
+    """What the real mender-cli printed (it must exit 0, or 1 when not ``ok``)."""
     proc = subprocess.run(
-        ["mender-cli", "--server", srv.url, "--token-value", token or srv.token, *args],
+        ["mender-cli", "--server", srv.url, "--token-value", srv.token, *args],
         capture_output=True,
         text=True,
         timeout=60,
         env={**tool_env(), "HOME": str(srv.cfg.state_dir)},
         check=False,
     )
-    assert proc.returncode == 0, f"mender-cli {args} exited {proc.returncode}:\n{proc.stderr}"
+    assert proc.returncode == (0 if ok else 1), (
+        f"mender-cli {args}: {proc.returncode}\n{proc.stderr}"
+    )
     return proc.stdout + proc.stderr
 
 
@@ -130,7 +133,10 @@ def test_mender_cli_uploads_lists_and_deletes(srv: RunningServer, work: Path) ->
     out = mender_cli(
         srv, "artifacts", "upload", "--no-progress", "--description", "nightly", str(path)
     )
-    assert "upload successful" in out.lower(), out
+    assert "upload successful" in out, out
+    # The same name for the same device types again: refused (Mender's rule).
+    out = mender_cli(srv, "artifacts", "upload", "--no-progress", str(path), ok=False)
+    assert "failed with status 409" in out, out
     [art] = [a for a in artifacts(srv) if a["name"] == "counter-1.0.0"]
     assert art["description"] == "nightly"
     assert art["device_types_compatible"] == ["gw-a", "gw-b"]
@@ -150,10 +156,12 @@ def test_mender_cli_uploads_lists_and_deletes(srv: RunningServer, work: Path) ->
     assert fv["artifacts"] == [{"sha256": sha, "size": len(WASM), "deviceTypes": ["gw-a", "gw-b"]}]
 
     listed = mender_cli(srv, "artifacts", "list")
-    assert "counter-1.0.0" in listed, listed
-    assert art["id"] in listed, listed
+    assert f"ID: {art['id']}\nName: counter-1.0.0\n" in listed, listed
 
     out = mender_cli(srv, "artifacts", "delete", art["id"])
+    assert "delete successful" in out, out
+    out = mender_cli(srv, "artifacts", "delete", art["id"], ok=False)
+    assert "status 404" in out, out
     assert art["id"] not in {a["id"] for a in artifacts(srv)}
     assert not [v for v in versions(srv, "counter") if v["version"] == "1.0.0"]
 
