@@ -84,7 +84,7 @@ def get(srv: RunningServer, path: str, token: str) -> httpx.Response:
 
 def mender_call(srv: RunningServer, token: str) -> httpx.Response:
     """A call of Mender's API with ``token`` (every route checks it the same way)."""
-    return httpx.post(srv.url + LOGOUT, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    return get(srv, ARTIFACTS, token)
 
 
 @contextmanager
@@ -134,9 +134,22 @@ def test_mender_cli_logs_in_and_uses_the_saved_token(server: RunningServer, tmp_
     assert claims["exp"] - claims["iat"] == server.cfg.login_ttl_s
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
 
+    # The saved token is what the next mender-cli command sends.
+    listed = mender_cli(home, "--server", server.url, "artifacts", "list")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    r = get(server, ARTIFACTS, token)
+    assert r.status_code == 200, r.text
+    assert r.json() == []
+    # The same claims signed with another key: the server refuses mender-cli.
+    saved.write_text(jwt.encode(claims, b"another key, 32 bytes long......", algorithm="HS256"))
+    refused = mender_cli(home, "--server", server.url, "artifacts", "list")
+    assert refused.returncode != 0
+    assert "401" in refused.stdout + refused.stderr
+
     # Logging out answers 204 and does not revoke (documented: tokens are stateless).
-    assert mender_call(server, token).status_code == 204
-    assert mender_call(server, token).status_code == 204
+    logout = httpx.post(server.url + LOGOUT, headers={"Authorization": f"Bearer {token}"})
+    assert logout.status_code == 204
+    assert mender_call(server, token).status_code == 200
     assert_mender_401(httpx.post(server.url + LOGOUT))
 
 
@@ -189,7 +202,7 @@ def test_tokens_the_server_did_not_sign_or_that_expired_are_refused(
     with database(server.db_url) as db, db.transaction() as s:
         key = users_repo.secret(s, users.KEY_NAME, "unused").encode()
     # The real key makes a good token: what follows differs from it in one thing each.
-    assert mender_call(server, forged(server, user_id, key=key)).status_code == 204
+    assert mender_call(server, forged(server, user_id, key=key)).status_code == 200
     now = int(time.time())
     header = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
     payload = forged(server, user_id, key=key).split(".")[1]
@@ -211,7 +224,7 @@ def test_tokens_the_server_did_not_sign_or_that_expired_are_refused(
 def test_a_deleted_users_token_stops_working(server: RunningServer, tmp_path: Path) -> None:
     create_user(server, tmp_path, "leaver@example.com")
     token = login(server, "leaver@example.com").text
-    assert mender_call(server, token).status_code == 204
+    assert mender_call(server, token).status_code == 200
     admin(*_db_args(server), "delete-user", "--email", "leaver@example.com")
     assert_mender_401(mender_call(server, token))
     assert_mender_401(login(server, "leaver@example.com"))
