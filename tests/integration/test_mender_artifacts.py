@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -453,6 +454,84 @@ def test_artifacts_of_one_version_are_its_items(any_srv: RunningServer, work: Pa
     delete(srv, e)
     assert versions(srv, "ext") == []
     assert versions(srv, "hello") == []
+
+
+def _waiting_on_locks(postgres: PostgresCluster, database: str) -> int:
+    with postgres.connect(database, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_concurrent_uploads_keep_every_item_and_the_name_rule(
+    pg_srv: RunningServer, postgres: PostgresCluster, work: Path
+) -> None:
+    """Uploads racing on PostgreSQL. This test holds the rows of the flow versions
+    until all four uploads wait on a lock, each having read what it checks: without
+    serializing, each would then write from what it read (two new items of one
+    version, one lost and its artifact row pointing at nothing; two artifacts of one
+    name for one device type, against Mender's rule)."""
+    srv = pg_srv
+
+    def make(name: str, flow: str, types: list[str], sub: str) -> Path:
+        return write_artifact(
+            work / sub, WASM, name=name, device_types=types, software_name=flow,
+            software_version="1",
+        )  # fmt: skip
+
+    for flow in ("race", "na", "nb"):
+        artifact_id(upload_artifact(srv.url, srv.token, make(f"{flow}-0", flow, ["gw-0"], flow)))
+    racers = [
+        make("race-1", "race", ["gw-1"], "a"),
+        make("race-2", "race", ["gw-2"], "b"),
+        make("dup", "na", ["gw-x"], "c"),
+        make("dup", "nb", ["gw-x"], "d"),
+    ]
+    database = srv.db_url.rsplit("/", 1)[1]
+    results: dict[int, httpx.Response] = {}
+    with postgres.connect(database) as holder:
+        holder.execute(
+            "SELECT id FROM flow_versions WHERE flow_id IN ('race', 'na', 'nb') FOR UPDATE"
+        )
+        threads = [
+            threading.Thread(
+                target=lambda i=i, p=p: results.__setitem__(
+                    i, upload_artifact(srv.url, srv.token, p)
+                )
+            )
+            for i, p in enumerate(racers)
+        ]
+        for t in threads:
+            t.start()
+        await wait_until(
+            lambda: _waiting_on_locks(postgres, database) == len(racers), 30, "4 uploads waiting"
+        )
+        holder.commit()
+    for t in threads:
+        t.join(30)
+    codes = [results[i].status_code for i in range(len(racers))]
+    assert codes[:2] == [201, 201], [r.text for r in results.values()]
+    assert sorted(codes[2:]) == [201, 409], [r.text for r in results.values()]
+    assert "dup" in results[2 if codes[2] == 409 else 3].json()["error"]
+
+    [fv] = versions(srv, "race")
+    assert sorted(i["deviceTypes"] for i in fv["artifacts"]) == [["gw-0"], ["gw-1"], ["gw-2"]]
+    # Every artifact row is an item of its flow version (none points at nothing).
+    items = {
+        (flow, tuple(i["deviceTypes"]))
+        for flow in ("race", "na", "nb")
+        for v in versions(srv, flow)
+        for i in v["artifacts"]
+    }
+    rows = [a for a in artifacts(srv) if a["name"].startswith(("race", "na-", "nb-", "dup"))]
+    for a in rows:
+        [flow] = [k.split(".")[1] for k in a["artifact_provides"] if k.endswith(".version")]
+        assert (flow, tuple(a["device_types_compatible"])) in items, a
+    assert len([a for a in rows if a["name"] == "dup"]) == 1
+    for a in rows:
+        delete(srv, a["id"])
 
 
 async def test_an_uploaded_artifact_is_released_through_losants_api(

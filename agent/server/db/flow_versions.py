@@ -42,14 +42,20 @@ def create(
     return row
 
 
-def get(session: Session, app_id: str, flow_id: str, version: str) -> FlowVersion | None:
-    return session.scalar(
-        select(FlowVersion).where(
-            FlowVersion.application_id == app_id,
-            FlowVersion.flow_id == flow_id,
-            FlowVersion.version == version,
-        )
+def get(
+    session: Session, app_id: str, flow_id: str, version: str, *, lock: bool = False
+) -> FlowVersion | None:
+    """The version; ``lock``: its row locked until the transaction ends (``FOR
+    UPDATE`` on PostgreSQL, and read afresh; SQLite's transactions hold the database's
+    write lock already), for a change of its items that must not lose another's."""
+    stmt = select(FlowVersion).where(
+        FlowVersion.application_id == app_id,
+        FlowVersion.flow_id == flow_id,
+        FlowVersion.version == version,
     )
+    if lock:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    return session.scalar(stmt)
 
 
 def list_for_flow(session: Session, app_id: str, flow_id: str) -> list[FlowVersion]:

@@ -146,7 +146,11 @@ def store(ctx: ServerContext, app: Application, data: bytes, description: str) -
     for attempt in (1, 2):
         try:
             with ctx.db.transaction() as s:
-                _check(ctx, s, app, plan)
+                # Checked again, and written, with the application's uploads
+                # serialized (the name rule and the storage limit are checks of
+                # other rows, which a concurrent upload could add in between).
+                repo.lock_application(s, app.id)
+                _check(ctx, s, app, plan, lock=True)
                 return _write(s, app, plan).id
         except Conflict:
             # (A blob row's insert can lose a race with another upload of the same
@@ -156,7 +160,9 @@ def store(ctx: ServerContext, app: Application, data: bytes, description: str) -
     raise AssertionError("unreachable")
 
 
-def _check(ctx: ServerContext, s: Session, app: Application, plan: _Plan) -> None:
+def _check(
+    ctx: ServerContext, s: Session, app: Application, plan: _Plan, *, lock: bool = False
+) -> None:
     art = plan.art
     taken = repo.sharing_a_type(s, app.id, art.name, art.device_types)
     if taken is not None:
@@ -172,7 +178,7 @@ def _check(ctx: ServerContext, s: Session, app: Application, plan: _Plan) -> Non
             raise TooLarge(
                 f"storage limit: {len(plan.data)} more bytes would exceed {limit} (in use: {usage})"
             )
-    flow_versions.plan_item(s, app.id, plan.flow_id, plan.version, plan.kind, plan.item)
+    flow_versions.plan_item(s, app.id, plan.flow_id, plan.version, plan.kind, plan.item, lock=lock)
 
 
 def _write(s: Session, app: Application, plan: _Plan) -> Artifact:
@@ -389,7 +395,7 @@ def delete(ctx: ServerContext, app: Application, artifact_id: str) -> str:
         if repo.rollouts_naming(s, app.id, row.name, active_only=True):
             raise Conflict(f"artifact {row.name[:80]!r} is used by an active deployment")
         outcome = "absent"
-        fv = fv_repo.get(s, app.id, row.flow_id, row.version)
+        fv = fv_repo.get(s, app.id, row.flow_id, row.version, lock=True)
         shared = [
             r
             for r in repo.of_flow_version(s, app.id, row.flow_id, row.version)

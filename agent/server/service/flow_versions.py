@@ -215,12 +215,20 @@ def _overlap(items: list[dict[str, Any]], device_types: list[str]) -> dict[str, 
 
 
 def plan_item(
-    s: Session, app_id: str, flow_id: str, version: str, kind: str, item: dict[str, Any]
+    s: Session,
+    app_id: str,
+    flow_id: str,
+    version: str,
+    kind: str,
+    item: dict[str, Any],
+    *,
+    lock: bool = False,
 ) -> FlowVersion | None:
     """Check that a payload of ``kind`` for ``item["deviceTypes"]`` can become part of
     the version (a new version, or a new item of an existing one of the same kind
-    that serves none of those device types yet); the existing version, if any."""
-    fv = repo.get(s, app_id, flow_id, version)
+    that serves none of those device types yet); the existing version, if any
+    (``lock``: its row locked, as :func:`add_item` needs)."""
+    fv = repo.get(s, app_id, flow_id, version, lock=lock)
     items = [item]
     manifest = None
     if fv is not None:
@@ -250,8 +258,11 @@ def add_item(
     notes: str,
 ) -> FlowVersion:
     """Create the version with ``item``, or add ``item`` to the existing one
-    (checked as :func:`plan_item` does), in the caller's transaction."""
-    fv = plan_item(s, app_id, flow_id, version, kind, item)
+    (checked as :func:`plan_item` does), in the caller's transaction. The existing
+    version's row is locked first and read afresh: two uploads extending one version
+    at once (PostgreSQL) each add their item, neither writes over the other's. (Two
+    creating it at once: one insert fails, a conflict the caller tries again.)"""
+    fv = plan_item(s, app_id, flow_id, version, kind, item, lock=True)
     if fv is None:
         return repo.create(s, app_id, flow_id, version, kind, [item], None, notes[:4096])
     repo.set_artifacts(s, fv, [*fv.artifacts, item])
@@ -259,7 +270,8 @@ def add_item(
 
 
 def remove_item(s: Session, fv: FlowVersion, sha256: str, device_types: list[str]) -> str:
-    """Take the item ``sha256`` for ``device_types`` out of the version: ``"removed"``,
+    """Take the item ``sha256`` for ``device_types`` out of the version (its row read
+    with ``lock``, see :func:`add_item`): ``"removed"``,
     ``"deleted"`` (it was the last item: the version is gone too), ``"kept"`` (the
     last item of a version a deployment record still wants: both stay), or
     ``"absent"``."""
