@@ -48,9 +48,16 @@ MAX_DEVICE_TYPES: Final = 64
 MAX_PROVIDES: Final = 64
 #: Longest artifact name (the database column's width).
 MAX_NAME: Final = 256
+#: What :data:`FILE_NAME` allows, in words.
+FILE_NAME_RULE: Final = "1 to 100 of the letters A-Z a-z, the digits and . , _ -"
 #: A compression by the suffix of the tar it packs.
 COMPRESSIONS: Final = {".tar": "none", ".tar.gz": "gzip", ".tar.xz": "xz"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: A payload file name as ``mender-artifact write`` takes it ("Only letters, digits
+#: and characters in the set ".,_-" are allowed": ASCII letters, it refuses ``flöw``
+#: and spaces; at most 100: a plain tar name): so a manifest is ASCII, and what
+#: :func:`write` writes reads back.
+FILE_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9.,_-]{1,100}")
 _DATA = re.compile(r"data/(\d{4})(\.tar(?:\.[a-z0-9]+)?)")
 
 
@@ -563,7 +570,10 @@ def write(
     mtime: int = 0,
 ) -> bytes:
     """A Mender artifact v3 (gzip) of one payload of one file, laid out and
-    checksummed as ``mender-artifact write module-image`` writes it."""
+    checksummed as ``mender-artifact write module-image`` writes it (``file_name``
+    as it takes one, :data:`FILE_NAME`)."""
+    if not FILE_NAME.fullmatch(file_name):
+        raise ArtifactError(f"payload file name {file_name[:80]!r}: {FILE_NAME_RULE}")
     version = _compact({"format": FORMAT, "version": VERSION})
     header_info = {
         "payloads": [{"type": payload_type}],

@@ -171,13 +171,17 @@ def test_mender_cli_uploads_lists_and_deletes(srv: RunningServer, work: Path) ->
 
 
 def generate(
-    srv: RunningServer, data: bytes, token: str | None = None, **form: Any
+    srv: RunningServer,
+    data: bytes,
+    token: str | None = None,
+    file_name: str = "gen.wasm",
+    **form: Any,
 ) -> httpx.Response:
     fields = {"name": "gen-1", "type": "wasm-flow", "device_types_compatible": "gw-a,gw-b", **form}
     with srv.http(token) as c:
         return c.post(
             f"{BASE}/artifacts/generate",
-            files=[*((k, (None, v)) for k, v in fields.items()), ("file", ("gen.wasm", data))],
+            files=[*((k, (None, v)) for k, v in fields.items()), ("file", (file_name, data))],
         )
 
 
@@ -245,6 +249,10 @@ def test_generate_download_link_and_conditional_requests(srv: RunningServer, wor
         ({"args": "{"}, "args"),
         ({"args": json.dumps({"filename": "x"})}, "args"),
         ({"args": json.dumps({"software_name": "../x"})}, "software_name"),
+        # File names mender-artifact would not write (its own reader would refuse the
+        # first: a manifest is ASCII).
+        ({"file_name": "flöw.wasm"}, "file: its name 'flöw.wasm' is not one"),
+        ({"file_name": "my flow.wasm"}, "file: its name 'my flow.wasm' is not one"),
     ],
 )
 def test_generate_refuses(srv: RunningServer, form: dict[str, str], message: str) -> None:

@@ -30,7 +30,7 @@ from mender_tools import (
     write_artifact,
 )
 
-from agent.server.mender_artifact import ArtifactError, MenderArtifact, read, write
+from agent.server.mender_artifact import FILE_NAME, ArtifactError, MenderArtifact, read, write
 
 WASM = COUNTER_WASM.read_bytes()
 LIMIT = 1 << 20
@@ -279,6 +279,36 @@ FAULTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "bzip2": (lambda d: _renamed(d, "header.tar.gz", "header.tar.bz2"), "unknown compression"),
     "augment alone": (lambda d: _insert(d, 2, entry("manifest-augment", b"")), "go together"),
 }
+
+
+def test_it_writes_the_file_names_mender_artifact_writes(tmp: Path) -> None:
+    """The payload file names the real mender-artifact takes are the ones ``write``
+    takes (it refuses UTF-8 and spaces: a manifest is ASCII), and those read back."""
+    for name in ("a,b_c-D.9.wasm", "flöw.wasm", "my flow.wasm"):
+        done = subprocess.run(
+            ["mender-artifact", "write", "module-image", "-T", "wasm-flow", "-n", "n-1",
+             "-t", "x", "-f", name, "-o", "out.mender"],
+            cwd=_payload(tmp, name), capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        takes = FILE_NAME.fullmatch(name) is not None
+        assert (done.returncode == 0) is takes, (name, done.stderr)
+        args: dict[str, Any] = {"name": "n-1", "device_types": ["x"], "provides": {}}
+        if takes:
+            data = write(WASM, payload_type="wasm-flow", file_name=name, **args)
+            assert read(data, max_payload=LIMIT).file.name == name
+        else:
+            with pytest.raises(ArtifactError, match="payload file name"):
+                write(WASM, payload_type="wasm-flow", file_name=name, **args)
+    for name in ("", ".", "..", "a/b.wasm", "x" * 101, "tab\t.wasm"):
+        with pytest.raises(ArtifactError, match="payload file name"):
+            write(WASM, payload_type="wasm-flow", file_name=name, **args)
+
+
+def _payload(tmp: Path, name: str) -> Path:
+    work = tmp / f"names-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    work.mkdir()
+    (work / name).write_bytes(WASM)
+    return work
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))

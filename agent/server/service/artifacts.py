@@ -265,8 +265,11 @@ def generate(
         if not 0 < len(t) <= 64 or not t.isprintable() or t != t.strip():
             raise Validation("device_types_compatible: printable types of 1 to 64 characters")
     base = (file_name or "").rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
-    if not base or len(base) > 100 or not base.isprintable() or base in (".", ".."):
-        raise Validation("file: a file name of 1 to 100 printable characters is required")
+    if not mender_artifact.FILE_NAME.fullmatch(base):
+        raise Validation(
+            f"file: its name {base[:80]!r} is not one mender-artifact takes: "
+            f"{mender_artifact.FILE_NAME_RULE} (rename the file)"
+        )
     options = _generate_args(args)
     software = options.get("software_name")
     provides = (
