@@ -13,6 +13,7 @@ broker = "mqtts://broker.example:8883"
 
 from __future__ import annotations
 
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +24,30 @@ from agent.device.config import MqttConfig
 from agent.server.errors import ConfigError
 
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent-server")
+#: Bytes of a login key file, at least (256 bits) and at most.
+MIN_LOGIN_KEY = 32
+MAX_LOGIN_KEY = 4096
+
+
+def read_login_key(path: Path) -> bytes:
+    """The key in a ``login_key_file`` (its bytes, a final newline dropped); a
+    ValueError unless it is a regular file that only its owner may read (mode 0600 or
+    0400) of 32 to 4096 bytes."""
+    try:
+        info = path.stat()
+        data = path.read_bytes()[: MAX_LOGIN_KEY + 3] if stat.S_ISREG(info.st_mode) else b""
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    if info.st_mode & 0o077:
+        raise ValueError(
+            f"{path}: mode {stat.S_IMODE(info.st_mode):o} lets others read it (chmod 600)"
+        )
+    key = data.removesuffix(b"\n").removesuffix(b"\r")
+    if not MIN_LOGIN_KEY <= len(key) <= MAX_LOGIN_KEY:
+        raise ValueError(f"{path}: {MIN_LOGIN_KEY} to {MAX_LOGIN_KEY} bytes are needed")
+    return key
 
 
 class ServerConfig(BaseModel):
@@ -61,6 +86,16 @@ class ServerConfig(BaseModel):
     login_ttl_s: Annotated[int, Field(gt=0, le=366 * 86400)] = 7 * 86400
     #: Seconds a download link (Mender's ``artifacts/{id}/download``) is valid.
     download_link_s: Annotated[int, Field(gt=0, le=7 * 86400)] = 3600
+    #: The key login tokens are signed with, in a file (``read_login_key``), instead
+    #: of a random one kept in the database (``server_secrets``).
+    login_key_file: Path | None = None
+
+    @field_validator("login_key_file")
+    @classmethod
+    def _login_key(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_login_key(value)
+        return value
 
     @field_validator("listen")
     @classmethod

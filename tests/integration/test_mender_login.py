@@ -242,6 +242,79 @@ def test_losant_routes_keep_requiring_api_tokens(server: RunningServer, tmp_path
     assert get(server, f"/applications/{server.app_id}/devices", server.token).status_code == 200
 
 
+def from_address(address: str) -> httpx.Client:
+    """A client whose connections come from ``address`` (of 127.0.0.0/8): what the
+    server takes for a client's address."""
+    transport = httpx.HTTPTransport(local_address=address)
+    return httpx.Client(transport=transport, timeout=30, trust_env=False)
+
+
+def assert_retry(r: httpx.Response, status: int) -> int:
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error", "request_id"}, r.text
+    return int(r.headers["retry-after"])
+
+
+def test_failed_logins_from_one_address_are_throttled(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    create_user(server, tmp_path, "throttle@example.com")
+    with from_address("127.0.0.2") as guesser, from_address("127.0.0.3") as other:
+        for i in range(users.MAX_FAILURES):
+            r = guesser.post(server.url + LOGIN, headers=basic("throttle@example.com", f"{i}"))
+            assert_mender_401(r)
+        # Then even the right password is 429 from that address, for the window.
+        r = guesser.post(server.url + LOGIN, headers=basic("throttle@example.com", PASSWORD))
+        assert 0 < assert_retry(r, 429) <= users.FAILURE_WINDOW_S
+        assert "Too many failed logins" in r.json()["error"]
+        # Another address logs in.
+        r = other.post(server.url + LOGIN, headers=basic("throttle@example.com", PASSWORD))
+        assert r.status_code == 200, r.text
+        assert mender_call(server, r.text).status_code == 200
+
+
+def test_logins_past_the_hash_slots_are_answered_503(
+    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Password hashes are bounded: with every slot taken by a login whose hash does
+    not end (a stand-in for a slow scrypt: a fault this test cannot cause otherwise),
+    one more login is answered 503 with Retry-After once its short wait is over,
+    without its hash ever starting; the held ones then finish."""
+    create_user(server, tmp_path, "slots@example.com")
+    real = users.verify_password
+    release = threading.Event()
+    started: list[str] = []
+
+    def held(password: str, stored: str | None) -> bool:
+        started.append(password)
+        release.wait(60)
+        return real(password, stored)
+
+    monkeypatch.setattr(users, "verify_password", held)
+    monkeypatch.setattr(users, "HASH_WAIT_S", 0.2)
+    answers: list[httpx.Response] = []
+    holders = [
+        threading.Thread(target=lambda: answers.append(login(server, "slots@example.com")))
+        for _ in range(users.HASH_SLOTS)
+    ]
+    try:
+        for t in holders:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(started) < users.HASH_SLOTS:
+            assert time.monotonic() < deadline, f"{len(started)} hashes started"
+            time.sleep(0.01)
+        with from_address("127.0.0.4") as late:
+            r = late.post(server.url + LOGIN, headers=basic("slots@example.com", PASSWORD))
+        assert assert_retry(r, 503) == 1
+        assert len(started) == users.HASH_SLOTS
+    finally:
+        release.set()
+        for t in holders:
+            t.join(30)
+    assert [a.status_code for a in answers] == [200] * users.HASH_SLOTS
+
+
 def test_create_user_reads_the_password_from_stdin(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from agent.server.config import ServerConfig
 from agent.server.context import ServerContext
@@ -167,3 +169,65 @@ def test_users_in_the_database(ctx: ServerContext, monkeypatch: pytest.MonkeyPat
         users.caller_for_token(ctx, token, frozenset())
     with pytest.raises(NotFound):
         users.delete_user(ctx.db, "me@example.com")
+
+
+def test_the_failure_throttle_counts_per_address_in_a_window() -> None:
+    now = [1000.0]
+    throttle = users.FailureThrottle(limit=3, window=60, size=2, clock=lambda: now[0])
+    for _ in range(3):
+        assert throttle.wait("a") == 0
+        throttle.failed("a")
+    assert throttle.wait("a") == 60
+    assert throttle.wait("b") == 0
+    now[0] += 59.5
+    assert throttle.wait("a") == 1  # (rounded up)
+    now[0] += 0.5
+    assert throttle.wait("a") == 0  # the window is over: forgotten
+    throttle.failed("a")
+    assert throttle.wait("a") == 0  # one failure of a new window
+    # Bounded: the least recently failed address is forgotten first.
+    throttle.failed("b")
+    throttle.failed("c")
+    assert len(throttle) == 2
+    for _ in range(3):
+        throttle.failed("c")
+    throttle.failed("d")
+    assert len(throttle) == 2
+    assert throttle.wait("c") == 60
+    throttle.failed("e")  # ("c" failed before "d": it is forgotten)
+    assert throttle.wait("c") == 0
+
+
+def test_a_login_key_file_signs_the_tokens(tmp_path: Path) -> None:
+    key_file = tmp_path / "login.key"
+    key_file.write_bytes(b"k" * 40 + b"\n")
+    key_file.chmod(0o600)
+    settings = {"db": f"sqlite:///{tmp_path / 'server.db'}", "state_dir": str(tmp_path)}
+    cfg = ServerConfig.model_validate({**settings, "login_key_file": str(key_file)})
+    context = ServerContext(cfg, with_broker=False)
+    try:
+        from agent.server.db import applications as apps_repo
+        from agent.server.db.models import ServerSecret
+
+        with context.db.transaction() as s:
+            app_id = apps_repo.create_application(s, "a", "edge").id
+        users.create_user(context.db, app_id, "me@example.com", "pw")
+        token = users.login(context, _basic("me@example.com:pw"))
+        claims = jwt.decode(token, b"k" * 40, algorithms=["HS256"], issuer=users.ISSUER)
+        assert claims["app"] == app_id
+        assert users.caller_for_token(context, token, frozenset()).app.id == app_id
+        with context.db.transaction() as s:
+            assert s.get(ServerSecret, users.KEY_NAME) is None  # nothing in the database
+    finally:
+        context.db.close()
+    # Only a file of the owner's, of 32 bytes or more.
+    for content, mode, message in [
+        (b"k" * 40, 0o644, "mode 644 lets others read it"),
+        (b"k" * 31 + b"\n", 0o600, "32 to 4096 bytes"),
+    ]:
+        key_file.write_bytes(content)
+        key_file.chmod(mode)
+        with pytest.raises(ValidationError, match=message):
+            ServerConfig.model_validate({**settings, "login_key_file": str(key_file)})
+    with pytest.raises(ValidationError, match="cannot read"):
+        ServerConfig.model_validate({**settings, "login_key_file": str(tmp_path / "none")})

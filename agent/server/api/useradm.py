@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from agent.server.api.auth import context
@@ -23,8 +23,19 @@ BASE = "/api/management/v1/useradm/auth"
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    text = {400: "Bad request", 401: "Wrong or missing credentials", 404: "Not found"}
-    return {code: {"model": MenderError, "description": text[code]} for code in codes}
+    text = {
+        400: "Bad request",
+        401: "Wrong or missing credentials",
+        404: "Not found",
+        429: "Too many failed logins from this address lately: retry after Retry-After",
+        503: "Too many logins at once: retry after Retry-After",
+    }
+    retry = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
+    return {
+        code: {"model": MenderError, "description": text[code]}
+        | ({"headers": retry} if code in (429, 503) else {})
+        for code in codes
+    }
 
 
 @router.post(
@@ -36,12 +47,20 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     "for the server's `login_ttl_s`).",
     responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-        **_errors(400, 401, 404),
+        **_errors(400, 401, 404, 429, 503),
     },
 )
-def login(request: Request) -> PlainTextResponse:
-    # A plain def: FastAPI runs it in its thread pool, where scrypt may take its time.
-    token = users.login(context(request), request.headers.get("authorization", ""))
+async def login(request: Request) -> PlainTextResponse:
+    # Bounded (users.guarded_login): the hash runs in a worker thread, at most a few
+    # at once; a login waiting for its turn holds no thread.
+    header = request.headers.get("authorization", "")
+    address = request.client.host if request.client is not None else ""
+    try:
+        token = await users.guarded_login(context(request), header, address)
+    except users.LoginBusy as exc:
+        raise HTTPException(
+            exc.status, exc.message, headers={"Retry-After": str(exc.retry_after)}
+        ) from None
     return PlainTextResponse(token)
 
 

@@ -2,8 +2,16 @@
 
 A login (email and password, :func:`login`) gets a JWT signed with HS256 by a key
 every server process shares (a random 256-bit secret in the database, made by the
-first process that needs it). The token is stateless: it is good until it expires
-(``login_ttl_s``) or its user is deleted; logging out does not revoke it.
+first process that needs it, or the server's ``login_key_file``). The token is
+stateless: it is good until it expires (``login_ttl_s``) or its user is deleted;
+logging out does not revoke it.
+
+Logins are bounded, since each costs a scrypt (32 MiB, ~100 ms of a core) that anyone
+can ask for: at most :data:`HASH_SLOTS` hash at once (a login that waits
+:data:`HASH_WAIT_S` for a slot is answered 503, without holding a thread meanwhile),
+and an address with :data:`MAX_FAILURES` failed logins within
+:data:`FAILURE_WINDOW_S` is answered 429 until that window ends (the addresses kept
+are bounded, :data:`MAX_ADDRESSES`, the least recently failed forgotten first).
 
 Tokens and passwords are never logged.
 """
@@ -12,18 +20,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import secrets
 import threading
 import time
 import weakref
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import anyio
+import anyio.to_thread
 import jwt
 import structlog
 
+from agent.server.config import read_login_key
 from agent.server.db import applications as apps_repo
 from agent.server.db import users as repo
-from agent.server.errors import NotFound, Unauthorized, Validation
+from agent.server.errors import ApiError, NotFound, Unauthorized, Validation
 from agent.server.service.passwords import MAX_PASSWORD, hash_password, verify_password
 from agent.server.text import text_problem
 
@@ -46,8 +60,108 @@ MAX_TOKEN = 4096
 #: The claim that names the user's application.
 APP_CLAIM = "app"
 
+#: Password hashes computed at once, at most (each takes 32 MiB and a core).
+HASH_SLOTS = 4
+#: Seconds a login waits for a hash slot before it is answered 503.
+HASH_WAIT_S = 2.0
+#: Failed logins (a password checked and wrong, or an unknown email) from one address
+#: within FAILURE_WINDOW_S seconds of its first, after which its logins are 429.
+MAX_FAILURES = 10
+FAILURE_WINDOW_S = 60.0
+#: Addresses whose failures are remembered, at most.
+MAX_ADDRESSES = 10_000
+
 _keys: weakref.WeakKeyDictionary[ServerContext, bytes] = weakref.WeakKeyDictionary()
 _keys_lock = threading.Lock()
+
+
+class LoginBusy(ApiError):
+    """503: every hash slot is taken (come back in ``retry_after`` seconds)."""
+
+    status = 503
+    type = "ServiceUnavailable"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyLogins(LoginBusy):
+    """429: this address failed too often lately."""
+
+    status = 429
+    type = "TooManyRequests"
+
+
+class FailureThrottle:
+    """Failed logins per address in a window that starts at the first failure: at
+    ``limit`` failures, the address waits for the window's end. Bounded: ``size``
+    addresses, the least recently failed forgotten first. Thread-safe."""
+
+    def __init__(
+        self,
+        limit: int = MAX_FAILURES,
+        window: float = FAILURE_WINDOW_S,
+        size: int = MAX_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit, self.window, self.size, self.clock = limit, window, size, clock
+        self._lock = threading.Lock()
+        #: address → (the window's start, failures in it), least recently failed first
+        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def wait(self, address: str) -> int:
+        """Seconds ``address`` must wait before it may try again; 0: it may now."""
+        with self._lock:
+            entry = self._failures.get(address)
+            if entry is None:
+                return 0
+            start, count = entry
+            left = start + self.window - self.clock()
+            if left <= 0:
+                del self._failures[address]
+                return 0
+            return math.ceil(left) if count >= self.limit else 0
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            now = self.clock()
+            start, count = self._failures.pop(address, (now, 0))
+            if now - start >= self.window:
+                start, count = now, 0
+            self._failures[address] = (start, count + 1)
+            while len(self._failures) > self.size:
+                self._failures.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+
+class _Guard:
+    """A server's bounds on logins (see the module)."""
+
+    def __init__(self) -> None:
+        self.throttle = FailureThrottle()
+        self._slots: anyio.CapacityLimiter | None = None
+
+    @property
+    def slots(self) -> anyio.CapacityLimiter:
+        # (Made on first use: an anyio limiter is made in a running event loop.)
+        if self._slots is None:
+            self._slots = anyio.CapacityLimiter(HASH_SLOTS)
+        return self._slots
+
+
+_guards: weakref.WeakKeyDictionary[ServerContext, _Guard] = weakref.WeakKeyDictionary()
+_guards_lock = threading.Lock()
+
+
+def _guard(ctx: ServerContext) -> _Guard:
+    with _guards_lock:
+        guard = _guards.get(ctx)
+        if guard is None:
+            guard = _guards[ctx] = _Guard()
+        return guard
 
 
 def normalize_email(email: str) -> str:
@@ -94,13 +208,17 @@ def delete_user(db: Database, email: str) -> str:
 
 
 def signing_key(ctx: ServerContext) -> bytes:
-    """The key login tokens are signed with (made on first use, then cached)."""
+    """The key login tokens are signed with: the ``login_key_file``'s, else the one
+    in the database (made on first use); read once, then cached."""
     with _keys_lock:
         key = _keys.get(ctx)
         if key is None:
-            candidate = secrets.token_urlsafe(32)  # 256 bits
-            with ctx.db.transaction() as s:
-                key = repo.secret(s, KEY_NAME, candidate).encode()
+            if ctx.cfg.login_key_file is not None:
+                key = read_login_key(ctx.cfg.login_key_file)
+            else:
+                candidate = secrets.token_urlsafe(32)  # 256 bits
+                with ctx.db.transaction() as s:
+                    key = repo.secret(s, KEY_NAME, candidate).encode()
             _keys[ctx] = key
         return key
 
@@ -122,10 +240,41 @@ def basic_credentials(header: str) -> tuple[str, str]:
     return email, password
 
 
+async def guarded_login(ctx: ServerContext, header: str, address: str) -> str:
+    """:func:`login` within the bounds of the module: 429 (:class:`TooManyLogins`)
+    for an ``address`` that failed too often lately, 503 (:class:`LoginBusy`) when no
+    hash slot freed up in time; a failure (401 after the hash) counts against the
+    address. A malformed header is answered 401 at once (no hash, not counted)."""
+    guard = _guard(ctx)
+    wait = guard.throttle.wait(address)
+    if wait:
+        log.info("login refused: too many failures", address=address)
+        raise TooManyLogins(f"Too many failed logins from this address: retry in {wait} s", wait)
+    email, password = basic_credentials(header)
+    slots = guard.slots
+    with anyio.move_on_after(HASH_WAIT_S) as waited:
+        await slots.acquire()
+    if waited.cancelled_caught:
+        log.warning("login refused: every hash slot is busy", address=address)
+        raise LoginBusy("Too many logins at once: retry shortly", 1)
+    try:
+        return await anyio.to_thread.run_sync(check_password, ctx, email, password)
+    except Unauthorized:
+        guard.throttle.failed(address)
+        raise
+    finally:
+        slots.release()
+
+
 def login(ctx: ServerContext, header: str) -> str:
     """A new login token for the user the Basic ``header`` names, or 401 (the same
-    answer, after the same scrypt, for an unknown email as for a wrong password)."""
-    email, password = basic_credentials(header)
+    answer, after the same scrypt, for an unknown email as for a wrong password).
+    Unbounded: the API calls :func:`guarded_login`."""
+    return check_password(ctx, *basic_credentials(header))
+
+
+def check_password(ctx: ServerContext, email: str, password: str) -> str:
+    """A new login token if ``password`` is the user's, else 401 (see :func:`login`)."""
     with ctx.db.transaction() as s:
         storable = text_problem(email) is None  # (PostgreSQL cannot even look up a NUL)
         user = repo.by_email(s, normalize_email(email)) if storable else None
