@@ -8,18 +8,22 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from broker import Broker
 from server_harness import running_server
+from sqlalchemy import select, update
 
 from agent.device.config import AgentConfig
 from agent.fleet.sim import Simulation
 from agent.server.db import applications as apps_repo
 from agent.server.db import devices as devices_repo
 from agent.server.db.engine import Database
+from agent.server.db.models import DeploymentLog
+from agent.server.service import inventory as inventory_module
 from agent.server.service.inventory import Inventory, Report
 
 PREFIX = "edge"
@@ -178,3 +182,84 @@ async def test_reports_lost_with_a_server_are_read_again(
             srv.ctx.resync()
             after = await until(lambda: link.resyncs > done and rows())
             assert after == before
+
+
+# ---------------------------------------------------------------- deployment logs
+
+
+def log_report(device: str, deployment_id: str, messages: list[dict[str, Any]]) -> Report:
+    doc = {"deviceId": device, "flowId": "f", "deploymentId": deployment_id, "messages": messages}
+    return f"{PREFIX}/{device}/deployments/{deployment_id}/log", json.dumps(doc).encode(), True
+
+
+def stored_logs(db: Database, app: str, device: str) -> dict[str, DeploymentLog]:
+    with db.transaction() as s:
+        rows = s.scalars(
+            select(DeploymentLog).where(
+                DeploymentLog.application_id == app, DeploymentLog.device_id == device
+            )
+        )
+        return {row.deployment_id: row for row in rows}
+
+
+def stored_at(db: Database, app: str, device: str, times: dict[str, datetime]) -> None:
+    """Backdate stored logs (as if stored then)."""
+    with db.transaction() as s:
+        for deployment_id, when in times.items():
+            s.execute(
+                update(DeploymentLog)
+                .where(
+                    DeploymentLog.application_id == app,
+                    DeploymentLog.device_id == device,
+                    DeploymentLog.deployment_id == deployment_id,
+                )
+                .values(time=when)
+            )
+
+
+def test_deployment_logs_read_again_are_not_rewritten(db: Database) -> None:
+    app = make_app(db)
+    inventory = Inventory(db, lambda p: app if p == PREFIX else None)
+    line = {"time": "2026-01-01T00:00:00.000000Z", "level": "error", "message": "boom"}
+    inventory.apply([log_report("d1", "a1", [line])])
+    long_ago = datetime(2000, 1, 1, tzinfo=UTC)
+    stored_at(db, app, "d1", {"a1": long_ago})
+    # The retained log read again (a resync): the row is left alone.
+    inventory.apply([log_report("d1", "a1", [line])])
+    assert stored_logs(db, app, "d1")["a1"].time == long_ago
+    # A changed one replaces it.
+    inventory.apply([log_report("d1", "a1", [line, {**line, "message": "again"}])])
+    row = stored_logs(db, app, "d1")["a1"]
+    assert row.time > long_ago
+    assert [m["message"] for m in row.messages] == ["boom", "again"]
+
+
+def test_deployment_logs_are_bounded_per_device_and_in_size(db: Database) -> None:
+    app = make_app(db)
+    inventory = Inventory(db, lambda p: app if p == PREFIX else None)
+    keep = inventory_module.MAX_LOGS_PER_DEVICE
+    line = {"time": "t", "level": "error", "message": "m"}
+    # A device keeps its newest logs: a new one pushes out the oldest stored.
+    inventory.apply([log_report("d1", f"x{i:03d}", [line]) for i in range(keep)])
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    stored_at(db, app, "d1", {f"x{i:03d}": base + timedelta(seconds=i) for i in range(keep)})
+    inventory.apply([log_report("d1", f"y{i}", [line]) for i in range(3)])
+    kept = stored_logs(db, app, "d1")
+    assert len(kept) == keep
+    assert set(kept) == {f"x{i:03d}" for i in range(3, keep)} | {"y0", "y1", "y2"}
+    # More new ones in one batch than it keeps: the last ones heard.
+    inventory.apply([log_report("d2", f"z{i:03d}", [line]) for i in range(keep + 10)])
+    assert set(stored_logs(db, app, "d2")) == {f"z{i:03d}" for i in range(10, keep + 10)}
+    assert len(stored_logs(db, app, "d1")) == keep  # (another device's stay)
+
+    # One log: its newest lines, each field cut, within a total.
+    lines = inventory_module.MAX_LOG_LINES
+    many = [{**line, "message": f"{i}"} for i in range(lines + 5)]
+    long = {"time": "t" * 100, "level": "l" * 100, "message": "x" * 3000}
+    inventory.apply([log_report("d3", "many", many), log_report("d3", "long", [long] * 200)])
+    kept = stored_logs(db, app, "d3")
+    assert [m["message"] for m in kept["many"].messages] == [f"{i}" for i in range(5, lines + 5)]
+    fields = inventory_module.LOG_FIELDS
+    assert kept["long"].messages[0] == {k: v[: fields[k]] for k, v in long.items()}
+    size = sum(fields.values())
+    assert len(kept["long"].messages) == inventory_module.MAX_LOG_CHARS // size

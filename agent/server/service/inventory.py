@@ -19,8 +19,13 @@ logged and dropped, never an error of the loop.
 
 The devices' deployment logs (``{prefix}/{id}/deployments/{deploymentId}/log``,
 retained, one per failed attempt) are stored too (``DeploymentLog``, replaced by a
-later one; an empty retained message deletes it): Mender's API serves them. Once a
-batch is recorded, ``on_applied`` is called (the rollout engine looks again).
+later one; an empty retained message deletes it): Mender's API serves them. A log
+read again unchanged (the retained messages are read again every few minutes) is not
+written again. They are bounded, since a device chooses its deployment ids and its
+logs' contents: the newest :data:`MAX_LOGS_PER_DEVICE` logs of a device are kept (by
+when they were stored), each with its newest lines up to :data:`MAX_LOG_LINES` and
+:data:`MAX_LOG_CHARS`, each field of a line cut to its length (:data:`LOG_FIELDS`).
+Once a batch is recorded, ``on_applied`` is called (the rollout engine looks again).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -43,7 +48,14 @@ from agent.server.db import deployments as deployments_repo
 from agent.server.db import devices as devices_repo
 from agent.server.db import rollouts as rollouts_repo
 from agent.server.db.engine import Database
-from agent.server.db.models import Deployment, DeploymentAttempt, Device, new_id, utcnow
+from agent.server.db.models import (
+    Deployment,
+    DeploymentAttempt,
+    DeploymentLog,
+    Device,
+    new_id,
+    utcnow,
+)
 from agent.server.text import tree_problem
 from agent.wire.protocol import is_valid_id
 
@@ -64,9 +76,17 @@ Report = tuple[str, bytes, bool]
 RETRY_DELAYS = (0.1, 0.5, 2.0)
 #: A deployment id as the agent accepts it (protocol.md, ``deploymentId``).
 DEPLOYMENT_ID = re.compile(r"(?!\.+$)[A-Za-z0-9._:-]{1,128}")
-#: Lines of one deployment log kept (the agent sends at most ``reconcile.log_lines``).
+#: Deployment logs kept per device: the newest (by when they were stored).
+MAX_LOGS_PER_DEVICE = 50
+#: Lines of one deployment log kept, the newest (the agent sends its last
+#: ``reconcile.log_lines``, 500 by default).
 MAX_LOG_LINES = 2000
-MAX_LOG_TEXT = 4096
+#: The fields of a log line kept, each cut to this many characters.
+LOG_FIELDS = {"time": 64, "level": 16, "message": 2048}
+#: Characters of one log's lines, at most (the newest lines that fit are kept).
+MAX_LOG_CHARS = 256 * 1024
+#: Devices per query when logs are compared with the stored ones.
+LOG_CHUNK = 500
 #: (application id, device id, deployment id) → the log's document (None: cleared).
 Logs = dict[tuple[str, str, str], dict[str, Any] | None]
 
@@ -302,21 +322,109 @@ class Inventory:
 
 
 def _store_logs(s: Session, logs: Logs) -> None:
-    for (app_id, device_id, deployment_id), doc in sorted(logs.items()):
-        if doc is None:
-            rollouts_repo.drop_log(s, app_id, device_id, deployment_id)
+    """Store, replace or drop the logs (see the module): unchanged ones are left
+    alone, and a device keeps its newest :data:`MAX_LOGS_PER_DEVICE`."""
+    by_device: dict[tuple[str, str], dict[str, dict[str, Any] | None]] = {}
+    for (app_id, device_id, deployment_id), doc in logs.items():  # (in the order heard)
+        by_device.setdefault((app_id, device_id), {})[deployment_id] = doc
+    apps = sorted({app_id for app_id, _ in by_device})
+    for app_id in apps:
+        devices = sorted(d for a, d in by_device if a == app_id)
+        for i in range(0, len(devices), LOG_CHUNK):
+            chunk = devices[i : i + LOG_CHUNK]
+            incoming = {d: by_device[(app_id, d)] for d in chunk}
+            _store_device_logs(s, app_id, incoming)
+
+
+def _store_device_logs(
+    s: Session, app_id: str, incoming: dict[str, dict[str, dict[str, Any] | None]]
+) -> None:
+    devices = list(incoming)
+    ids = sorted({dep for docs in incoming.values() for dep in docs})
+    # When each stored log of these devices was stored (for the cap), and the ones
+    # named now whole (to compare with).
+    stored: dict[str, dict[str, tuple[int, float, str]]] = {d: {} for d in devices}
+    for device_id, deployment_id, when in s.execute(
+        select(DeploymentLog.device_id, DeploymentLog.deployment_id, DeploymentLog.time).where(
+            DeploymentLog.application_id == app_id, DeploymentLog.device_id.in_(devices)
+        )
+    ):
+        stored[device_id][deployment_id] = (0, when.timestamp(), deployment_id)
+    current = {
+        (row.device_id, row.deployment_id): (row.flow_id, row.messages)
+        for row in s.execute(
+            select(
+                DeploymentLog.device_id,
+                DeploymentLog.deployment_id,
+                DeploymentLog.flow_id,
+                DeploymentLog.messages,
+            ).where(
+                DeploymentLog.application_id == app_id,
+                DeploymentLog.device_id.in_(devices),
+                DeploymentLog.deployment_id.in_(ids),
+            )
+        )
+    }
+    for device_id, docs in incoming.items():
+        order = stored[device_id]
+        heard = {deployment_id: n for n, deployment_id in enumerate(docs)}
+        # (Of more new logs than a device keeps, the last ones heard.)
+        new = [d for d, doc in docs.items() if doc is not None]
+        skipped = set(new[:-MAX_LOGS_PER_DEVICE])
+        # Written in one order (two server processes lock rows in the same order).
+        for deployment_id, doc in sorted(docs.items()):
+            if doc is None:
+                if order.pop(deployment_id, None) is not None:
+                    rollouts_repo.drop_log(s, app_id, device_id, deployment_id)
+                continue
+            if deployment_id in skipped:
+                continue
+            row = _log_row(doc)
+            if row is None:
+                log.warning("malformed deployment log dropped", device=device_id)
+                continue
+            if current.get((device_id, deployment_id)) == row:
+                continue  # (read again, unchanged)
+            rollouts_repo.save_log(s, app_id, device_id, deployment_id, *row)
+            order[deployment_id] = (1, float(heard[deployment_id]), deployment_id)
+        excess = len(order) - MAX_LOGS_PER_DEVICE
+        if excess > 0:
+            oldest = sorted(order, key=order.__getitem__)[:excess]
+            s.execute(
+                delete(DeploymentLog).where(
+                    DeploymentLog.application_id == app_id,
+                    DeploymentLog.device_id == device_id,
+                    DeploymentLog.deployment_id.in_(oldest),
+                )
+            )
+
+
+def _log_row(doc: dict[str, Any]) -> tuple[str | None, list[dict[str, str]]] | None:
+    """(flow id, lines) of a log document as it is stored, or None if malformed."""
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or tree_problem(doc) is not None:
+        return None
+    lines: list[dict[str, str]] = []
+    chars = 0
+    for m in reversed(messages):
+        if len(lines) == MAX_LOG_LINES:
+            break
+        if not isinstance(m, dict):
             continue
-        messages = doc.get("messages")
-        if not isinstance(messages, list) or tree_problem(doc) is not None:
-            log.warning("malformed deployment log dropped", device=device_id)
-            continue
-        lines = [
-            {k: str(m.get(k, ""))[:MAX_LOG_TEXT] for k in ("time", "level", "message")}
-            for m in messages[-MAX_LOG_LINES:]
-            if isinstance(m, dict)
-        ]
-        flow_id = _text(doc.get("flowId"), 128)
-        rollouts_repo.save_log(s, app_id, device_id, deployment_id, flow_id, lines)
+        line = {k: _field(m.get(k), n) for k, n in LOG_FIELDS.items()}
+        chars += sum(len(v) for v in line.values())
+        if chars > MAX_LOG_CHARS:
+            break
+        lines.append(line)
+    lines.reverse()
+    return _text(doc.get("flowId"), 128), lines
+
+
+def _field(value: Any, limit: int) -> str:
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text[:limit]
 
 
 def _attempt_ids(state: dict[str, Any]) -> list[str]:
