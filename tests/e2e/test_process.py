@@ -160,18 +160,21 @@ async def test_wrong_credentials_clear_error_and_keeps_running(
         secure.stop()
 
 
-def test_demo_command_converges() -> None:
+def test_demo_command_converges(tmp_path: Path) -> None:
     """The README's demonstration runs end to end, tells its story, and cleans up."""
     import re
-    import tempfile
 
-    before = set(Path(tempfile.gettempdir()).glob("edge-agent-demo-*"))
+    # Its own temporary directory: another demo may run meanwhile (the tests run in
+    # parallel), and what it leaves behind must be this one's.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     res = subprocess.run(
         [sys.executable, "-m", "agent", "demo"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, "TMPDIR": str(tmp)},
     )
     out = res.stdout
     assert res.returncode == 0, out + res.stderr
@@ -197,7 +200,7 @@ def test_demo_command_converges() -> None:
     assert len(counts) == 2
     assert counts[1] > counts[0]  # the count went on: storage survived the upgrade
     assert '"success": 5' in out
-    assert set(Path(tempfile.gettempdir()).glob("edge-agent-demo-*")) == before
+    assert list(tmp.iterdir()) == []
 
 
 async def test_kill_9_while_offline_loses_nothing_from_the_outbox(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import configparser
 import itertools
+import os
 import re
 import shutil
 import signal
@@ -86,10 +87,11 @@ def test_notifier_paths_abstract_socket_and_watchdog_pid(
     assert not Notifier({}).ready()  # not under systemd: a no-op
     other_pid = Notifier({"NOTIFY_SOCKET": "x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
     assert other_pid.watchdog_interval is None  # the watchdog is for another process
+    name = f"edge-agent-test-notify-{os.getpid()}"  # (one per test process)
     abstract = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    abstract.bind("\0edge-agent-test-notify")
+    abstract.bind(f"\0{name}")
     try:
-        assert Notifier({"NOTIFY_SOCKET": "@edge-agent-test-notify"}).notify("X=1")
+        assert Notifier({"NOTIFY_SOCKET": f"@{name}"}).notify("X=1")
         assert abstract.recv(100) == b"X=1"
     finally:
         abstract.close()
