@@ -83,5 +83,7 @@ for script in postinst prerm postrm; do
 done
 
 # gzip: every dpkg reads it, and it builds several times faster than the default xz.
-dpkg-deb --root-owner-group -Zgzip --build "$root" "$out/$name.deb" >/dev/null
+# DEB_GZIP_LEVEL (1-9, default 9): the tests build with 1 (a package ~15 % larger, its
+# compression three times faster; what it holds is the same).
+dpkg-deb --root-owner-group -Zgzip -z"${DEB_GZIP_LEVEL:-9}" --build "$root" "$out/$name.deb" >/dev/null
 echo "$out/$name.deb"
