@@ -4,12 +4,19 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup test check lint typecheck unit integration e2e demo bench clean
 
+## Test processes (pytest-xdist): PYTEST_WORKERS=auto for one per core, 0 for one
+## process. A test file runs whole in one worker (--dist loadfile: its module-scoped
+## servers and packages are made once); every worker has its own brokers, PostgreSQL
+## clusters and temporary directories.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+
 setup:
 	@scripts/bootstrap
 
 ## Everything CI runs: lint, type check, the whole test suite (unit, integration, e2e).
 test: setup lint typecheck
-	$(PY) -m pytest
+	$(PYTEST)
 
 ## The inner loop (under a minute): lint, type check, unit tests.
 check: setup lint typecheck unit
@@ -25,10 +32,10 @@ unit: setup
 	$(PY) -m pytest tests/unit
 
 integration: setup
-	$(PY) -m pytest tests/integration
+	$(PYTEST) tests/integration
 
 e2e: setup
-	$(PY) -m pytest tests/e2e
+	$(PYTEST) tests/e2e
 
 ## A local demonstration: private broker, agent, a deployment converging.
 demo: setup
