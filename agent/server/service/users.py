@@ -248,19 +248,22 @@ async def guarded_login(ctx: ServerContext, header: str, address: str) -> str:
     guard = _guard(ctx)
     wait = guard.throttle.wait(address)
     if wait:
-        log.info("login refused: too many failures", address=address)
         raise TooManyLogins(f"Too many failed logins from this address: retry in {wait} s", wait)
     email, password = basic_credentials(header)
     slots = guard.slots
     with anyio.move_on_after(HASH_WAIT_S) as waited:
         await slots.acquire()
     if waited.cancelled_caught:
-        log.warning("login refused: every hash slot is busy", address=address)
+        log.debug("login refused: every hash slot is busy", address=address)
         raise LoginBusy("Too many logins at once: retry shortly", 1)
     try:
         return await anyio.to_thread.run_sync(check_password, ctx, email, password)
     except Unauthorized:
         guard.throttle.failed(address)
+        if guard.throttle.wait(address):  # (logged once a window, not at every 429)
+            log.warning(
+                "logins from an address refused for a while: too many failures", address=address
+            )
         raise
     finally:
         slots.release()
