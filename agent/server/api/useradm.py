@@ -22,7 +22,13 @@ router = APIRouter(tags=["mender"])
 BASE = "/api/management/v1/useradm/auth"
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+#: Mender's error body in the OpenAPI document: the component the ``model`` of the
+#: logout's errors makes (the login's answer is text, so FastAPI would put a model of
+#: its errors under text/plain: they are JSON, named explicitly).
+_ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/MenderError"}}}
+
+
+def _errors(*codes: int, json_ref: bool = False) -> dict[int | str, dict[str, Any]]:
     text = {
         400: "Bad request",
         401: "Wrong or missing credentials",
@@ -31,8 +37,9 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         503: "Too many logins at once: retry after Retry-After",
     }
     retry = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
+    body: dict[str, Any] = {"content": _ERROR_JSON} if json_ref else {"model": MenderError}
     return {
-        code: {"model": MenderError, "description": text[code]}
+        code: {"description": text[code], **body}
         | ({"headers": retry} if code in (429, 503) else {})
         for code in codes
     }
@@ -47,7 +54,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     "for the server's `login_ttl_s`).",
     responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-        **_errors(400, 401, 404, 429, 503),
+        **_errors(400, 401, 404, 429, 503, json_ref=True),
     },
 )
 async def login(request: Request) -> PlainTextResponse:
