@@ -188,13 +188,18 @@ def test_paging_links_as_the_seed(server: RunningServer) -> None:
     """``Link`` with first/prev/next, as the seed and pymenderio's pager read them."""
     server.upload("f1", "v1", bytes(wat.reactor("x")))
     with server.http() as c:
-        r = c.post(f"/applications/{server.app_id}/devices", json={"name": "d", "deviceId": "d1"})
-        assert r.status_code == 201, r.text
         made = []
         for i in range(5):
+            # (A device per deployment: one is in at most one unfinished deployment
+            # of a flow.)
+            r = c.post(
+                f"/applications/{server.app_id}/devices",
+                json={"name": f"d{i + 1}", "deviceId": f"d{i + 1}"},
+            )
+            assert r.status_code == 201, r.text
             r = c.post(
                 f"{V1}/deployments",
-                json={"name": f"n{i}", "artifact_name": "f1-v1", "devices": ["d1"]},
+                json={"name": f"n{i}", "artifact_name": "f1-v1", "devices": [f"d{i + 1}"]},
             )
             assert r.status_code == 201, r.text
             made.append(r.headers["location"].rsplit("/", 1)[1])

@@ -5,7 +5,16 @@ Phases start on time and only after the earlier ones are healthy; a version that
 traps in its health window stops the rollout at the failure threshold and the failed
 devices run the previous version again; an abort in the middle; a server restarted
 mid-rollout carries on; a dynamic rollout enrols a device that appears later; a
-device is decommissioned from its rollouts; bad input is refused with nothing stored.
+device is decommissioned from its rollouts; a device decommissioned through Losant's
+API or given another release ends its part (the rollout does not wait for it
+forever); bad input is refused with nothing stored.
+
+Races need exact interleavings: there the engine looks only when the test says so
+(:class:`ManualEngine`, the server's own engine without its thread), and some
+devices are *scripted*: known to the server, their state reports published by the
+test over the broker (what an agent would send at that moment), so that a report
+lands between two given steps. Everything else is real (server, broker, inventory,
+desired writer, and real sim agents where the timing does not matter).
 
 Every flow here answers ``f1.version`` (:func:`wat.versioned_flow`); which version a
 device runs is read from its own state report (the Losant records the server keeps).
@@ -24,12 +33,19 @@ from typing import Any
 import httpx
 import pytest
 import wat
-from broker import Broker
+from broker import Broker, Operator
+from pydantic import TypeAdapter
 from server_harness import RunningServer, running_server
+from sqlalchemy import update
 
 from agent.device.config import AgentConfig
 from agent.fleet.sim import Simulation
+from agent.server.api import mender_deployments as api
 from agent.server.context import ServerContext
+from agent.server.db import devices as devices_repo
+from agent.server.db.models import Device
+from agent.server.service import rollouts as rollouts_service
+from agent.server.service.rollout_engine import RolloutEngine
 
 PREFIX = "edge"
 V1 = "/api/management/v1/deployments"
@@ -137,15 +153,23 @@ def running(srv: RunningServer) -> dict[str, str | None]:
     return {d["deviceId"]: d["currentVersion"] for d in r.json()["items"]}
 
 
-def desired_ids(srv: RunningServer, device_id: str) -> str | None:
-    """The deploymentId of f1 in the device's desired document (what it was told)."""
+def desired_entry(srv: RunningServer, device_id: str, flow: str = "f1") -> dict[str, Any]:
+    """The device's desired entry of ``flow`` (what it was told), or {}."""
     with srv.ctx.db.transaction() as s:
-        from agent.server.db import devices as devices_repo
-
         dev = devices_repo.get(s, srv.app_id, device_id)
         assert dev is not None
-        entry = (dev.desired.get("flows") or {}).get("f1")
-        return entry.get("deploymentId") if isinstance(entry, dict) else None
+        entry = (dev.desired.get("flows") or {}).get(flow)
+        return entry if isinstance(entry, dict) else {}
+
+
+def desired_ids(srv: RunningServer, device_id: str) -> str | None:
+    """The deploymentId of f1 in the device's desired document (what it was told)."""
+    return desired_entry(srv, device_id).get("deploymentId")
+
+
+def conforms(model: Any, data: Any) -> None:
+    """``data`` (a real answer) is what the OpenAPI document says it is."""
+    TypeAdapter(model).validate_python(data)
 
 
 def in_(seconds: float) -> str:
@@ -229,6 +253,14 @@ async def test_three_phases_start_on_time_after_healthy_ones(
     entries = get(server, f"{rid}/devices")
     assert {e["state"] for e in entries} == {"success"}
     assert all(e["device_type"] == "gw" and e["log"] is False for e in entries)
+    # The answers are what the OpenAPI document says.
+    conforms(api.Deployment, done)
+    conforms(list[api.Device], entries)
+    conforms(api.DeploymentStatistics, get(server, f"{rid}/statistics"))
+    conforms(list[api.Event], log)
+    with mender(server) as c:
+        listed = c.get(f"{V1}/deployments").json()
+    conforms(list[api.Deployment], listed)
 
 
 # ------------------------------------------------------------------ threshold, revert
@@ -341,6 +373,300 @@ async def test_abort_in_the_middle(server: RunningServer, sims: Simulation) -> N
     assert get(server, f"{rid}/statistics") == stats  # finished: nothing moves any more
 
 
+# ------------------------------------------------------------------ a replaced entry
+async def test_a_device_decommissioned_or_given_another_release_ends_its_part(
+    server: RunningServer, tmp_path: Path, broker: Broker
+) -> None:
+    """Devices in their health window (``rebooting``) whose entry is replaced: one
+    decommissioned through Losant's device API, one given another version through
+    Losant's release. Their attempts will never report; the rollout does not wait
+    for them (it used to stay ``inprogress`` forever)."""
+    upload(server, "v1", wat.versioned_flow("v1"), TRIGGERS)
+    upload(server, "v0", wat.versioned_flow("v0"), TRIGGERS)
+    async with fleet(tmp_path, broker, 2):
+        await until(lambda: set(ids(2)) <= set(known_types(server)), "the devices known")
+        rid = create(
+            server,
+            {
+                "name": "replaced",
+                "artifact_name": "f1-v1",
+                "devices": ids(2),
+                "edge": {"health_window": 120},
+            },
+        )
+        await until(
+            lambda: set(statuses(server, rid).values()) == {"rebooting"}, "both in the window"
+        )
+        # The devices are this rollout's for flow f1: another one over them is a 409.
+        with mender(server) as c:
+            r = c.post(
+                f"{V1}/deployments",
+                json={"name": "again", "artifact_name": "f1-v0", "devices": ids(1, first=2)},
+            )
+            assert r.status_code == 409, r.text
+            assert rid in r.json()["error"]
+            # Losant's decommission takes the device out of its Mender deployments.
+            r = c.delete(f"/applications/{server.app_id}/devices/sim-0001")
+            assert r.status_code == 200, r.text
+            r = c.post(
+                f"/applications/{server.app_id}/edge/deployments/release",
+                json={"flowId": "f1", "version": "v0", "deviceIds": ["sim-0002"]},
+            )
+            assert r.status_code == 201, r.text
+        release = desired_ids(server, "sim-0002")
+        done = await until(lambda: finished(server, rid), "the rollout to finish by itself")
+        assert done["edge"]["aborted"] is False
+        got = {d["id"]: d for d in get(server, f"{rid}/devices")}
+        assert got["sim-0001"]["status"] == "decommissioned"
+        assert got["sim-0001"]["substate"] == "the device was decommissioned"
+        assert got["sim-0002"]["status"] == "aborted"
+        assert got["sim-0002"]["substate"] == (
+            f"superseded by a release of version 'v0' (attempt {release})"
+        )
+        # The release was not touched by the rollout's end: sim-0002 runs v0.
+        await until(lambda: running(server).get("sim-0002") == "v0", "v0 on sim-0002")
+        assert desired_ids(server, "sim-0002") == release
+    kinds = [(e["kind"], e["device_id"]) for e in events(server, rid)]
+    assert ("device_decommissioned", "sim-0001") in kinds
+    assert kinds[-1] == ("finished", None)
+
+
+# ------------------------------------------------------------------ look by look
+class ManualEngine(RolloutEngine):
+    """The server's rollout engine without its thread: it looks when the test calls
+    :meth:`tick`, so that a report or a request lands exactly between two looks."""
+
+    def run(self, stop: Any) -> None:
+        stop.wait()
+
+
+@pytest.fixture
+def manual(tmp_path: Path, broker: Broker) -> Iterator[RunningServer]:
+    srv = RunningServer(
+        tmp_path / "manual", f"sqlite:///{tmp_path / 'manual.db'}", broker.url, prefix=PREFIX
+    )
+    srv.ctx.engine = ManualEngine(srv.ctx)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def scripted(srv: RunningServer, *device_ids: str, device_type: str = "gw") -> None:
+    """Devices known to the server whose reports the test publishes (no agent)."""
+    with srv.http() as c:
+        for device_id in device_ids:
+            r = c.post(
+                f"/applications/{srv.app_id}/devices",
+                json={"deviceId": device_id, "name": device_id, "deviceType": device_type},
+            )
+            assert r.status_code == 201, r.text
+
+
+async def report(
+    srv: RunningServer, op: Operator, device_id: str, status: str, attempt: str | None
+) -> None:
+    """Publish the device's state report (f1 at ``status`` for ``attempt``), as its
+    agent would, and wait until the server recorded it."""
+    at = datetime.now(UTC).isoformat(timespec="milliseconds")
+    doc = {
+        "deviceId": device_id,
+        "generation": 99,
+        "time": at,
+        "flows": {
+            "f1": {
+                "deploymentId": attempt,
+                "status": status,
+                "desiredVersion": "v1",
+                "currentVersion": "v1" if status == "success" else None,
+                "error": None,
+                "retryAt": None,
+            }
+        },
+    }
+    op.publish(f"{PREFIX}/{device_id}/state", doc, retain=True)
+
+    def recorded() -> bool:
+        with srv.ctx.db.transaction() as s:
+            dev = devices_repo.get(s, srv.app_id, device_id)
+            return dev is not None and (dev.state or {}).get("time") == at
+
+    await until(recorded, f"{device_id}'s report recorded")
+
+
+async def test_an_abort_is_durable_first_and_reverts_only_what_is_in_progress(
+    manual: RunningServer,
+    tmp_path: Path,
+    broker: Broker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between two looks of the engine: sim-0001 (a real agent) installs and reports
+    ``success``; then the abort. It must keep ``success`` and never get an abort
+    entry (the abort reads the reports first). The abort commits first and answers;
+    its entries are written after (here by the engine's next look, as after a crash
+    in between): a device whose report turned final meanwhile is not reverted, one
+    that got a newer release keeps it, a silent one gets its abort entry, with the
+    rollout's ``revert: false``."""
+    srv = manual
+    monkeypatch.setattr(rollouts_service, "SYNC_ABORTS", 0)  # (the engine writes them)
+    upload(srv, "v1", wat.versioned_flow("v1"), TRIGGERS)
+    upload(srv, "v0", wat.versioned_flow("v0"), TRIGGERS)
+    scripted(srv, "g-silent", "g-late", "g-released")
+    op = Operator(broker).connect()
+    try:
+        async with fleet(tmp_path, broker, 1):
+            await until(lambda: "sim-0001" in known_types(srv), "the device known")
+            devices = ["sim-0001", "g-late", "g-released", "g-silent"]
+            rid = create(
+                srv,
+                {
+                    "name": "abort",
+                    "artifact_name": "f1-v1",
+                    "devices": devices,
+                    "edge": {"health_window": 0, "revert": False},
+                },
+            )
+            srv.ctx.engine.tick()  # starts all four
+            attempts = {d: desired_ids(srv, d) for d in devices}
+            assert all(attempts.values())
+            await until(lambda: running(srv).get("sim-0001") == "v1", "sim-0001 runs v1")
+            assert statuses(srv, rid)["sim-0001"] == "pending"  # (no look since)
+            with mender(srv) as c:
+                r = c.put(f"{V1}/deployments/{rid}/status", json={"status": "aborted"})
+            assert r.status_code == 204, r.text
+            # Durable: finished, aborted; sim-0001 keeps its success.
+            done = get(srv, rid)
+            assert (done["status"], done["edge"]["aborted"]) == ("finished", True)
+            assert statuses(srv, rid) == {
+                "sim-0001": "success",
+                "g-late": "aborted",
+                "g-released": "aborted",
+                "g-silent": "aborted",
+            }
+            assert not desired_entry(srv, "sim-0001").get("abort")
+            assert not any(desired_entry(srv, d).get("abort") for d in devices)
+            # Before the entries are written: g-late finishes, g-released gets v0.
+            await report(srv, op, "g-late", "success", attempts["g-late"])
+            with mender(srv) as c:
+                r = c.post(
+                    f"/applications/{srv.app_id}/edge/deployments/release",
+                    json={"flowId": "f1", "version": "v0", "deviceIds": ["g-released"]},
+                )
+                assert r.status_code == 201, r.text
+            release = desired_ids(srv, "g-released")
+            srv.ctx.engine.tick()
+            silent = desired_entry(srv, "g-silent")
+            assert (silent["abort"], silent["revert"]) == (True, False)
+            assert silent["deploymentId"] == attempts["g-silent"]
+            assert not desired_entry(srv, "g-late").get("abort")
+            assert desired_entry(srv, "g-released") == {
+                **desired_entry(srv, "g-released"),
+                "deploymentId": release,
+                "version": "v0",
+            }
+            assert not desired_entry(srv, "g-released").get("abort")
+            assert desired_ids(srv, "sim-0001") == attempts["sim-0001"]
+            assert statuses(srv, rid) == {
+                "sim-0001": "success",
+                "g-late": "success",
+                "g-released": "aborted",
+                "g-silent": "aborted",
+            }
+            written = [e for e in events(srv, rid) if e["kind"] == "aborts_written"]
+            assert [e["detail"]["devices"] for e in written] == [["g-silent"]]
+            assert written[0]["detail"]["finished_before"] == ["g-late"]
+            srv.ctx.engine.tick()  # (nothing left to do: written once)
+            assert len([e for e in events(srv, rid) if e["kind"] == "aborts_written"]) == 1
+            assert running(srv)["sim-0001"] == "v1"
+    finally:
+        op.close()
+
+
+async def test_enrolment_reads_late_stamps_and_skips_held_devices(
+    manual: RunningServer,
+) -> None:
+    """A dynamic rollout's scan reads the device rows changed since the last one,
+    with a minute of slack: a row stamped 20 s before the scan (another process's
+    clock, or a commit that came late) is still enrolled. A device another
+    unfinished rollout of the same flow holds is left out until it is let go."""
+    srv = manual
+    upload(srv, "v1", wat.versioned_flow("v1"), TRIGGERS)
+    scripted(srv, "g1", "g2")
+    held = create(srv, {"name": "static", "artifact_name": "f1-v1", "devices": ["g1"]})
+    srv.ctx.engine.tick()
+    rid = create(
+        srv,
+        {
+            "name": "dynamic",
+            "artifact_name": "f1-v1",
+            "filter": {"terms": [TYPE_GW]},
+            "dynamic": True,
+            "max_devices": 3,
+        },
+    )
+    assert get(srv, rid)["initial_device_count"] == 1  # g2 (g1 is held)
+    srv.ctx.engine.tick()
+    assert statuses(srv, rid) == {"g2": "pending"}
+    with mender(srv) as c:
+        r = c.post(
+            f"{V1}/deployments", json={"name": "n", "artifact_name": "f1-v1", "devices": ["g2"]}
+        )
+    assert r.status_code == 409, r.text
+    assert rid in r.json()["error"]
+    scanned = datetime.now(UTC)
+    scripted(srv, "g3")
+    with srv.ctx.db.transaction() as s:  # (its row as a process 20 s behind stamps it)
+        s.execute(
+            update(Device)
+            .where(Device.application_id == srv.app_id, Device.id == "g3")
+            .values(last_updated=scanned - timedelta(seconds=20))
+        )
+    srv.ctx.engine.tick()
+    assert set(statuses(srv, rid)) == {"g2", "g3"}
+    # Let go (the static rollout aborted): g1 is enrolled at the next scan.
+    with mender(srv) as c:
+        r = c.put(f"{V1}/deployments/{held}/status", json={"status": "aborted"})
+    assert r.status_code == 204, r.text
+    srv.ctx.engine.tick()
+    assert set(statuses(srv, rid)) == {"g1", "g2", "g3"}
+    enrolled = [e["device_id"] for e in events(srv, rid) if e["kind"] == "device_enrolled"]
+    assert enrolled == ["g3", "g1"]
+
+
+async def test_a_device_that_never_reports_fails_after_the_device_timeout(
+    manual: RunningServer,
+) -> None:
+    """``edge.device_timeout``: a started device with no final status within it is a
+    ``failure``, so the later phases (and the end) do not wait for it forever."""
+    srv = manual
+    upload(srv, "v1", wat.versioned_flow("v1"), TRIGGERS)
+    scripted(srv, "g1", "g2")
+    rid = create(
+        srv,
+        {
+            "name": "timeout",
+            "artifact_name": "f1-v1",
+            "devices": ["g1", "g2"],
+            "phases": [{"batch_size": 50}, {"start_ts": in_(0.5)}],
+            "edge": {"device_timeout": 1},
+        },
+    )
+    srv.ctx.engine.tick()
+    assert statuses(srv, rid) == {"g1": "pending", "g2": "pending"}
+    assert get(srv, rid)["phases"][1]["device_count"] == 0
+    await asyncio.sleep(1.1)
+    srv.ctx.engine.tick()  # g1 times out; phase 1 starts (no threshold: Mender's way)
+    got = {d["id"]: d for d in get(srv, f"{rid}/devices")}
+    assert (got["g1"]["status"], got["g1"]["substate"]) == (
+        "failure",
+        "no final report within 1 s",
+    )
+    assert get(srv, rid)["phases"][1]["device_count"] == 1
+    assert statuses(srv, rid)["g2"] == "pending"  # (sent; its own second starts now)
+    assert get(srv, rid)["status"] == "inprogress"
+
+
 # ------------------------------------------------------------------ restart
 @pytest.fixture
 def any_server(tmp_path: Path, broker: Broker, db_url: str) -> Iterator[RunningServer]:
@@ -442,6 +768,9 @@ async def test_a_dynamic_rollout_enrols_a_device_that_appears_later(
     assert enrolled == ["sim-0003"]
 
 
+TYPE_GW = {"scope": "inventory", "attribute": "device_type", "type": "$eq", "value": "gw"}
+
+
 def known_types(srv: RunningServer) -> dict[str, str]:
     with srv.http() as c:
         items = c.get(f"/applications/{srv.app_id}/devices").json()["items"]
@@ -475,11 +804,15 @@ def test_bad_input_is_refused_and_nothing_is_stored(server: RunningServer) -> No
             },
             "rounds down to no device",
         ),
-        (
-            400,
-            {**good, "phases": [{"batch_size": 60}, {"batch_size": 50, "start_ts": in_(60)}]},
-            "over 100",
-        ),
+        (400, {**good, "phases": [{"batch_size": 0}, {"start_ts": in_(60)}]}, "batch_size"),
+        (400, {**good, "phases": [{"batch_size": 101}, {"start_ts": in_(60)}]}, "batch_size"),
+        # Start times this server cannot store, or not convert to UTC: 400, not 500.
+        (400, {**good, "phases": [{"start_ts": "9999-12-31T23:59:59-01:00"}]}, "start_ts"),
+        (400, {**good, "phases": [{"start_ts": "0001-01-01T00:00:00+23:59"}]}, "start_ts"),
+        (400, {**good, "phases": [{"start_ts": "9999-12-31T23:59:59Z"}]}, "start_ts"),
+        (400, {**good, "phases": [{"start_ts": "1969-12-31T23:59:59Z"}]}, "start_ts"),
+        (400, {**good, "phases": [{"start_ts": 1700000000}]}, "start_ts"),
+        (400, {**good, "phases": [{"start_ts": "1700000000"}]}, "start_ts"),
         (
             400,
             {**good, "phases": [{"batch_size": 50, "start_ts": in_(60)}, {"start_ts": in_(30)}]},
@@ -497,7 +830,8 @@ def test_bad_input_is_refused_and_nothing_is_stored(server: RunningServer) -> No
         (400, {**good, "devices": []}, "No devices"),
         (400, {**good, "name": "x" * 257}, "name"),
         (400, {**good, "devices": None}, "exactly one of"),
-        (400, {**good, "filter": {"terms": []}}, "exactly one of"),
+        (400, {**good, "filter": {"terms": [TYPE_GW]}}, "exactly one of"),
+        (400, {"name": "n", "artifact_name": "f1-v1", "filter": {"terms": []}}, "filter.terms"),
         (400, {"name": "n", "artifact_name": "f1-v1", "filter": {"terms": "x"}}, "filter.terms"),
         (
             400,
@@ -513,6 +847,8 @@ def test_bad_input_is_refused_and_nothing_is_stored(server: RunningServer) -> No
         (400, {**good, "retries": -1}, "retries"),
         (400, {**good, "edge": {"failure_threshold": 101}}, "failure_threshold"),
         (400, {**good, "edge": {"unknown": 1}}, "unknown"),
+        (400, {**good, "edge": {"device_timeout": 0}}, "device_timeout"),
+        (400, {**good, "edge": {"device_timeout": 7 * 86400 + 1}}, "device_timeout"),
         (400, {**good, "name": "a\u0000b"}, "NUL"),
     ]
     with mender(server) as c:
@@ -561,7 +897,65 @@ def test_bad_input_is_refused_and_nothing_is_stored(server: RunningServer) -> No
         )
         assert c.delete(f"{V1}/deployments/devices/a%20b").status_code == 404
         assert get(server, rid)["status"] == "scheduled"
-        assert c.get(f"{V1}/deployments", params={"status": "done"}).status_code == 400
-        assert c.get(f"{V1}/deployments", params={"per_page": "501"}).status_code == 400
-        assert c.get(f"{V1}/deployments", params={"page": "0"}).status_code == 400
+        for params in (
+            {"status": "done"},
+            {"per_page": "501"},
+            {"page": "0"},
+            {"page": str(10**6 + 1)},
+            {"created_after": "-1"},
+            {"created_before": "253402300800"},
+            {"created_after": "99999999999999999999"},
+        ):
+            assert c.get(f"{V1}/deployments", params=params).status_code == 400, params
         assert c.get(f"{V1}/deployments/{rid}/devices/d01/log").status_code == 404
+        edge = {"created_after": "0", "created_before": "253402300799"}
+        assert c.get(f"{V1}/deployments", params=edge).status_code == 200
+        for after in ("-1", str(2**62 + 1), "99999999999999999999"):
+            r = c.get(f"{V1}/deployments/{rid}/events", params={"after": after})
+            assert r.status_code == 400, (after, r.text)
+        # A device in an unfinished deployment of the flow: another one over it is a
+        # 409 naming it (and nothing is stored); a filter leaves it out.
+        r = c.post(f"{V1}/deployments", json={**good, "devices": ["d03", "d01"]})
+        assert r.status_code == 409, r.text
+        assert "d01 (deployment " + rid in r.json()["error"]
+        r = c.post(
+            f"{V1}/deployments", json={"name": "n", "artifact_name": "f1-v1", "all_devices": True}
+        )
+        assert r.status_code == 409, r.text
+        assert c.get(f"{V1}/deployments").headers["x-total-count"] == "1"
+        # Batch sizes are percentages of the devices left: 60, 60 and the rest is valid.
+        assert (
+            c.put(f"{V1}/deployments/{rid}/status", json={"status": "aborted"}).status_code == 204
+        )
+        sixty = [{"batch_size": 60}, {"batch_size": 60, "start_ts": in_(60)}, {"start_ts": in_(90)}]
+        later = create(server, {**good, "phases": sixty})
+        assert [p["devices"] for p in get(server, later)["edge"]["phases"]] == [6, 3, 2]
+        # Every operation is in the OpenAPI document, with its models.
+        doc = c.get("/openapi.json").json()
+    for path, methods in {
+        f"{V1}/deployments": {"get", "post"},
+        "/api/management/v2/deployments/deployments": {"get"},
+        f"{V1}/deployments/{{rollout_id}}": {"get"},
+        f"{V1}/deployments/{{rollout_id}}/devices": {"get"},
+        f"{V1}/deployments/{{rollout_id}}/devices/list": {"get"},
+        f"{V1}/deployments/{{rollout_id}}/device_list": {"get"},
+        f"{V1}/deployments/{{rollout_id}}/devices/{{device_id}}/log": {"get"},
+        f"{V1}/deployments/{{rollout_id}}/statistics": {"get"},
+        f"{V1}/deployments/{{rollout_id}}/events": {"get"},
+        f"{V1}/deployments/{{rollout_id}}/status": {"put"},
+        f"{V1}/deployments/devices/{{device_id}}": {"delete"},
+    }.items():
+        assert set(doc["paths"][path]) == methods, path
+    schemas = doc["components"]["schemas"]
+    assert {"NewDeployment", "EdgeOptions", "Deployment", "Device", "DeploymentStatistics"} <= set(
+        schemas
+    )
+    assert "device_timeout" in schemas["EdgeOptions"]["properties"]
+    assert "already-installed" in schemas["DeploymentStatistics"]["properties"]
+    create_op = doc["paths"][f"{V1}/deployments"]["post"]
+    assert {"201", "400", "409", "422"} <= set(create_op["responses"])
+    assert set(doc["paths"][f"{V1}/deployments/{{rollout_id}}/status"]["put"]["responses"]) >= {
+        "204",
+        "404",
+        "422",
+    }

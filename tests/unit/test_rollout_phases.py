@@ -17,6 +17,7 @@ from agent.server.service.phases import (
     PhaseSpec,
     assign,
     device_status,
+    may_start_next,
     phase_sizes,
     threshold_exceeded,
 )
@@ -45,8 +46,13 @@ def specs(*phases: tuple[int | None, int | None]) -> list[PhaseSpec]:
         # Rounded down.
         (11, [(30, None), (None, 1)], [3, 8]),
         (3, [(34, None), (50, 1), (None, 2)], [1, 1, 1]),
-        # The last phase's own batch_size counts in the sum only.
+        # The last phase's own batch_size is not used.
         (10, [(20, None), (80, 1)], [2, 8]),
+        (10, [(20, None), (5, 1)], [2, 8]),
+        # Percentages of what is left: they need not add up to 100 or less (the
+        # seed's rule; 60 % of 10, then 60 % of the 4 left, then the rest).
+        (10, [(60, None), (60, 1), (None, 2)], [6, 2, 2]),
+        (4, [(60, None), (60, 1), (None, 2)], [2, 1, 1]),
         # A dynamic rollout may start with no device and one phase.
         (0, [(None, None)], [0]),
     ],
@@ -63,7 +69,8 @@ def test_phase_sizes(
         # The seed's example: 5 percent of 11 devices rounds to zero.
         (11, [(5, None), (15, 1), (None, 2)], "rounds down to no device"),
         (10, [(50, None), (5, 1), (None, 2)], "5% of 5 devices rounds down"),
-        (10, [(60, None), (50, 1), (None, 2)], "add up to 110, over 100"),
+        # 90 % of 10, then all of the one left: nothing for the last phase.
+        (10, [(90, None), (100, 1), (None, 2)], "no device is left"),
         (10, [(100, None), (None, 1)], "no device is left"),
         (10, [(0, None), (None, 1)], "a percentage from 1 to 100"),
         (10, [(101, None)], "a percentage from 1 to 100"),
@@ -150,6 +157,34 @@ def test_a_device_not_started_says_nothing() -> None:
 )
 def test_threshold(counts: dict[str, int], threshold: float | None, stops: bool) -> None:
     assert threshold_exceeded(counts, threshold) is stops
+
+
+@pytest.mark.parametrize(
+    ("earlier", "threshold", "starts"),
+    [
+        # Without a threshold a failure holds nothing back (Mender's behaviour)...
+        ({"success": 2}, None, True),
+        ({"failure": 2}, None, True),
+        ({"failure": 1, "noartifact": 1, "aborted": 1, "decommissioned": 1}, None, True),
+        # ... but a device not final yet does: a version in its health window
+        # (rebooting) is not healthy yet.
+        ({"success": 1, "rebooting": 1}, None, False),
+        ({"success": 1, "pending": 1}, None, False),
+        ({"success": 1, "installing": 1}, 100, False),
+        ({"pending": 0, "success": 1}, None, True),
+        # With a threshold: only when the earlier phases' failures are within it.
+        ({"failure": 1, "success": 1}, 20, False),
+        ({"failure": 1, "success": 1}, 50, True),
+        ({"failure": 1, "success": 3}, 25, True),
+        ({"failure": 2, "success": 3}, 25, False),
+        ({"failure": 1, "success": 9}, 0, False),
+        ({"success": 4, "noartifact": 4}, 0, True),
+    ],
+)
+def test_a_phase_starts_after_healthy_ones(
+    earlier: dict[str, int], threshold: float | None, starts: bool
+) -> None:
+    assert may_start_next(earlier, threshold) is starts
 
 
 # ------------------------------------------------------------------ inventory filter

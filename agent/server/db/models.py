@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -299,6 +300,9 @@ class Rollout(Base):
     aborted: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Why the engine stopped it (the failure threshold), or None.
     stopped: Mapped[str | None] = mapped_column(Text)
+    #: Aborted or stopped (``finished``), and the abort entries of the devices that
+    #: were in progress not all written yet: the engine finishes writing them.
+    halting: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     dynamic: Mapped[bool] = mapped_column(Boolean, default=False)
     #: The inventory filter (``{"id", "name", "terms": [...]}``) of a filter deployment.
     filter: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import Select, and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from agent.server.db.models import (
     DeploymentLog,
+    Device,
     Rollout,
     RolloutDevice,
     RolloutEvent,
@@ -74,24 +75,39 @@ def get(session: Session, app_id: str, rollout_id: str, *, lock: bool = False) -
     return session.scalar(stmt)
 
 
+#: What the engine looks at: unfinished rollouts, and halted ones whose abort
+#: entries are not all written yet.
+_LIVE = or_(Rollout.status != "finished", Rollout.halting.is_(True))
+
+
 def lock_active(session: Session, rollout_id: str) -> Rollout | None:
-    """An unfinished rollout, locked; None if it finished, or if another server process
-    holds it now (``SKIP LOCKED`` on PostgreSQL; SQLite's writers are serial)."""
+    """An unfinished (or halting) rollout, locked; None if it finished, or if another
+    server process holds it now (``SKIP LOCKED`` on PostgreSQL; SQLite's writers are
+    serial)."""
     return session.scalar(
-        select(Rollout)
-        .where(Rollout.id == rollout_id, Rollout.status != "finished")
-        .with_for_update(skip_locked=True)
+        select(Rollout).where(Rollout.id == rollout_id, _LIVE).with_for_update(skip_locked=True)
     )
 
 
 def active(session: Session) -> list[tuple[str, str]]:
-    """(application id, rollout id) of every unfinished rollout, oldest first."""
+    """(application id, rollout id) of every unfinished or halting rollout, oldest
+    first."""
     rows = session.execute(
         select(Rollout.application_id, Rollout.id)
-        .where(Rollout.status != "finished")
+        .where(_LIVE)
         .order_by(Rollout.created, Rollout.id)
     ).all()
     return [(a, r) for a, r in rows]
+
+
+def active_naming(session: Session, app_id: str) -> list[tuple[str, str, str]]:
+    """(id, name, artifact name) of the application's unfinished rollouts."""
+    rows = session.execute(
+        select(Rollout.id, Rollout.name, Rollout.artifact_name).where(
+            Rollout.application_id == app_id, Rollout.status != "finished"
+        )
+    ).all()
+    return [(i, n, a) for i, n, a in rows]
 
 
 def phases(session: Session, rollout_id: str) -> list[RolloutPhase]:
@@ -144,6 +160,347 @@ def count_devices(session: Session, rollout_id: str, status: str | None = None) 
 
 def device(session: Session, rollout_id: str, device_id: str) -> RolloutDevice | None:
     return session.get(RolloutDevice, (rollout_id, device_id))
+
+
+def devices_by_ids(
+    session: Session, rollout_id: str, device_ids: Sequence[str]
+) -> list[RolloutDevice]:
+    """These devices' rows of the rollout (those that exist): a statement per
+    ``CHUNK`` ids, not one per device."""
+    ids = sorted(set(device_ids))
+    out: list[RolloutDevice] = []
+    for i in range(0, len(ids), CHUNK):
+        out += session.scalars(
+            select(RolloutDevice).where(
+                RolloutDevice.rollout_id == rollout_id,
+                RolloutDevice.device_id.in_(ids[i : i + CHUNK]),
+            )
+        )
+    return out
+
+
+def device_types_of(
+    session: Session, app_id: str, device_ids: Sequence[str]
+) -> dict[str, str | None]:
+    """Device id → its type, for the devices that exist and are not decommissioned
+    (columns only: no state documents)."""
+    ids = sorted(set(device_ids))
+    out: dict[str, str | None] = {}
+    for i in range(0, len(ids), CHUNK):
+        rows = session.execute(
+            select(Device.id, Device.device_type).where(
+                Device.application_id == app_id,
+                Device.id.in_(ids[i : i + CHUNK]),
+                Device.decommissioned.is_(False),
+            )
+        ).all()
+        out.update((d, t) for d, t in rows)
+    return out
+
+
+def desired_of(
+    session: Session, app_id: str, device_ids: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Device id → its desired document (the column alone)."""
+    ids = sorted(set(device_ids))
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(ids), CHUNK):
+        rows = session.execute(
+            select(Device.id, Device.desired).where(
+                Device.application_id == app_id, Device.id.in_(ids[i : i + CHUNK])
+            )
+        ).all()
+        out.update((d, doc or {}) for d, doc in rows)
+    return out
+
+
+def states_of(
+    session: Session, app_id: str, device_ids: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Device id → its last state report (the column alone)."""
+    ids = sorted(set(device_ids))
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(ids), CHUNK):
+        rows = session.execute(
+            select(Device.id, Device.state).where(
+                Device.application_id == app_id, Device.id.in_(ids[i : i + CHUNK])
+            )
+        ).all()
+        out.update((d, doc or {}) for d, doc in rows)
+    return out
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A started device not final yet, with what its device row says now."""
+
+    device_id: str
+    status: str
+    substate: str | None
+    flow_id: str | None
+    attempt_id: str
+    #: Whether the device's row exists.
+    present: bool
+    decommissioned: bool
+    state: dict[str, Any] | None
+
+
+def in_flight(
+    session: Session,
+    app_id: str,
+    rollout_id: str,
+    since: datetime | None,
+    final: Sequence[str],
+    only: Sequence[str] | None = None,
+) -> list[InFlight]:
+    """The rollout's started devices that are not final, whose device row changed at
+    or after ``since`` (None: all of them) or is gone (``only``: of these few
+    devices); one statement (the state report of each, not its desired document)."""
+    stmt = (
+        select(
+            RolloutDevice.device_id,
+            RolloutDevice.status,
+            RolloutDevice.substate,
+            RolloutDevice.flow_id,
+            RolloutDevice.attempt_id,
+            Device.id,
+            Device.decommissioned,
+            Device.state,
+        )
+        .outerjoin(
+            Device,
+            and_(Device.application_id == app_id, Device.id == RolloutDevice.device_id),
+        )
+        .where(
+            RolloutDevice.rollout_id == rollout_id,
+            RolloutDevice.attempt_id.is_not(None),
+            RolloutDevice.status.not_in(list(final)),
+        )
+    )
+    if since is not None:
+        stmt = stmt.where(or_(Device.id.is_(None), Device.last_updated >= since))
+    if only is not None:
+        stmt = stmt.where(RolloutDevice.device_id.in_(list(only)))
+    return [
+        InFlight(d, st, sub, flow, attempt, dev is not None, bool(dec), state)
+        for d, st, sub, flow, attempt, dev, dec, state in session.execute(stmt)
+    ]
+
+
+def update_devices(session: Session, rollout_id: str, changes: Sequence[dict[str, Any]]) -> None:
+    """Change rows of the rollout's devices: each dict has ``device_id`` and the
+    columns to set (the same columns in every dict of a call); ``UPDATE … WHERE``
+    the primary key, executed many times in one statement per ``CHUNK``."""
+    rows = [{"rollout_id": rollout_id, **c} for c in changes]
+    for i in range(0, len(rows), CHUNK):
+        session.execute(update(RolloutDevice), rows[i : i + CHUNK])
+
+
+def progress_of(
+    session: Session, rollout_id: str, device_ids: Sequence[str]
+) -> dict[str, tuple[str, str | None]]:
+    """Device id → (status, attempt id) of these devices of the rollout."""
+    ids = sorted(set(device_ids))
+    out: dict[str, tuple[str, str | None]] = {}
+    for i in range(0, len(ids), CHUNK):
+        rows = session.execute(
+            select(RolloutDevice.device_id, RolloutDevice.status, RolloutDevice.attempt_id).where(
+                RolloutDevice.rollout_id == rollout_id,
+                RolloutDevice.device_id.in_(ids[i : i + CHUNK]),
+            )
+        ).all()
+        out.update((d, (st, a)) for d, st, a in rows)
+    return out
+
+
+def timed_out(
+    session: Session, rollout_id: str, started_before: datetime, final: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(device id, status) of the started devices, not final, whose update was sent
+    before ``started_before``."""
+    rows = session.execute(
+        select(RolloutDevice.device_id, RolloutDevice.status).where(
+            RolloutDevice.rollout_id == rollout_id,
+            RolloutDevice.attempt_id.is_not(None),
+            RolloutDevice.status.not_in(list(final)),
+            RolloutDevice.started < started_before,
+        )
+    ).all()
+    return [(d, st) for d, st in rows]
+
+
+def phase_status_counts(session: Session, rollout_id: str) -> dict[tuple[int, str, bool], int]:
+    """(phase, status, started: the update was sent) → how many devices."""
+    rows = session.execute(
+        select(
+            RolloutDevice.phase,
+            RolloutDevice.status,
+            RolloutDevice.attempt_id.is_not(None),
+            func.count(),
+        )
+        .where(RolloutDevice.rollout_id == rollout_id)
+        .group_by(RolloutDevice.phase, RolloutDevice.status, RolloutDevice.attempt_id.is_not(None))
+    ).all()
+    out: dict[tuple[int, str, bool], int] = {}
+    for phase, status, started, n in rows:
+        key = (int(phase), str(status), bool(started))
+        out[key] = out.get(key, 0) + int(n)
+    return out
+
+
+def to_start(session: Session, rollout_id: str, phases: Sequence[int]) -> list[str]:
+    """The devices of these phases that are pending and were not sent their update."""
+    if not phases:
+        return []
+    return list(
+        session.scalars(
+            select(RolloutDevice.device_id)
+            .where(
+                RolloutDevice.rollout_id == rollout_id,
+                RolloutDevice.phase.in_(list(phases)),
+                RolloutDevice.attempt_id.is_(None),
+                RolloutDevice.status == "pending",
+            )
+            .order_by(RolloutDevice.device_id)
+        )
+    )
+
+
+def not_final(
+    session: Session, rollout_id: str, final: Sequence[str]
+) -> list[tuple[str, str, str | None]]:
+    """(device id, status, attempt id) of the rollout's devices not final."""
+    rows = session.execute(
+        select(RolloutDevice.device_id, RolloutDevice.status, RolloutDevice.attempt_id)
+        .where(RolloutDevice.rollout_id == rollout_id, RolloutDevice.status.not_in(list(final)))
+        .order_by(RolloutDevice.device_id)
+    ).all()
+    return [(d, st, a) for d, st, a in rows]
+
+
+def finish_devices(
+    session: Session,
+    rollout_id: str,
+    final: Sequence[str],
+    status: str,
+    substate: str,
+    now: datetime,
+    device_ids: Sequence[str] | None = None,
+) -> None:
+    """Every device of the rollout not final (or only these) gets a final status:
+    one UPDATE (a statement per ``CHUNK`` ids)."""
+    stmt = (
+        update(RolloutDevice)
+        .where(RolloutDevice.rollout_id == rollout_id, RolloutDevice.status.not_in(list(final)))
+        .values(status=status, substate=substate, finished=now)
+        .execution_options(synchronize_session=False)
+    )
+    if device_ids is None:
+        session.execute(stmt)
+        return
+    ids = sorted(set(device_ids))
+    for i in range(0, len(ids), CHUNK):
+        session.execute(stmt.where(RolloutDevice.device_id.in_(ids[i : i + CHUNK])))
+
+
+@dataclass(frozen=True)
+class AbortTarget:
+    device_id: str
+    flow_id: str
+    attempt_id: str
+
+
+def abort_targets(session: Session, rollout_id: str) -> list[AbortTarget]:
+    """The devices a halt aborted after their update was sent."""
+    rows = session.execute(
+        select(RolloutDevice.device_id, RolloutDevice.flow_id, RolloutDevice.attempt_id).where(
+            RolloutDevice.rollout_id == rollout_id,
+            RolloutDevice.status == "aborted",
+            RolloutDevice.attempt_id.is_not(None),
+            RolloutDevice.flow_id.is_not(None),
+        )
+    ).all()
+    return [AbortTarget(d, f, a) for d, f, a in rows if f is not None and a is not None]
+
+
+def rollout_of_attempt(session: Session, app_id: str, attempt_id: str) -> tuple[str, str] | None:
+    """(id, name) of the rollout that wrote this deployment attempt, if one did."""
+    row = session.execute(
+        select(Rollout.id, Rollout.name)
+        .join(RolloutDevice, RolloutDevice.rollout_id == Rollout.id)
+        .where(RolloutDevice.attempt_id == attempt_id, Rollout.application_id == app_id)
+        .limit(1)
+    ).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def busy(
+    session: Session,
+    app_id: str,
+    rollouts: dict[str, set[str]],
+    device_ids: Sequence[str] | None,
+    flows: set[str],
+    final: Sequence[str],
+) -> dict[str, str]:
+    """Device id → the rollout it is in, of the devices (``None``: any) that are in
+    one of ``rollouts`` (id → the flows its artifact name names) and not final there,
+    for one of ``flows``: a started device by the flow it was sent, one not started by
+    its rollout's flows."""
+    ids = None if device_ids is None else sorted(set(device_ids))
+    candidates = sorted(r for r, fl in rollouts.items() if fl & flows)
+    out: dict[str, str] = {}
+    for i in range(0, len(candidates), CHUNK):
+        base = select(
+            RolloutDevice.device_id, RolloutDevice.rollout_id, RolloutDevice.flow_id
+        ).where(
+            RolloutDevice.application_id == app_id,
+            RolloutDevice.rollout_id.in_(candidates[i : i + CHUNK]),
+            RolloutDevice.status.not_in(list(final)),
+        )
+        batches = (
+            [base]
+            if ids is None
+            else [
+                base.where(RolloutDevice.device_id.in_(ids[j : j + CHUNK]))
+                for j in range(0, len(ids), CHUNK)
+            ]
+        )
+        for stmt in batches:
+            for device_id, rollout_id, flow_id in session.execute(stmt):
+                if flow_id is None or flow_id in flows:
+                    out.setdefault(device_id, rollout_id)
+    return out
+
+
+def device_types(session: Session, rollout_id: str) -> set[str | None]:
+    """The distinct device types of the rollout's devices."""
+    return set(
+        session.scalars(
+            select(RolloutDevice.device_type)
+            .where(RolloutDevice.rollout_id == rollout_id)
+            .distinct()
+        )
+    )
+
+
+def phase_counts(session: Session, rollout_id: str) -> dict[int, tuple[int, int]]:
+    """Phase → (devices in it, devices whose update was sent)."""
+    rows = session.execute(
+        select(
+            RolloutDevice.phase,
+            func.count(),
+            func.sum(case((RolloutDevice.attempt_id.is_not(None), 1), else_=0)),
+        )
+        .where(RolloutDevice.rollout_id == rollout_id)
+        .group_by(RolloutDevice.phase)
+    ).all()
+    return {int(p): (int(n), int(sent or 0)) for p, n, sent in rows}
+
+
+def insert_devices(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert rollout devices in batches (``INSERT … VALUES`` many rows at once)."""
+    for i in range(0, len(rows), CHUNK):
+        session.execute(insert(RolloutDevice), list(rows[i : i + CHUNK]))
 
 
 def device_ids(session: Session, rollout_id: str) -> list[str]:
@@ -219,6 +576,25 @@ def add_event(
             detail=detail,
         )
     )
+
+
+def event_row(
+    rollout_id: str, kind: str, device_id: str | None, time: datetime, **detail: Any
+) -> dict[str, Any]:
+    """An event as a row for :func:`add_events`."""
+    return {
+        "rollout_id": rollout_id,
+        "time": time,
+        "kind": kind,
+        "device_id": device_id,
+        "detail": detail,
+    }
+
+
+def add_events(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert many events in batches (in the order given)."""
+    for i in range(0, len(rows), CHUNK):
+        session.execute(insert(RolloutEvent), list(rows[i : i + CHUNK]))
 
 
 def events(session: Session, rollout_id: str, *, after: int, limit: int) -> list[RolloutEvent]:

@@ -47,6 +47,9 @@ EntryFor = Callable[[str], dict[str, Any]]
 #: and flow id): what must commit with the documents or not at all (a rollout's
 #: devices get their attempt ids). Raising rolls the whole change back.
 OnRecorded = Callable[["Session", dict[tuple[str, str], DeploymentAttempt]], None]
+#: Asked under a device's lock whether a planned (device, flow id) is still to be
+#: written (a rollout's abort entry: only over the entry it aborts).
+Keep = Callable[[Device, str], bool]
 
 
 def version_entry(
@@ -130,15 +133,26 @@ class DesiredWriter:
         plan: dict[str, dict[str, tuple[str | None, EntryFor]]],
         kind: str,
         on_recorded: OnRecorded | None = None,
+        keep: Keep | None = None,
     ) -> list[str]:
         """Apply ``plan`` (device id → flow id → (version or None, entry maker)) in one
         transaction; returns the devices whose document changed, then publishes them.
         ``on_recorded`` runs in that transaction (with an empty plan too), after the
-        attempts were recorded (a decommissioned or unknown device gets none)."""
+        attempts were recorded (a decommissioned or unknown device gets none).
+        ``keep`` (device row, flow id), asked under the device's lock: False leaves
+        that flow out (no entry, no attempt), as if it had not been planned."""
         changed: list[str] = []
         with self.db.transaction() as s:
             # Every row locked first, in one order (see devices_repo.lock_order).
             devs = devices_repo.lock_many(s, app.id, list(plan))
+            if keep is not None:
+                plan = {
+                    device_id: {f: v for f, v in flows.items() if keep(devs[device_id], f)}
+                    if device_id in devs
+                    else flows
+                    for device_id, flows in plan.items()
+                }
+                plan = {device_id: flows for device_id, flows in plan.items() if flows}
             gens: dict[str, int] = {}
             releases: list[deployments_repo.Release] = []
             for device_id in sorted(plan):

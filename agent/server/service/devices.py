@@ -12,6 +12,7 @@ from agent.server.db import deployments as deployments_repo
 from agent.server.db import devices as devices_repo
 from agent.server.db.models import Application, Device
 from agent.server.errors import ApiError, NotFound, Validation
+from agent.server.service import rollouts
 from agent.server.service.desired import EntryFor, removal_entry
 from agent.wire.protocol import utc_now_iso
 from agent.wire.topics import Topics
@@ -24,11 +25,15 @@ class BrokerDown(ApiError):
 
 def decommission(ctx: ServerContext, app: Application, device_id: str) -> None:
     """Every flow removed (a last desired document), then the device is no longer
-    targeted; once it reports its flows gone, its retained documents are cleared."""
+    targeted; once it reports its flows gone, its retained documents are cleared.
+    First it leaves the Mender deployments it has not finished (``decommissioned``),
+    so none starts it meanwhile."""
     with ctx.db.transaction() as s:
         dev = devices_repo.get(s, app.id, device_id)
         if dev is None or dev.decommissioned:
             raise NotFound(f"Device {device_id} was not found")
+    rollouts.decommission(ctx, app, device_id, "the device was decommissioned")
+    with ctx.db.transaction() as s:
         flows = list(deployments_repo.for_device(s, app.id, device_id))
     plan: dict[str, dict[str, tuple[str | None, EntryFor]]] = {
         device_id: dict.fromkeys(flows, (None, removal_entry))

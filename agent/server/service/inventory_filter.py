@@ -24,9 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from agent.server.db.models import Device
+from typing import Any, Protocol
 
 SCOPES = ("inventory", "identity", "tags")
 ATTRIBUTES = ("id", "name", "device_type", "agent_version", "online")
@@ -116,7 +114,24 @@ def _kind(value: Any) -> str | None:
     return None
 
 
-def attributes(dev: Device) -> dict[tuple[str, str], Any]:
+class DeviceLike(Protocol):
+    """What the filter reads of a device: its row, or a row of just these columns."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def device_type(self) -> str | None: ...
+    @property
+    def agent_version(self) -> str | None: ...
+    @property
+    def online(self) -> bool: ...
+    @property
+    def tags(self) -> list[Any]: ...
+
+
+def attributes(dev: DeviceLike) -> dict[tuple[str, str], Any]:
     """A device's attributes as the filter names them (None values left out)."""
     inv = {
         "id": dev.id,

@@ -5,9 +5,16 @@ Phase sizes
     ``batch_size`` is a percentage of the devices **not yet assigned** to an earlier
     phase, rounded down; a phase that rounds to zero devices is refused (the seed's
     "5 percent of 11 devices"); the last phase takes the rest (its ``batch_size``, if
-    given, only counts in the sum). The given ``batch_size`` values may add up to 100
-    at most. Start times must increase from phase to phase; only the first phase may
-    leave its start out ("start now").
+    given, is not used). Each ``batch_size`` is 1 to 100; they need not add up to
+    anything (60, 60 and the rest is 60 % of the devices, then 60 % of the other
+    40 %, then what is left). Start times must increase from phase to phase; only the
+    first phase may leave its start out ("start now").
+
+When a phase starts
+    Its start time has come, every device of the earlier phases is final, and, with a
+    failure threshold, their failures are within it (:func:`may_start_next`). Without
+    a threshold a failure is final like a success and holds nothing back: Mender's
+    behaviour (its server starts the next phase at its time whatever happened).
 
 A device's status, from its state report (``flows[flow_id]`` whose ``deploymentId``
 is the attempt written for the rollout; another id says nothing about this rollout):
@@ -75,7 +82,6 @@ def phase_sizes(devices: int, phases: Sequence[PhaseSpec]) -> list[int]:
         return [devices]
     if len(phases) > MAX_PHASES:
         raise PhaseError(f"phases: at most {MAX_PHASES}")
-    given = [p.batch_size for p in phases if p.batch_size is not None]
     for i, p in enumerate(phases):
         if p.batch_size is None and i < len(phases) - 1:
             raise PhaseError(f"phases[{i}].batch_size: required for all but the last phase")
@@ -83,8 +89,6 @@ def phase_sizes(devices: int, phases: Sequence[PhaseSpec]) -> list[int]:
             raise PhaseError(f"phases[{i}].batch_size: a percentage from 1 to 100")
         if p.start_ts is None and i > 0:
             raise PhaseError(f"phases[{i}].start_ts: required for all but the first phase")
-    if sum(given) > 100:
-        raise PhaseError(f"phases: the batch sizes add up to {sum(given)}, over 100")
     starts = [p.start_ts for p in phases if p.start_ts is not None]
     for i in range(1, len(starts)):
         if starts[i] <= starts[i - 1]:
@@ -169,3 +173,14 @@ def threshold_exceeded(counts: Mapping[str, int], threshold: float | None) -> bo
     failed = counts.get("failure", 0)
     done = failed + counts.get("success", 0) + counts.get("already-installed", 0)
     return done > 0 and failed * 100 > threshold * done
+
+
+def may_start_next(earlier: Mapping[str, int], threshold: float | None) -> bool:
+    """Whether the next phase may start once its time has come, from the device
+    statuses of every earlier phase (status → how many): each of those devices is
+    final (``success`` only after its health window: until then it is
+    ``rebooting``), and with a failure threshold their failures are within it. No
+    threshold: failures hold nothing back (as Mender's server)."""
+    if any(n > 0 and status not in FINAL for status, n in earlier.items()):
+        return False
+    return not threshold_exceeded(earlier, threshold)

@@ -9,7 +9,6 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from agent.server.db import artifacts as artifacts_repo
-from agent.server.db import devices as devices_repo
 from agent.server.db import rollouts as repo
 from agent.server.db.models import Rollout, RolloutDevice, RolloutEvent, RolloutPhase
 from agent.server.errors import NotFound
@@ -67,6 +66,7 @@ def deployment(
         "failure_threshold": opts.get("failure_threshold"),
         "revert": opts.get("revert", True),
         "health_window": opts.get("health_window"),
+        "device_timeout": opts.get("device_timeout"),
         "aborted": r.aborted,
         "stopped": r.stopped,
         "phases": [
@@ -83,10 +83,11 @@ def deployment(
 
 def _artifacts(s: Session, r: Rollout) -> list[str]:
     """The artifacts the rollout uses: those chosen for its started devices, and while
-    it runs, those of its name that serve one of its devices' types."""
+    it runs, those of its name that serve one of its devices' types (``SELECT
+    DISTINCT``: a few rows for any number of devices)."""
     used = set(repo.artifact_ids(s, r.id))
     if r.status != "finished":
-        types = {d.device_type for d in repo.devices(s, r.id)}
+        types = repo.device_types(s, r.id)
         for art in artifacts_repo.by_name(s, r.application_id, r.artifact_name):
             if any(artifacts_repo.matches(art, t) for t in types):
                 used.add(art.id)
@@ -96,11 +97,7 @@ def _artifacts(s: Session, r: Rollout) -> list[str]:
 def _phase_counts(s: Session, rollout_id: str) -> dict[int, tuple[int, int]]:
     """Phase → (devices in it, devices that got their update: Mender's "devices
     which already requested an update", here the devices whose entry was written)."""
-    out: dict[int, tuple[int, int]] = {}
-    for d in repo.devices(s, rollout_id):
-        total, started = out.get(d.phase, (0, 0))
-        out[d.phase] = (total + 1, started + int(d.attempt_id is not None))
-    return out
+    return repo.phase_counts(s, rollout_id)
 
 
 def statistics(counts: dict[str, int]) -> dict[str, int]:
@@ -111,14 +108,13 @@ def statistics(counts: dict[str, int]) -> dict[str, int]:
 def devices(s: Session, app_id: str, rows: list[RolloutDevice]) -> list[dict[str, Any]]:
     """The seed's ``Device`` for each row (``state``: what the agent reports for the
     rollout's attempt now, its own status word)."""
-    reports = devices_repo.get_many(s, app_id, [d.device_id for d in rows])
+    reports = repo.states_of(s, app_id, [d.device_id for d in rows if d.attempt_id])
     logs = repo.logs_present(
         s, app_id, [(d.device_id, d.attempt_id) for d in rows if d.attempt_id is not None]
     )
     out = []
     for d in rows:
-        dev = reports.get(d.device_id)
-        flows = (dev.state or {}).get("flows") if dev is not None else None
+        flows = (reports.get(d.device_id) or {}).get("flows")
         flow = flows.get(d.flow_id) if isinstance(flows, dict) and d.flow_id else None
         state = None
         if isinstance(flow, dict) and d.attempt_id and flow.get("deploymentId") == d.attempt_id:

@@ -3,9 +3,12 @@ a device, and the reads (:mod:`agent.server.service.rollout_views` shapes them).
 
 A creation is checked whole before anything is stored: the artifact name must name at
 least one artifact (else 422), every listed device must exist (else 400, naming
-them), the filter must parse and the phases add up (else 400). The devices' phases
-are decided here, once (:func:`agent.server.service.phases.assign`); the engine
-starts them.
+them), the filter must parse and the phases add up (else 400). A device is in at
+most one unfinished rollout of a flow: listed devices that another unfinished
+rollout of one of the same flows holds (not final there) are a 409 naming them; a
+filter leaves them out (a dynamic rollout enrols them once they are let go). The
+devices' phases are decided here, once (:func:`agent.server.service.phases.assign`);
+the engine starts them.
 """
 
 from __future__ import annotations
@@ -18,23 +21,25 @@ from sqlalchemy import select
 
 from agent.server.context import ServerContext
 from agent.server.db import artifacts as artifacts_repo
-from agent.server.db import devices as devices_repo
 from agent.server.db import rollouts as repo
 from agent.server.db.models import (
     Application,
     Device,
     Rollout,
-    RolloutDevice,
     RolloutPhase,
     utcnow,
 )
-from agent.server.errors import NotFound, Unprocessable, Validation
+from agent.server.errors import Conflict, NotFound, Unprocessable, Validation
 from agent.server.service import inventory_filter
 from agent.server.service.phases import FINAL, PhaseError, PhaseSpec, assign, phase_sizes
-from agent.server.service.rollout_actions import halt
+from agent.server.service.rollout_actions import finish_halt, halt_durable, observe
+from agent.server.service.rollout_engine import held_by_others
 
 #: Devices one rollout may have.
 MAX_DEVICES = 10_000
+#: An abort writes the abort entries itself for up to this many devices in progress
+#: (more: it answers once the abort is stored, and the engine writes them).
+SYNC_ABORTS = 500
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ class NewRollout:
     max_devices: int | None
     retries: int
     phases: list[PhaseSpec]
-    #: This project's extension (``failure_threshold``, ``revert``, ``health_window``).
+    #: This project's extension (``failure_threshold``, ``revert``, ``health_window``,
+    #: ``device_timeout``).
     options: dict[str, Any]
 
 
@@ -73,12 +79,7 @@ def create(ctx: ServerContext, app: Application, new: NewRollout) -> str:
     with ctx.db.transaction() as s:
         if not artifacts_repo.by_name(s, app.id, new.artifact_name):
             raise Unprocessable(f"No artifact named {new.artifact_name!r}")
-        if new.devices is not None:
-            ids = _listed(s, app.id, new.devices)
-        else:
-            ids = _matching(s, app.id, terms)
-            if new.dynamic and new.max_devices is not None:
-                ids = ids[: new.max_devices]
+        ids = _targets(s, app.id, new, terms)
         if len(ids) > MAX_DEVICES:
             raise Validation(f"{len(ids)} devices: at most {MAX_DEVICES} in one deployment")
         if not ids and not new.dynamic:
@@ -110,31 +111,64 @@ def create(ctx: ServerContext, app: Application, new: NewRollout) -> str:
             )
             for i, p in enumerate(specs)
         )
-        types = devices_repo.get_many(s, app.id, ids)
-        s.add_all(
-            RolloutDevice(
-                rollout_id=rollout.id,
-                device_id=device_id,
-                application_id=app.id,
-                phase=phase,
-                status="pending",
-                device_type=types[device_id].device_type if device_id in types else None,
-                created=now,
-            )
-            for device_id, phase in assign(ids, sizes).items()
+        types = repo.device_types_of(s, app.id, ids)
+        repo.insert_devices(
+            s,
+            [
+                {
+                    "rollout_id": rollout.id,
+                    "device_id": device_id,
+                    "application_id": app.id,
+                    "phase": phase,
+                    "status": "pending",
+                    "substate": None,
+                    "device_type": types.get(device_id),
+                    "created": now,
+                }
+                for device_id, phase in assign(ids, sizes).items()
+            ],
         )
         repo.add_event(s, rollout.id, "created", time=now, devices=len(ids), phases=sizes)
         rollout_id = rollout.id
-    ctx.engine.kick()
+    ctx.engine.kick(urgent=True)
     return rollout_id
+
+
+def _targets(
+    s: Any, app_id: str, new: NewRollout, terms: list[inventory_filter.Term] | None
+) -> list[str]:
+    """The devices of a new rollout: those listed (409 if another unfinished rollout
+    of one of the same flows holds some), or those matching, less the held ones."""
+    if new.devices is not None:
+        ids = _listed(s, app_id, new.devices)
+        held = held_by_others(s, app_id, new.artifact_name, ids)
+        if held:
+            shown = ", ".join(f"{d} (deployment {held[d]})" for d in sorted(held)[:10])
+            more = ", …" if len(held) > 10 else ""
+            raise Conflict(
+                f"devices: {len(held)} in another unfinished deployment of the same "
+                f"flow: {shown}{more}"
+            )
+        return ids
+    ids = _matching(s, app_id, terms)
+    held = held_by_others(s, app_id, new.artifact_name, None) if ids else {}
+    if held and not new.dynamic and all(d in held for d in ids):
+        raise Conflict(
+            f"every matching device ({len(ids)}) is in another unfinished "
+            "deployment of the same flow"
+        )
+    ids = [d for d in ids if d not in held]
+    if new.dynamic and new.max_devices is not None:
+        ids = ids[: new.max_devices]
+    return ids
 
 
 def _listed(s: Any, app_id: str, devices: list[str]) -> list[str]:
     ids = list(dict.fromkeys(devices))
     if len(ids) > MAX_DEVICES:
         raise Validation(f"devices: at most {MAX_DEVICES}")
-    rows = devices_repo.get_many(s, app_id, ids)
-    unknown = [d for d in ids if d not in rows or rows[d].decommissioned]
+    known = repo.device_types_of(s, app_id, ids)
+    unknown = [d for d in ids if d not in known]
     if unknown:
         shown = ", ".join(unknown[:10]) + (", …" if len(unknown) > 10 else "")
         raise Validation(f"devices: {len(unknown)} unknown or decommissioned: {shown}")
@@ -142,16 +176,27 @@ def _listed(s: Any, app_id: str, devices: list[str]) -> list[str]:
 
 
 def _matching(s: Any, app_id: str, terms: list[inventory_filter.Term] | None) -> list[str]:
-    rows = s.scalars(
-        select(Device)
+    if terms is None:
+        return list(
+            s.scalars(
+                select(Device.id)
+                .where(Device.application_id == app_id, Device.decommissioned.is_(False))
+                .order_by(Device.id)
+            )
+        )
+    rows = s.execute(
+        select(
+            Device.id,
+            Device.name,
+            Device.device_type,
+            Device.agent_version,
+            Device.online,
+            Device.tags,
+        )
         .where(Device.application_id == app_id, Device.decommissioned.is_(False))
         .order_by(Device.id)
     )
-    return [
-        d.id
-        for d in rows
-        if terms is None or inventory_filter.matches(terms, inventory_filter.attributes(d))
-    ]
+    return [d.id for d in rows if inventory_filter.matches(terms, inventory_filter.attributes(d))]
 
 
 def _stored_filter(data: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -167,23 +212,48 @@ def _stored_filter(data: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def abort(ctx: ServerContext, app: Application, rollout_id: str) -> None:
-    """``PUT …/status {"status": "aborted"}``: 404 unknown, 422 finished."""
+    """``PUT …/status {"status": "aborted"}``: 404 unknown, 422 finished.
+
+    The abort is durable once the first transaction commits (with the rollout's row
+    locked: the reports read, devices not final ``aborted``, the rollout finished and
+    ``halting``); the abort entries are written next: here for up to ``SYNC_ABORTS``
+    devices in progress, else (or if this did not get through) by the engine
+    (:mod:`agent.server.service.rollout_actions`)."""
+    now = utcnow()
     with ctx.db.transaction() as s:
-        if repo.get(s, app.id, rollout_id) is None:
+        rollout = repo.get(s, app.id, rollout_id, lock=True)
+        if rollout is None:
             raise NotFound("Deployment was not found")
-    halt(ctx, app, rollout_id, reason=None)
+        if rollout.status == "finished":
+            raise Unprocessable("The deployment has finished already")
+        observe(s, rollout, now, None)
+        s.flush()
+        reverting = halt_durable(s, rollout, None, now)
+    if len(reverting) <= SYNC_ABORTS:
+        finish_halt(ctx, app, rollout_id, kick=True)
+    else:  # (the engine writes them, at once: the answer does not wait)
+        ctx.engine.kick(urgent=True)
 
 
-def decommission(ctx: ServerContext, app: Application, device_id: str) -> int:
+def decommission(
+    ctx: ServerContext,
+    app: Application,
+    device_id: str,
+    why: str = "removed from deployments",
+) -> int:
     """The device's unfinished places in unfinished rollouts become ``decommissioned``
-    (its flows stay as they are); returns how many."""
+    (substate ``why``; its flows stay as they are); returns how many. Its report is
+    read first: an attempt it reported final keeps that status."""
     now = utcnow()
     with ctx.db.transaction() as s:
         rows = repo.unfinished_of_device(s, app.id, device_id, sorted(FINAL))
         # Each rollout's row locked (in id order) before its device rows change: the
         # engine changes them only under that lock.
         for rollout_id in sorted({d.rollout_id for d in rows}):
-            repo.get(s, app.id, rollout_id, lock=True)
+            rollout = repo.get(s, app.id, rollout_id, lock=True)
+            if rollout is not None:
+                observe(s, rollout, now, None, only=[device_id])
+        s.flush()
         done = 0
         for d in rows:
             s.refresh(d)
@@ -192,9 +262,9 @@ def decommission(ctx: ServerContext, app: Application, device_id: str) -> int:
             repo.add_event(
                 s, d.rollout_id, "device_decommissioned", device_id, time=now, before=d.status
             )
-            d.status, d.substate, d.finished = "decommissioned", "removed from deployments", now
+            d.status, d.substate, d.finished = "decommissioned", why, now
             done += 1
-    ctx.engine.kick()
+    ctx.engine.kick(urgent=True)
     return done
 
 
