@@ -162,23 +162,6 @@ def device(session: Session, rollout_id: str, device_id: str) -> RolloutDevice |
     return session.get(RolloutDevice, (rollout_id, device_id))
 
 
-def devices_by_ids(
-    session: Session, rollout_id: str, device_ids: Sequence[str]
-) -> list[RolloutDevice]:
-    """These devices' rows of the rollout (those that exist): a statement per
-    ``CHUNK`` ids, not one per device."""
-    ids = sorted(set(device_ids))
-    out: list[RolloutDevice] = []
-    for i in range(0, len(ids), CHUNK):
-        out += session.scalars(
-            select(RolloutDevice).where(
-                RolloutDevice.rollout_id == rollout_id,
-                RolloutDevice.device_id.in_(ids[i : i + CHUNK]),
-            )
-        )
-    return out
-
-
 def device_types_of(
     session: Session, app_id: str, device_ids: Sequence[str]
 ) -> dict[str, str | None]:

@@ -282,7 +282,7 @@ class RolloutEngine:
         ]
         if not matching:
             return full
-        present = {d.device_id for d in repo.devices_by_ids(s, r.id, matching)}
+        present = repo.progress_of(s, r.id, matching)
         new = [d for d in matching if d not in present]
         if not new:
             return full
