@@ -99,8 +99,10 @@ SearchParam = Annotated[
 TypeParam = Annotated[
     str | None, Query(description="pymenderio's; ignored"), WithJsonSchema(text_schema())
 ]
+#: Event ids are a 32-bit INTEGER column (PostgreSQL refuses a larger bound value).
+MAX_EVENT_ID = 2**31 - 1
 AfterParam = Annotated[
-    str | None, Query(description="An event id"), WithJsonSchema(_int_schema(0, 2**62))
+    str | None, Query(description="An event id"), WithJsonSchema(_int_schema(0, MAX_EVENT_ID))
 ]
 LimitParam = Annotated[str | None, Query(), WithJsonSchema(_int_schema(1, MAX_EVENTS))]
 
@@ -664,7 +666,9 @@ def events(
         rows = repo.events(
             s,
             r.id,
-            after=0 if after_s is None else q.parse_int("after", after_s, minimum=0, maximum=2**62),
+            after=0
+            if after_s is None
+            else q.parse_int("after", after_s, minimum=0, maximum=MAX_EVENT_ID),
             limit=MAX_EVENTS
             if limit_s is None
             else q.parse_int("limit", limit_s, minimum=1, maximum=MAX_EVENTS),
