@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from postgres import PostgresCluster
 from server_harness import RunningServer, admin, running_server, sim_fleet
 
 from agent.server.artifact_store import artifact_url
-from agent.server.db.models import Device, Rollout
+from agent.server.db.models import Device, Rollout, RolloutPhase, utcnow
 
 BASE = "/api/management/v1/deployments"
 WASM = COUNTER_WASM.read_bytes()
@@ -270,10 +271,17 @@ def test_generate_checks_the_payload(srv: RunningServer) -> None:
 
 
 def add_rollout(srv: RunningServer, name: str, status: str) -> str:
+    """A deployment row naming ``name``. An unfinished one gets a phase that starts
+    in a year, so the server's rollout engine, which looks at it meanwhile, does not
+    finish it (a deployment with nothing left to do) under the test's feet."""
     with srv.ctx.db.transaction() as s:
         row = Rollout(application_id=srv.app_id, name="r", artifact_name=name, status=status)
         s.add(row)
         s.flush()
+        if status != "finished":
+            s.add(
+                RolloutPhase(rollout_id=row.id, number=0, start_ts=utcnow() + timedelta(days=365))
+            )
         return row.id
 
 
