@@ -159,6 +159,33 @@ def session_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return template
 
 
+def _stat(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, pgrp,
+    …), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the postmaster's backends and workers)."""
+    out = []
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        child = path.split("/")[2]
+        fields = _stat(child)
+        if fields is not None and len(fields) > 1 and int(fields[1]) == pid:
+            out.append(int(child))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting to be reaped does not)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != b"Z"
+
+
 def _group_alive(pgid: int) -> bool:
     """Whether a process of group ``pgid`` still runs (zombies waiting to be reaped do not)."""
     try:
@@ -333,16 +360,27 @@ class PostgresCluster:
         """``kill -9`` of the whole server (postmaster and all its children), as in a crash.
 
         Killing only the postmaster would leave backends running on the old shared
-        memory, and the next start would refuse to run beside them.
+        memory, and the next start would refuse to run beside them. Every backend
+        makes itself a process group leader (``setsid`` in PostgreSQL's
+        ``InitPostmasterChild``), so the postmaster's group does not hold them: they
+        are found as its children and killed one by one (else a backend could still
+        answer a query for a moment, until it notices its postmaster is gone: seen
+        in CI under load).
         """
         # returncode None: not reaped yet, so its pid (the group id) cannot have been reused
         if self.proc is not None and self.proc.returncode is None:
-            pgid = self.proc.pid  # the group leader (start_new_session)
+            pgid = self.proc.pid  # the postmaster, its group's leader (start_new_session)
+            children = _children(pgid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.wait(10)
             deadline = time.monotonic() + 10
-            while _group_alive(pgid) and time.monotonic() < deadline:
+            while (_group_alive(pgid) or any(map(_alive, children))) and (
+                time.monotonic() < deadline
+            ):
                 time.sleep(0.01)
         self.proc = None
 
