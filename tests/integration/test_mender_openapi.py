@@ -49,6 +49,9 @@ def server(tmp_path: Path, postgres: PostgresCluster, broker: Broker) -> Iterato
         yield srv
 
 
+# (about a thousand requests: within the suite's 120 s limit alone, not on a busy
+# machine)
+@pytest.mark.timeout(300)
 def test_the_mender_routes_keep_to_the_openapi_document(server: RunningServer) -> None:
     base = "/api/management/v1/deployments"
     with server.http() as c:

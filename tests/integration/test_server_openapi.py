@@ -52,6 +52,9 @@ def lite(tmp_path: Path, broker: Broker) -> Iterator[RunningServer]:
         yield srv
 
 
+# (about a thousand requests: within the suite's 120 s limit alone, not on a busy
+# machine)
+@pytest.mark.timeout(300)
 def test_the_server_keeps_to_its_openapi_document(server: RunningServer) -> None:
     app = server.app_id
     with server.http() as c:

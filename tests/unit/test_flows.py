@@ -206,11 +206,15 @@ async def test_log_flood_is_rate_limited(h: Host) -> None:
       (br_if $l (i32.lt_u (local.get $i) (i32.const 1500))))""",
         wat.ECHO_STRINGS,
     )
+    started = time.monotonic()
     with structlog.testing.capture_logs() as logs:
         runner = await h.deploy(flood, triggers=[{"type": "startup"}])
+    took = time.monotonic() - started
     lines = [e for e in logs if e["event"] == "flow log"]
     assert runner.context is not None
-    assert len(lines) <= 250
+    # The burst (2 x 100/s) plus the refill while the loop runs (bounded by the
+    # measured time, as above).
+    assert len(lines) <= 200 + 100 * min(took, 0.3) + 1
     assert runner.context.counters.logs_dropped == 1500 - len(lines)
 
 

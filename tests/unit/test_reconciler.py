@@ -258,8 +258,10 @@ class FlakyStateStore(StateStore):
     def save_bytes(self, data: bytes) -> None:
         if self.full:
             raise StateError(f"cannot write {self.path}: No space left on device")
-        super().save_bytes(data)
+        # (listed first: the write runs in a thread, and a test that saw the file on
+        # disk must find it in this list too)
         self.saved.append(data)
+        super().save_bytes(data)
 
     def statuses_saved(self, flow_id: str, since: int = 0) -> list[str]:
         """The status of ``flow_id`` in each state file written from the ``since``-th on."""
