@@ -14,6 +14,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.responses import MalformedRangeHeader
 
 from agent.server.api.auth import Caller, context, is_object_id, require
+from agent.server.api.forms import text_field as _field
 from agent.server.api.models import AUTH_ERRORS, errors
 from agent.server.api.params import AppId, IdPath, Sha256Path
 from agent.server.artifact_store import artifact_url, is_digest, verify
@@ -59,20 +60,6 @@ _UPLOAD_BODY: dict[str, Any] = {
         }
     },
 }
-
-
-def _field(form: FormData, name: str, *, max_length: int) -> str | None:
-    values = form.getlist(name)
-    if not values:
-        return None
-    if len(values) > 1:
-        raise Validation(f"{name}: given more than once")
-    value = values[0]
-    if not isinstance(value, str):
-        raise Validation(f"{name}: a text field, not a file")
-    if len(value) > max_length:
-        raise Validation(f"{name}: longer than {max_length} characters")
-    return value
 
 
 def _files(form: FormData, name: str) -> list[UploadFile]:

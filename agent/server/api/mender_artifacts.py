@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, WithJsonSchema
 from starlette.datastructures import FormData, UploadFile
 
 from agent.server.api.auth import Caller, context
+from agent.server.api.forms import text_field as _field
 from agent.server.api.mender_auth import mender_require
 from agent.server.api.models import MENDER_AUTH_ERRORS, Json, _Body, mender_errors
 from agent.server.api.params import NO_NUL, text_schema
@@ -180,20 +181,6 @@ _GENERATE_BODY: dict[str, Any] = {
         }
     },
 }
-
-
-def _field(form: FormData, name: str, *, max_length: int) -> str | None:
-    values = form.getlist(name)
-    if not values:
-        return None
-    if len(values) > 1:
-        raise Validation(f"{name}: given more than once")
-    value = values[0]
-    if not isinstance(value, str):
-        raise Validation(f"{name}: a text field, not a file")
-    if len(value) > max_length:
-        raise Validation(f"{name}: longer than {max_length} characters")
-    return value
 
 
 def _file(form: FormData, name: str) -> UploadFile:

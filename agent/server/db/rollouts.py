@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, case, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -162,55 +162,50 @@ def device(session: Session, rollout_id: str, device_id: str) -> RolloutDevice |
     return session.get(RolloutDevice, (rollout_id, device_id))
 
 
+def _column_of(
+    session: Session,
+    app_id: str,
+    device_ids: Sequence[str],
+    column: Any,
+    *where: ColumnElement[bool],
+) -> dict[str, Any]:
+    """Device id → one column of its row (chunked ``IN`` queries; no other column is
+    read, so no state documents are loaded to get a device type)."""
+    ids = sorted(set(device_ids))
+    out: dict[str, Any] = {}
+    for i in range(0, len(ids), CHUNK):
+        rows = session.execute(
+            select(Device.id, column).where(
+                Device.application_id == app_id, Device.id.in_(ids[i : i + CHUNK]), *where
+            )
+        ).all()
+        out.update((d, value) for d, value in rows)
+    return out
+
+
 def device_types_of(
     session: Session, app_id: str, device_ids: Sequence[str]
 ) -> dict[str, str | None]:
-    """Device id → its type, for the devices that exist and are not decommissioned
-    (columns only: no state documents)."""
-    ids = sorted(set(device_ids))
-    out: dict[str, str | None] = {}
-    for i in range(0, len(ids), CHUNK):
-        rows = session.execute(
-            select(Device.id, Device.device_type).where(
-                Device.application_id == app_id,
-                Device.id.in_(ids[i : i + CHUNK]),
-                Device.decommissioned.is_(False),
-            )
-        ).all()
-        out.update((d, t) for d, t in rows)
-    return out
+    """Device id → its type, for the devices that exist and are not decommissioned."""
+    return _column_of(
+        session, app_id, device_ids, Device.device_type, Device.decommissioned.is_(False)
+    )
 
 
 def desired_of(
     session: Session, app_id: str, device_ids: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
-    """Device id → its desired document (the column alone)."""
-    ids = sorted(set(device_ids))
-    out: dict[str, dict[str, Any]] = {}
-    for i in range(0, len(ids), CHUNK):
-        rows = session.execute(
-            select(Device.id, Device.desired).where(
-                Device.application_id == app_id, Device.id.in_(ids[i : i + CHUNK])
-            )
-        ).all()
-        out.update((d, doc or {}) for d, doc in rows)
-    return out
+    """Device id → its desired document."""
+    found = _column_of(session, app_id, device_ids, Device.desired)
+    return {d: doc or {} for d, doc in found.items()}
 
 
 def states_of(
     session: Session, app_id: str, device_ids: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
-    """Device id → its last state report (the column alone)."""
-    ids = sorted(set(device_ids))
-    out: dict[str, dict[str, Any]] = {}
-    for i in range(0, len(ids), CHUNK):
-        rows = session.execute(
-            select(Device.id, Device.state).where(
-                Device.application_id == app_id, Device.id.in_(ids[i : i + CHUNK])
-            )
-        ).all()
-        out.update((d, doc or {}) for d, doc in rows)
-    return out
+    """Device id → its last state report."""
+    found = _column_of(session, app_id, device_ids, Device.state)
+    return {d: doc or {} for d, doc in found.items()}
 
 
 @dataclass(frozen=True)
