@@ -2,8 +2,9 @@
 
 One paho client on paho's own network thread (``loop_start``), built from the agent's
 ``[mqtt]`` settings (TLS included). For every application it subscribes to
-``{prefix}/+/status``, ``/state`` and the deployment logs
-(``/deployments/+/log``, kept for Mender's API); on MQTT 5 through a shared
+``{prefix}/+/status``, ``/state``, the deployment logs
+(``/deployments/+/log``, kept for Mender's API), the events and the command
+responses (for the console); on MQTT 5 through a shared
 subscription (``$share/edge-server/…``) so that several server processes split the
 messages instead of each handling all of them. The subscriptions are renewed on every
 (re)connect; what arrives goes to ``on_message(topic, payload, retained)`` on the
@@ -36,10 +37,12 @@ from agent.server.errors import ServerError
 log = structlog.get_logger("agent.server.broker")
 
 SHARE_GROUP = "edge-server"
-#: What the server records (the devices' events and command responses: nothing reads
-#: them here, and a release makes about as many events as state reports). The
-#: deployment logs (retained, one per failed attempt) are what Mender's API serves.
-WATCHED = ("status", "state", "deployments/+/log")
+#: What the server records: the retained reports (status, state, and the deployment
+#: logs, one per failed attempt, that Mender's API serves) ...
+RETAINED = ("status", "state", "deployments/+/log")
+#: ... and the live messages (never retained: not read again by a resync): the
+#: events for the console's timeline, and the responses to the server's commands.
+WATCHED = (*RETAINED, "events", "command/response")
 #: A resync ends once no retained message came for this long (seconds) ...
 RESYNC_QUIET_S = 1.0
 #: ... or after this long at most.
@@ -79,6 +82,7 @@ class BrokerLink:
         self.client.loop_start()
 
     def stop(self) -> None:
+        self.connected.clear()  # (a disconnect asked for: no "lost the broker")
         self.client.disconnect()
         self.client.loop_stop()
         # paho closes its socket and wake-up socketpair only in __del__, whose timing in
@@ -153,7 +157,7 @@ class BrokerLink:
                     return
 
     def _resync_once(self, prefixes: list[str]) -> None:
-        filters = [f"{p}/+/{what}" for p in prefixes for what in WATCHED]
+        filters = [f"{p}/+/{what}" for p in prefixes for what in RETAINED]
         if not filters or not self.connected.is_set():
             return
         started = time.monotonic()

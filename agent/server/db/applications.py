@@ -68,3 +68,23 @@ def token_for_secret(session: Session, secret: str) -> ApiToken | None:
     if token is None or token.revoked:
         return None
     return token
+
+
+def tokens(session: Session, app_id: str) -> list[ApiToken]:
+    """The application's tokens, newest first (revoked ones too)."""
+    return list(
+        session.scalars(
+            select(ApiToken)
+            .where(ApiToken.application_id == app_id)
+            .order_by(ApiToken.created.desc(), ApiToken.id)
+        )
+    )
+
+
+def revoke_token(session: Session, app_id: str, token_id: str) -> bool:
+    """Revoke one of the application's tokens; False if it has none of that id."""
+    token = session.get(ApiToken, token_id) if len(token_id) <= 24 else None
+    if token is None or token.application_id != app_id:
+        return False
+    token.revoked = True
+    return True

@@ -415,3 +415,67 @@ class ServerSecret(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(255))
+
+
+# ---------------------------------------------------------------- the web console
+
+
+class ConsoleSession(Base):
+    """A signed-in browser: the cookie holds a random secret of which only the
+    SHA-256 is kept (like API tokens), so a leaked database does not sign anyone in.
+    ``user_id`` or ``token_id`` says who signed in (a user, or with an API token);
+    ``csrf`` is the token every form of the session carries."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the secret
+    application_id: Mapped[str] = mapped_column(
+        ForeignKey("applications.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[str | None] = mapped_column(String(36))
+    token_id: Mapped[str | None] = mapped_column(String(24))
+    #: Who it is, as the pages show it (an email, or the token's name).
+    who: Mapped[str] = mapped_column(String(255), default="")
+    csrf: Mapped[str] = mapped_column(String(64))
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    expires: Mapped[datetime]
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeviceEvent(Base):
+    """A device's event (``{prefix}/{id}/events``: a flow's status transition), kept
+    for the console's timeline (the newest few hundred per device)."""
+
+    __tablename__ = "device_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    application_id: Mapped[str] = mapped_column(ForeignKey("applications.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(String(128))
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    flow_id: Mapped[str | None] = mapped_column(String(128))
+    deployment_id: Mapped[str | None] = mapped_column(String(128))
+    version: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    __table_args__ = (Index("ix_device_events_app_device", "application_id", "device_id", "id"),)
+
+
+class CommandRecord(Base):
+    """A command the server sent to a device (console or API) and the device's
+    response, matched by ``id`` (the command's id, echoed by the agent)."""
+
+    __tablename__ = "commands"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    application_id: Mapped[str] = mapped_column(ForeignKey("applications.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(255))
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    sent: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The device's answer (``{"ok", "result" | "error", …}``), once it came.
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    answered: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_commands_app_device", "application_id", "device_id", "sent"),)

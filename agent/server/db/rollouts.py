@@ -645,3 +645,17 @@ def logs_present(session: Session, app_id: str, pairs: Sequence[tuple[str, str]]
         ).all()
         found.update(d for d, a in rows if wanted.get(d) == a)
     return found
+
+
+def logs_of_device(
+    session: Session, app_id: str, device_id: str, limit: int = 50
+) -> list[DeploymentLog]:
+    """A device's stored deployment logs, newest first (the web console's device page)."""
+    return list(
+        session.scalars(
+            select(DeploymentLog)
+            .where(DeploymentLog.application_id == app_id, DeploymentLog.device_id == device_id)
+            .order_by(DeploymentLog.time.desc())
+            .limit(limit)
+        )
+    )

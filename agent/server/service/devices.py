@@ -68,12 +68,20 @@ def send_command(
     time: Any,
 ) -> int:
     """Publish the command (QoS 1, not retained) to each device; returns how many."""
+    body = {"name": name, "payload": payload, "time": time or utc_now_iso()}
+    publish_commands(ctx, app, [(d, {**body, "id": secrets.token_hex(8)}) for d in device_ids])
+    return len(device_ids)
+
+
+def publish_commands(
+    ctx: ServerContext, app: Application, commands: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Publish each ``(device id, command document)`` (QoS 1, not retained) to its
+    device's command topic, and wait until the broker took them all."""
     if ctx.link is None:
         raise BrokerDown("no broker configured")
-    body = {"name": name, "payload": payload, "time": time or utc_now_iso()}
     messages = []
-    for device_id in device_ids:
-        doc = {**body, "id": secrets.token_hex(8)}
+    for device_id, doc in commands:
         data = json.dumps(doc, separators=(",", ":")).encode()
         if len(data) > 256 * 1024:
             raise Validation("command over 256 KiB")
@@ -82,4 +90,3 @@ def send_command(
         ctx.link.publish_many(messages)
     except BrokerUnavailable as exc:
         raise BrokerDown(f"the broker did not take the command: {exc}") from None
-    return len(messages)

@@ -26,6 +26,10 @@ logs' contents: the newest :data:`MAX_LOGS_PER_DEVICE` logs of a device are kept
 when they were stored), each with its newest lines up to :data:`MAX_LOG_LINES` and
 :data:`MAX_LOG_CHARS`, each field of a line cut to its length (:data:`LOG_FIELDS`).
 Once a batch is recorded, ``on_applied`` is called (the rollout engine looks again).
+
+The devices' events and their responses to the server's commands (not retained) are
+recorded in the same batches: events as the console's timeline, responses matched to
+the commands by id (:mod:`agent.server.service.device_events`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from agent.server.db.models import (
     new_id,
     utcnow,
 )
+from agent.server.service import device_events
 from agent.server.text import tree_problem
 from agent.wire.protocol import is_valid_id
 
@@ -198,6 +203,37 @@ class Inventory:
             return None
         return app_id, device_id, deployment_id
 
+    def _take_event(
+        self,
+        topic: str,
+        payload: bytes,
+        now: datetime,
+        events: dict[str, list[dict[str, Any]]],
+        responses: list[tuple[str, str, str, dict[str, Any]]],
+    ) -> None:
+        """An event or a command response, parsed into ``events`` or ``responses``
+        (a malformed one, or one of no known application, is dropped)."""
+        response = topic.endswith("/command/response")
+        head = topic[: -len("/command/response" if response else "/events")]
+        prefix, _, device_id = head.rpartition("/")
+        app_id = self.app_for_prefix(prefix)
+        if app_id is None or not is_valid_id(device_id):
+            return
+        doc = _parse(payload)
+        if doc is None:
+            log.debug("malformed device message dropped", topic=topic, size=len(payload))
+            return
+        if response:
+            got = device_events.response_doc(doc)
+            if got is not None:
+                responses.append((app_id, device_id, *got))
+            return
+        row = device_events.event_row(device_id, doc, now)
+        if row is None:
+            log.debug("malformed device event dropped", device=device_id)
+            return
+        events.setdefault(app_id, []).append(row)
+
     def apply(self, batch: list[Report]) -> None:
         prefixes: dict[str, str] = {}
         retired: list[tuple[str, str]] = []
@@ -205,7 +241,14 @@ class Inventory:
         logs: Logs = {}
         #: Devices heard now (not only retained reports read again).
         heard: set[tuple[str, str]] = set()
+        #: Events by application id; command responses (app, device, command id, doc).
+        events: dict[str, list[dict[str, Any]]] = {}
+        responses: list[tuple[str, str, str, dict[str, Any]]] = []
+        heard_at = utcnow()
         for topic, payload, retained in batch:
+            if topic.endswith(("/events", "/command/response")):
+                self._take_event(topic, payload, heard_at, events, responses)
+                continue
             if topic.endswith("/log"):
                 where = self._route_log(topic)
                 doc = _parse(payload)
@@ -229,9 +272,7 @@ class Inventory:
             if kind != "state" or "state" not in docs or _newer(doc, docs["state"]):
                 docs[kind] = doc
             prefixes[app_id] = topic.rsplit("/", 2)[0]
-        if logs:
-            with self.db.transaction() as s:
-                _store_logs(s, logs)
+        self._store_messages(logs, events, responses, heard_at)
         if not work:
             self._applied()
             return
@@ -250,6 +291,21 @@ class Inventory:
             if self.on_retired is not None:
                 self.on_retired(prefix, device_id)
         self._applied()
+
+    def _store_messages(
+        self,
+        logs: Logs,
+        events: dict[str, list[dict[str, Any]]],
+        responses: list[tuple[str, str, str, dict[str, Any]]],
+        now: datetime,
+    ) -> None:
+        """The deployment logs, events and command responses of a batch."""
+        if logs:
+            with self.db.transaction() as s:
+                _store_logs(s, logs)
+        if events or responses:
+            with self.db.transaction() as s:
+                device_events.record(s, events, responses, now)
 
     def _applied(self) -> None:
         if self.on_applied is not None:

@@ -27,7 +27,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -70,6 +70,8 @@ MAX_FAILURES = 10
 FAILURE_WINDOW_S = 60.0
 #: Addresses whose failures are remembered, at most.
 MAX_ADDRESSES = 10_000
+
+_T = TypeVar("_T")
 
 _keys: weakref.WeakKeyDictionary[ServerContext, bytes] = weakref.WeakKeyDictionary()
 _keys_lock = threading.Lock()
@@ -245,11 +247,30 @@ async def guarded_login(ctx: ServerContext, header: str, address: str) -> str:
     for an ``address`` that failed too often lately, 503 (:class:`LoginBusy`) when no
     hash slot freed up in time; a failure (401 after the hash) counts against the
     address. A malformed header is answered 401 at once (no hash, not counted)."""
-    guard = _guard(ctx)
-    wait = guard.throttle.wait(address)
+    _throttled(ctx, address)
+    email, password = basic_credentials(header)
+    return await _bounded(ctx, address, lambda: check_password(ctx, email, password))
+
+
+async def guarded_verify(
+    ctx: ServerContext, email: str, password: str, address: str
+) -> tuple[str, str]:
+    """:func:`verify_user` within the bounds of :func:`guarded_login` (the same
+    throttle and hash slots): the web console's sign-in."""
+    _throttled(ctx, address)
+    if not email or len(email) > MAX_EMAIL or len(password) > MAX_PASSWORD:
+        raise Unauthorized("Wrong email or password")
+    return await _bounded(ctx, address, lambda: verify_user(ctx, email, password))
+
+
+def _throttled(ctx: ServerContext, address: str) -> None:
+    wait = _guard(ctx).throttle.wait(address)
     if wait:
         raise TooManyLogins(f"Too many failed logins from this address: retry in {wait} s", wait)
-    email, password = basic_credentials(header)
+
+
+async def _bounded(ctx: ServerContext, address: str, check: Callable[[], _T]) -> _T:
+    guard = _guard(ctx)
     slots = guard.slots
     with anyio.move_on_after(HASH_WAIT_S) as waited:
         await slots.acquire()
@@ -257,7 +278,7 @@ async def guarded_login(ctx: ServerContext, header: str, address: str) -> str:
         log.debug("login refused: every hash slot is busy", address=address)
         raise LoginBusy("Too many logins at once: retry shortly", 1)
     try:
-        return await anyio.to_thread.run_sync(check_password, ctx, email, password)
+        return await anyio.to_thread.run_sync(check)
     except Unauthorized:
         guard.throttle.failed(address)
         if guard.throttle.wait(address):  # (logged once a window, not at every 429)
@@ -276,8 +297,9 @@ def login(ctx: ServerContext, header: str) -> str:
     return check_password(ctx, *basic_credentials(header))
 
 
-def check_password(ctx: ServerContext, email: str, password: str) -> str:
-    """A new login token if ``password`` is the user's, else 401 (see :func:`login`)."""
+def verify_user(ctx: ServerContext, email: str, password: str) -> tuple[str, str]:
+    """The user's id and application if ``password`` is the user's, else 401 (the
+    same answer, after the same scrypt, for an unknown email)."""
     with ctx.db.transaction() as s:
         storable = text_problem(email) is None  # (PostgreSQL cannot even look up a NUL)
         user = repo.by_email(s, normalize_email(email)) if storable else None
@@ -286,6 +308,12 @@ def check_password(ctx: ServerContext, email: str, password: str) -> str:
     if not verify_password(password, stored) or user is None:
         log.info("login refused", known=user is not None)
         raise Unauthorized("Wrong email or password")
+    return user_id, app_id
+
+
+def check_password(ctx: ServerContext, email: str, password: str) -> str:
+    """A new login token if ``password`` is the user's, else 401 (see :func:`login`)."""
+    user_id, app_id = verify_user(ctx, email, password)
     now = int(time.time())
     claims: dict[str, Any] = {
         "sub": user_id,
