@@ -103,9 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = bsub.add_parser("inspect", help="verify a bundle and print what it holds")
     inspect.add_argument("file", type=Path)
     demo = sub.add_parser(
-        "demo", help="run a local demonstration (broker, simulated fleet, phased rollout)"
+        "demo",
+        help="run a local demonstration (broker, server and its console, simulated fleet, "
+        "phased deployment, command, abort)",
     )
-    demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="stay up until Ctrl-C (to click through the console), then clean up",
+    )
     demo.add_argument("--broker", help="use this broker (default: a private Mosquitto)")
     fleet_parser.add_parser(sub)
     server_cli.add_parser(sub)
@@ -290,6 +296,17 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if _fleet_extra_missing() is not None:
         return cmd_fleet(args)  # says which extra to install
+    import importlib.util
+
+    from agent.server.cli import EXIT_USAGE, SERVER_EXTRA
+
+    missing = next((m for m in SERVER_EXTRA if importlib.util.find_spec(m) is None), None)
+    if missing is not None:
+        sys.stderr.write(
+            f"edge-agent demo runs the control plane: it needs the server extra ({missing} "
+            "is not installed): pip install 'edge-agent[fleet,server]'\n"
+        )
+        return EXIT_USAGE
     from agent.fleet.demo import main as demo_main
 
     return demo_main(keep=args.keep, broker=args.broker)

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,6 +31,8 @@ from agent.server.api import (
 )
 from agent.server.api.params import JSON_VALUE_SCHEMA, with_json_values
 from agent.server.api.query import QueryError
+from agent.server.console import mount as mount_console
+from agent.server.console import render as console
 from agent.server.context import ServerContext
 from agent.server.errors import ApiError, TooLarge
 
@@ -55,6 +57,8 @@ PUBLIC_PATHS = ("/artifacts/", "/downloads/", "/api/management/v1/useradm/auth/"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: Mender's API lives under this path; its errors take Mender's shape.
 MENDER_PATHS = "/api/management/"
+#: The web console: its errors are pages.
+CONSOLE_PATHS = ("/console/", "/console")
 
 
 def error(status: int, type_: str, message: str) -> JSONResponse:
@@ -72,8 +76,11 @@ def mender_error(status: int, message: str, request_id: str | None = None) -> JS
     )
 
 
-def api_error(request: Request | None, status: int, type_: str, message: str) -> JSONResponse:
-    """An error in the shape of the API the request was made to."""
+def api_error(request: Request | None, status: int, type_: str, message: str) -> Response:
+    """An error in the shape of the API the request was made to (a page, for the
+    web console's)."""
+    if request is not None and request.url.path.startswith(CONSOLE_PATHS):
+        return console.error_page(request, status, message)
     if request is not None and request.url.path.startswith(MENDER_PATHS):
         return mender_error(status, message, request.headers.get("x-men-requestid"))
     return error(status, type_, message)
@@ -202,19 +209,19 @@ def create_app(ctx: ServerContext) -> FastAPI:
         app.include_router(module.router)
 
     @app.exception_handler(ApiError)
-    async def _api_error(r: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(r: Request, exc: ApiError) -> Response:
         return api_error(r, exc.status, exc.type, exc.message)
 
     @app.exception_handler(QueryError)
-    async def _query_error(r: Request, exc: QueryError) -> JSONResponse:
+    async def _query_error(r: Request, exc: QueryError) -> Response:
         return api_error(r, 400, "Validation", str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(r: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(r: Request, exc: RequestValidationError) -> Response:
         return api_error(r, 400, "Validation", validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(r: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(r: Request, exc: StarletteHTTPException) -> Response:
         response = api_error(
             r, exc.status_code, _HTTP_TYPES.get(exc.status_code, "Error"), str(exc.detail)
         )
@@ -222,9 +229,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return response
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    async def _internal(request: Request, exc: Exception) -> Response:
         log.error("internal error", path=request.url.path, error=repr(exc), exc_info=exc)
         return api_error(request, 500, "InternalError", "internal server error (logged)")
 
+    mount_console(app)
     app.add_middleware(BodyLimit, upload_limit=ctx.cfg.max_upload)
     return app

@@ -1,0 +1,140 @@
+"""The fleet (devices, filtered) and a device: its flows, timeline, deployment logs,
+and commands."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+import anyio.to_thread
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, Response
+
+from agent.server.db import device_events
+from agent.server.db import devices as devices_repo
+from agent.server.db import rollouts as rollouts_repo
+from agent.server.db.devices import DeviceQuery
+from agent.server.db.models import CommandRecord
+from agent.server.errors import NotFound, Validation
+from agent.server.service import commands
+
+from . import render
+from .fleet_views import Filter, flows_of, row, tags_of
+from .web import Session, checked_form, context, page, see_other, text
+
+router = APIRouter(prefix="/console")
+#: Devices a fleet page lists at most (the count says how many matched).
+MAX_ROWS = 500
+#: Devices read for a fleet page at most.
+MAX_SCAN = 20_000
+#: Events on a device's timeline.
+TIMELINE = 100
+#: Largest command payload (JSON text).
+MAX_PAYLOAD = 64 * 1024
+
+
+@router.get("/", response_class=HTMLResponse)
+def fleet(
+    request: Request,
+    session: Session,
+    q: str = Query("", max_length=256),
+    online: str = Query("all", pattern="^(all|yes|no)$"),
+    device_type: str = Query("", max_length=64),
+    tag: str = Query("", max_length=512),
+) -> Response:
+    want = Filter(q, online, device_type, tag)
+    with context(request).db.transaction() as s:
+        devices, _ = devices_repo.search(
+            s,
+            session.app.id,
+            DeviceQuery(),
+            sort="name",
+            descending=False,
+            page=0,
+            per_page=MAX_SCAN,
+        )
+        rows = [r for r in map(row, devices) if want.matches(r)]
+    return page("fleet.html", session, devices=rows[:MAX_ROWS], matched=len(rows), filter=want)
+
+
+def _device_data(request: Request, session: Session, device_id: str) -> dict[str, Any]:
+    app_id = session.app.id
+    with context(request).db.transaction() as s:
+        dev = devices_repo.get(s, app_id, device_id) if len(device_id) <= 128 else None
+        if dev is None or dev.decommissioned:
+            raise NotFound(f"Device {device_id[:128]} was not found")
+        events = device_events.recent(s, app_id, device_id, TIMELINE)
+        logs = rollouts_repo.logs_of_device(s, app_id, device_id)
+        return {
+            "device": dev,
+            "tags": tags_of(dev),
+            "flows": flows_of(dev),
+            "events": events,
+            "logs": [
+                (lg.deployment_id, lg.flow_id, lg.time, _log_text(lg.messages)) for lg in logs
+            ],
+        }
+
+
+def _log_text(messages: list[Any]) -> str:
+    return "\n".join(
+        f"{m.get('time', '')} {m.get('level', '')} {m.get('message', '')}"
+        for m in messages
+        if isinstance(m, dict)
+    )
+
+
+@router.get("/devices/{device_id}", response_class=HTMLResponse)
+def device(
+    request: Request,
+    device_id: str,
+    session: Session,
+    command: str = Query("", max_length=64),
+) -> Response:
+    data = _device_data(request, session, device_id)
+    sent = _command(request, session, command) if command else None
+    # (_command.html polls /console/devices/{device_id}/commands/{id}: it needs the id)
+    return page("device.html", session, command=sent, device_id=device_id, **data)
+
+
+def _command(request: Request, session: Session, command_id: str) -> CommandRecord | None:
+    return commands.get(context(request), session.app.id, command_id)
+
+
+@router.get("/devices/{device_id}/timeline", response_class=HTMLResponse)
+def timeline(request: Request, device_id: str, session: Session) -> Response:
+    data = _device_data(request, session, device_id)
+    url = f"/console/devices/{quote(device_id, safe='')}/timeline"
+    return HTMLResponse(render.fragment("_timeline.html", events=data["events"], refresh_url=url))
+
+
+@router.get("/devices/{device_id}/commands/{command_id}", response_class=HTMLResponse)
+def command_fragment(
+    request: Request, device_id: str, command_id: str, session: Session
+) -> Response:
+    sent = _command(request, session, command_id[:64])
+    if sent is None or sent.device_id != device_id:
+        raise NotFound("Command was not found")
+    return HTMLResponse(render.fragment("_command.html", command=sent, device_id=device_id))
+
+
+@router.post("/devices/{device_id}/command")
+async def send_command(request: Request, device_id: str, session: Session) -> Response:
+    form = await checked_form(request, session)
+    name = text(form, "name", 256).strip()
+    raw = text(form, "payload", MAX_PAYLOAD + 1).strip()
+    if not name:
+        raise Validation("name: the command's name is required")
+    if len(raw) > MAX_PAYLOAD:
+        raise Validation(f"payload: over {MAX_PAYLOAD // 1024} KiB")
+    try:
+        payload = json.loads(raw) if raw else None
+    except ValueError as exc:
+        raise Validation(f"payload: not JSON ({str(exc)[:100]})") from None
+    ctx = context(request)
+    # (commands.send: 404 for a device the application does not have)
+    record = await anyio.to_thread.run_sync(
+        lambda: commands.send(ctx, session.app, device_id, name, payload)
+    )
+    return see_other(f"/console/devices/{quote(device_id, safe='')}?command={quote(record.id)}")
