@@ -37,7 +37,9 @@ integration: setup
 e2e: setup
 	$(PYTEST) tests/e2e
 
-## A local demonstration: private broker, agent, a deployment converging.
+## A local demonstration: private broker, the server (console URL printed), a simulated
+## fleet, a phased deployment converging, a command, an abort (`edge-agent demo --keep`
+## stays up until Ctrl-C).
 demo: setup
 	$(VENV)/bin/edge-agent demo
 

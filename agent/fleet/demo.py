@@ -1,11 +1,15 @@
-"""``edge-agent demo``: a fleet deployment, locally, with nothing but Mosquitto.
+"""``edge-agent demo``: the whole system, locally, with nothing but Mosquitto.
 
-It starts a private Mosquitto on a free port (or uses ``--broker``), runs a small
-simulated fleet (real agents, ``edge-agent sim``), and then, as an operator would,
-runs ``edge-agent fleet`` commands: a phased rollout of the counter example, the
-fleet converging (``fleet get``), a command to the flow and its answer, and a
-replace of the version, converging again. It finishes by itself and removes what
-it created (``--keep`` keeps the temp directory).
+It starts a private Mosquitto on a free port (or uses ``--broker``), the control
+plane (``edge-agent server`` on SQLite in a temporary directory, in this process), a
+small simulated fleet (real agents, ``edge-agent sim``) and, as an operator would,
+drives the server over its HTTP API: an application, a token and a user (the admin
+functions), the counter example uploaded as two flow versions, a phased Mender
+deployment converging, a command to one device and its response, then a second
+deployment aborted in the middle. Every step is printed with what it sent, and the
+console's URL with the token to sign in with. It finishes by itself (well within a
+minute) and removes everything it made; ``--keep`` keeps it all running until
+Ctrl-C, for a person to click through the console, then cleans up.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import functools
 import http.server
 import json
+import secrets
 import shutil
 import socket
 import subprocess
@@ -23,12 +28,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.device.config import AgentConfig, MqttConfig
+from agent.device.config import AgentConfig
 
-DEVICES = 5
+if TYPE_CHECKING:
+    import httpx
+
+DEVICES = 6
+#: The devices' topic prefix (the demo application's).
+PREFIX = "edge"
 #: Where the counter example is: package data in a wheel or the .deb (see
 #: pyproject.toml, force-include), else the source tree's examples/.
 ASSETS = (
@@ -144,8 +155,9 @@ def _leb128(n: int) -> bytes:
 class _Fleet:
     """The simulated fleet, on its own thread and event loop."""
 
-    def __init__(self, broker: str, root: Path) -> None:
+    def __init__(self, broker: str, root: Path, prefix: str = PREFIX) -> None:
         self.broker = broker
+        self.prefix = prefix
         self.root = root
         self.started = threading.Event()
         self.error: BaseException | None = None
@@ -183,7 +195,12 @@ class _Fleet:
                 "device_id": "demo",
                 "device_type": "demo-gateway",
                 "state_dir": str(self.root),
-                "mqtt": {"broker": self.broker, "reconnect_min": 0.1},
+                "mqtt": {
+                    "broker": self.broker,
+                    "topic_prefix": self.prefix,
+                    "reconnect_min": 0.1,
+                },
+                "reconcile": {"state_coalesce_ms": 20},
                 "log": {"level": "error"},
             }
         )
@@ -197,32 +214,135 @@ class _Fleet:
             await self._stop.wait()
 
 
-def _fleet(broker: str, *argv: str) -> None:
-    """Run and show one ``edge-agent fleet`` command, as a user would type it."""
-    from agent.cli import main as cli_main
+class _Server:
+    """``edge-agent server`` on SQLite in ``root``, in this process (uvicorn on a
+    thread), with an application, a token and a user made with the admin functions."""
 
-    shown = " ".join(a if a and " " not in a else json.dumps(a) for a in argv)
-    print(f"\n$ edge-agent fleet {shown}", flush=True)
-    rc = cli_main(["fleet", *argv, "--broker", broker])
-    sys.stdout.flush()
-    if rc != 0:
-        raise RuntimeError(f"edge-agent fleet {argv[0]} exited with {rc}")
+    def __init__(self, broker: str, root: Path) -> None:
+        from agent.server.config import ServerConfig
+
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.cfg = ServerConfig.model_validate(
+            {
+                "db": f"sqlite:///{root / 'server.db'}",
+                "state_dir": str(root),
+                "listen": f"127.0.0.1:{port}",
+                "public_url": self.url,
+                "mqtt": {"broker": broker},
+                "publish_retry_s": 0.2,
+                "rollout_tick_s": 0.2,
+            }
+        )
+        self.app_id = ""
+        self.token = ""
+        self.email = "ops@example.com"
+        self.password = secrets.token_urlsafe(12)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.ctx: Any = None
+
+    def __enter__(self) -> _Server:
+        import uvicorn
+
+        from agent.server.api.app import create_app
+        from agent.server.context import ServerContext
+        from agent.server.db import applications as apps_repo
+        from agent.server.db.engine import Database
+        from agent.server.service import users
+
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(self.cfg.db_url)
+        try:
+            db.migrate()
+            with db.transaction() as s:
+                self.app_id = apps_repo.create_application(s, "demo", PREFIX).id
+                _row, self.token = apps_repo.create_token(s, self.app_id, ["all.Application"])
+            users.create_user(db, self.app_id, self.email, self.password)
+        finally:
+            db.close()
+        self.ctx = ServerContext(self.cfg)
+        self.ctx.start()
+        config = uvicorn.Config(
+            create_app(self.ctx), host="127.0.0.1", port=self.cfg.port, log_level="warning"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="demo-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                self.__exit__()
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.ctx is not None:
+            self.ctx.stop()
+
+    def http(self) -> httpx.Client:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
 
-def _wait_converged(broker: str, flow: str, version: str, timeout: float = 30.0) -> float:
-    from agent.fleet.controller import FleetClient, table_rows
+V1 = "/api/management/v1/deployments"
 
-    started = time.monotonic()
-    with FleetClient(MqttConfig.model_validate({"broker": broker})) as client:
-        while time.monotonic() - started < timeout:
-            client.settle(quiet=0.1)
-            rows = [r for r in table_rows(client.devices().values()) if r["flowId"] == flow]
-            if len(rows) == DEVICES and all(
-                r["currentVersion"] == version and r["status"] == "success" for r in rows
-            ):
-                return time.monotonic() - started
-            time.sleep(0.2)
-    raise RuntimeError(f"the fleet did not converge on {flow} {version} in {timeout:g} s")
+
+def _show(method: str, path: str, body: Any = None) -> None:
+    """Print a request as a person would send it with curl (the token elided)."""
+    data = f" -d '{json.dumps(body)}'" if body is not None else ""
+    print(f"$ curl -X {method} -H 'Authorization: Bearer $TOKEN' $SERVER{path}{data}", flush=True)
+
+
+def _call(
+    client: httpx.Client, method: str, path: str, body: Any = None, **kw: Any
+) -> httpx.Response:
+    _show(method, path, body)
+    r = client.request(method, path, json=body, **kw)
+    if r.status_code >= 400:
+        raise RuntimeError(f"{method} {path}: {r.status_code} {r.text}")
+    return r
+
+
+def _wait(check: Any, what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _stats(client: httpx.Client, rid: str) -> dict[str, int]:
+    r = client.get(f"{V1}/deployments/{rid}/statistics")
+    r.raise_for_status()
+    counts: dict[str, int] = r.json()
+    return counts
+
+
+def _print_stats(client: httpx.Client, rid: str) -> None:
+    counts = {k: v for k, v in _stats(client, rid).items() if v}
+    print("  statistics: " + json.dumps(counts, separators=(", ", ": ")))
+
+
+def _deployment(client: httpx.Client, rid: str) -> dict[str, Any]:
+    r = client.get(f"{V1}/deployments/{rid}")
+    r.raise_for_status()
+    got: dict[str, Any] = r.json()
+    return got
+
+
+def _in(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def main(keep: bool = False, broker: str | None = None) -> int:
@@ -236,84 +356,169 @@ def main(keep: bool = False, broker: str | None = None) -> int:
         counter = counter_wasm()
     except FileNotFoundError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)
         return 1
-    (work / "counter-1.0.0.wasm").write_bytes(counter)
-    (work / "counter-1.1.0.wasm").write_bytes(versioned(counter, "1.1.0"))
-    (work / "counter.json").write_text(json.dumps(COUNTER_MANIFEST, indent=1))
     try:
         with contextlib.ExitStack() as stack:
             if broker is None:
                 port = stack.enter_context(mosquitto_server(work))
                 broker = f"mqtt://127.0.0.1:{port}"
                 print(f"  started a private Mosquitto: {broker}")
+            server = stack.enter_context(_Server(broker, work / "server"))
+            print(f"  started edge-agent server on SQLite: {server.url}")
+            print(f"    application {server.app_id} (devices under {PREFIX}/), an API token,")
+            print(f"    and a user {server.email} (admin create-application/-token/-user)")
             fleet = stack.enter_context(_Fleet(broker, work / "devices"))
             print(f"  {fleet.summary}")
-            _steps(broker, work)
+            _console_hint(server)
+            _steps(server, counter)
+            took = time.monotonic() - started
+            if keep:
+                _console_hint(server)
+                print("\n--keep: everything stays up; press Ctrl-C to stop and clean up.")
+                with contextlib.suppress(KeyboardInterrupt):
+                    threading.Event().wait()
+                print("\nstopping")
     except Exception as exc:  # noqa: BLE001 - any failure ends the demo with its reason
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
-    else:
-        print(
-            f"\ndemo finished in {time.monotonic() - started:.1f} s: the fleet converged on "
-            "every release."
-        )
-        return 0
     finally:
-        if keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def _steps(broker: str, work: Path) -> None:
+        shutil.rmtree(work, ignore_errors=True)
     print(
-        "\n== 1. a phased rollout: 20% of the fleet, then 60%, then all; each phase waits\n"
-        "      for its devices' 2 s health window, and stops on a failure (or a revert)"
+        f"\ndemo finished in {took:.1f} s: the deployment converged, the command was "
+        "answered, the second deployment was aborted; everything it made is removed."
     )
-    _fleet(
-        broker,
-        "rollout",
-        "--flow",
-        "counter",
-        "--version",
-        "1.0.0",
-        "--artifact",
-        str(work / "counter-1.0.0.wasm"),
-        "--manifest",
-        str(work / "counter.json"),
-        "--phase",
-        "20%",
-        "--phase",
-        "60%",
-        "--phase",
-        "100%",
-        "--max-failures",
-        "0",
-        "--health-window",
-        "2",
-    )
-    _fleet(broker, "get", "--flow", "counter")
+    return 0
 
-    print("\n== 2. a command to the flow on one device; the flow answers (edge_respond)")
-    time.sleep(1.2)  # let the counter tick once
-    _fleet(broker, "command", "--device", "sim-0003", "--name", "counter.get")
 
-    print("\n== 3. replace 1.0.0 by 1.1.0 everywhere (blue/green on each device)")
-    _fleet(
-        broker,
-        "replace",
-        "--flow",
-        "counter",
-        "--old-version",
-        "1.0.0",
-        "--new-version",
-        "1.1.0",
-        "--artifact",
-        str(work / "counter-1.1.0.wasm"),
+def _console_hint(server: _Server) -> None:
+    print(f"\n  the console: {server.url}/console/")
+    print(f"    sign in with the token  {server.token}")
+    print(f"    or as {server.email} with the password  {server.password}")
+
+
+def _steps(server: _Server, counter: bytes) -> None:
+    manifest = json.dumps(COUNTER_MANIFEST)
+    with server.http() as client:
+        print("\n== 1. the counter flow uploaded as two flow versions (the artifacts Mender sees)")
+        for version, data in (("1.0.0", counter), ("1.1.0", versioned(counter, "1.1.0"))):
+            path = f"/applications/{server.app_id}/flows/counter/versions"
+            print(
+                f"$ curl -X POST -H 'Authorization: Bearer $TOKEN' $SERVER{path} "
+                f"-F version={version} -F manifest=@counter.json "
+                f"-F artifact=@counter-{version}.wasm"
+            )
+            r = client.post(
+                path,
+                data={"version": version, "manifest": manifest},
+                files={"artifact": (f"counter-{version}.wasm", data, "application/wasm")},
+            )
+            if r.status_code != 201:
+                raise RuntimeError(f"upload {version}: {r.status_code} {r.text}")
+        artifacts = client.get("/api/management/v1/deployments/artifacts").json()
+        print("  artifacts: " + ", ".join(sorted(a["name"] for a in artifacts)))
+
+        print(
+            "\n== 2. a phased deployment of counter 1.0.0: half the fleet now, the rest 4 s\n"
+            "      later once the first half is healthy (each device's 2 s health window)"
+        )
+        body = {
+            "name": "counter 1.0.0",
+            "artifact_name": "counter-1.0.0",
+            "all_devices": True,
+            "phases": [{"batch_size": 50}, {"start_ts": _in(4)}],
+            "edge": {"health_window": 2, "failure_threshold": 0},
+        }
+        r = _call(client, "POST", f"{V1}/deployments", body)
+        first = r.headers["location"].rsplit("/", 1)[1]
+        print(f"  deployment {first}")
+        seen: set[str] = set()
+
+        def converged() -> bool:
+            dep = _deployment(client, first)
+            line = json.dumps({k: v for k, v in _stats(client, first).items() if v})
+            if line not in seen:
+                seen.add(line)
+                print(f"  {time.strftime('%H:%M:%S')} {dep['status']}: {line}")
+            return bool(dep["status"] == "finished")
+
+        _wait(converged, "the first deployment to finish", 40)
+        _print_stats(client, first)
+        for n, phase in enumerate(_deployment(client, first).get("phases") or [], 1):
+            when = phase.get("start_ts") or "at once"
+            print(f"  phase {n}: {phase.get('device_count')} devices, started {when}")
+        counts = _stats(client, first)
+        if counts.get("success") != DEVICES:
+            raise RuntimeError(f"the deployment did not converge: {counts}")
+
+        _command(server)
+        _aborted(server, client)
+
+
+def _command(server: _Server) -> None:
+    from agent.server.db import applications as apps_repo
+    from agent.server.service import commands
+
+    print("\n== 3. a command to one device (recorded by the server, matched to its response)")
+    time.sleep(1.2)  # let the counter tick
+    with server.ctx.db.transaction() as s:
+        app = apps_repo.get_application(s, server.app_id)
+    assert app is not None
+    sent = commands.send(server.ctx, app, "sim-0003", "counter.get", None)
+    print(f"  sent counter.get to sim-0003 as command {sent.id}")
+    done = _wait(
+        lambda: (c := commands.get(server.ctx, server.app_id, sent.id)) and c.response and c,
+        "the device's response",
+        15,
     )
-    took = _wait_converged(broker, "counter", "1.1.0")
-    print(f"\n(converged in {took:.1f} s)")
-    _fleet(broker, "get", "--flow", "counter")
-    _fleet(broker, "stats", "--flow", "counter", "--version", "1.1.0")
-    _fleet(broker, "command", "--device", "sim-0003", "--name", "counter.get")
-    print("(the count went on across the upgrade: a flow's storage survives new versions)")
+    print("  response: " + json.dumps(done.response))
+
+
+def _aborted(server: _Server, client: httpx.Client) -> None:
+    print(
+        "\n== 4. a second deployment (counter 1.1.0): its first phase (a third) runs,\n"
+        "      the rest would start in a minute: aborted in the middle"
+    )
+    body = {
+        "name": "counter 1.1.0",
+        "artifact_name": "counter-1.1.0",
+        "all_devices": True,
+        "phases": [{"batch_size": 34}, {"start_ts": _in(60)}],
+        "edge": {"health_window": 30},
+    }
+    r = _call(client, "POST", f"{V1}/deployments", body)
+    second = r.headers["location"].rsplit("/", 1)[1]
+    print(f"  deployment {second}")
+    _wait(
+        lambda: _stats(client, second).get("rebooting", 0) >= 1,
+        "the first phase to install (its devices in their health window)",
+        30,
+    )
+    _print_stats(client, second)
+    _call(client, "PUT", f"{V1}/deployments/{second}/status", {"status": "aborted"})
+    dep = _deployment(client, second)
+    print(f"  status: {dep['status']}, aborted: {dep.get('edge', {}).get('aborted')}")
+    _print_stats(client, second)
+    _timeline(server)
+
+
+def _timeline(server: _Server) -> None:
+    """The newest events of a device the aborted deployment reached, as the server
+    recorded them (the console's timeline): the install, the abort, the revert."""
+    from agent.server.db import device_events
+
+    def reached() -> tuple[str, list[Any]] | None:
+        with server.ctx.db.transaction() as s:
+            for n in range(1, DEVICES + 1):
+                device_id = f"sim-{n:04d}"
+                rows = device_events.recent(s, server.app_id, device_id, limit=8)
+                if any(e.status == "aborted" for e in rows[:3]):
+                    return device_id, rows
+        return None
+
+    _wait(reached, "the abort in a device's events", 20)
+    time.sleep(1.0)  # (the revert's events)
+    device_id, rows = reached() or ("", [])
+    print(f"\n  {device_id}'s newest events, as the server recorded them (newest first):")
+    for e in rows:
+        print(f"    {e.time:%H:%M:%S} {e.flow_id} {e.version} {e.status} {e.error or ''}".rstrip())
