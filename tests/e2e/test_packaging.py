@@ -319,7 +319,7 @@ def test_the_device_package_carries_no_operator_tool(
 
 @pytest.mark.slow
 def test_wheel_with_the_fleet_extra_runs_the_demo_outside_the_tree(tmp_path: Path) -> None:
-    """`pip install edge-agent[fleet]` from the wheel: the demo finds its flow as
+    """`pip install edge-agent[fleet,server]` from the wheel: the demo finds its flow as
     package data, run from a directory that is not the source tree."""
     wheels = tmp_path / "wheels"
     subprocess.run(
@@ -352,7 +352,7 @@ def test_wheel_with_the_fleet_extra_runs_the_demo_outside_the_tree(tmp_path: Pat
             "--quiet",
             "--disable-pip-version-check",
             "--no-compile",  # (byte-code of every dependency: a third of the test's time)
-            f"{wheel}[fleet]",
+            f"{wheel}[fleet,server]",  # (the demo runs the control plane too)
         ],
         capture_output=True,
         text=True,

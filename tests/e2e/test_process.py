@@ -160,10 +160,30 @@ async def test_wrong_credentials_clear_error_and_keeps_running(
         secure.stop()
 
 
-def test_demo_command_converges(tmp_path: Path) -> None:
-    """The README's demonstration runs end to end, tells its story, and cleans up."""
+def _demo_story(out: str) -> None:
+    """What every run of the demo tells (asserted on its output)."""
     import re
 
+    assert "6 simulated devices sim-0001...sim-0006 online" in out
+    assert re.search(r"the console: http://127\.0\.0\.1:\d+/console/\n", out), out
+    assert re.search(r"sign in with the token  eat_\S+", out), out
+    assert "artifacts: counter-1.0.0, counter-1.1.0" in out
+    # The phased deployment: half the fleet first, then all of it, converged.
+    assert "phase 1: 3 devices, started at once" in out
+    assert re.search(r"phase 2: 3 devices, started 20\S+Z", out), out
+    assert 'finished: {"success": 6}' in out
+    # The command's response, matched by the server to the command it sent.
+    assert re.search(r'"result": \{"count": \d+, "command": "counter.get"\}', out), out
+    # The second deployment, aborted in its first phase; the device's events show it.
+    assert "status: finished, aborted: True" in out
+    assert 'statistics: {"aborted": 6}' in out
+    assert re.search(r"counter 1\.1\.0 aborted deployment \S+ aborted; reverted", out), out
+    assert "counter 1.1.0 installing" in out
+
+
+def test_demo_command_converges(tmp_path: Path) -> None:
+    """The README's demonstration runs end to end, tells its story, finishes by
+    itself and removes what it made."""
     # Its own temporary directory: another demo may run meanwhile (the tests run in
     # parallel), and what it leaves behind must be this one's.
     tmp = tmp_path / "tmp"
@@ -179,27 +199,88 @@ def test_demo_command_converges(tmp_path: Path) -> None:
     out = res.stdout
     assert res.returncode == 0, out + res.stderr
     assert "demo finished" in out
-    assert "5 simulated devices sim-0001...sim-0005 online" in out
-    assert "phase 3/3" in out
-    assert "complete: 5 device(s) succeeded" in out
-    for version in ("1.0.0", "1.1.0"):  # the fleet table, converged on each version
-        rows = re.findall(
-            rf"sim-000\d .*counter .*{re.escape(version)} .*{re.escape(version)}"
-            r" .*success",
-            out,
+    _demo_story(out)
+    assert "--keep" not in out
+    assert list(tmp.iterdir()) == []
+
+
+def _signs_in_to_the_console(url: str, token: str) -> None:
+    """The printed console URL and token sign in (the page contract's form#login,
+    its hidden csrf), and the fleet page lists the demo's devices."""
+    import re
+
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=10, follow_redirects=True) as c:
+        page = c.get("/console/login")
+        assert page.status_code == 200
+        assert 'id="login"' in page.text
+        found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        csrf = found.group(1) if found else ""
+        fleet = c.post("/console/login", data={"token": token, "csrf": csrf})
+        assert fleet.status_code == 200, fleet.text
+        assert str(fleet.url).endswith("/console/")
+        for n in range(1, 7):
+            assert f'data-device-id="sim-{n:04d}"' in fleet.text
+
+
+def test_demo_keep_stays_up_until_ctrl_c(tmp_path: Path) -> None:
+    """With --keep the server stays up (the token signs in to its API), until
+    SIGINT; then everything is removed."""
+    import re
+
+    import httpx
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "demo", "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "press Ctrl-C" in line:
+                break
+        out = "".join(lines)
+        assert "press Ctrl-C" in out, out
+        _demo_story(out)
+        url = re.findall(r"the console: (http://\S+)/console/", out)[-1]
+        token = re.findall(r"sign in with the token  (\S+)", out)[-1]
+        time.sleep(1.0)  # still up a moment later
+        r = httpx.get(
+            f"{url}/api/management/v1/deployments/deployments",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
         )
-        assert len(rows) == 5, out
-    counts = [
-        int(c)
-        for c in re.findall(
-            r'"result": \{"count": (\d+), "command": '
-            r'"counter.get"\}',
-            out,
+        assert r.status_code == 200, r.text
+        assert len(r.json()) == 2
+        assert (
+            httpx.get(f"{url}/api/management/v1/deployments/deployments", timeout=10).status_code
+            == 401
         )
-    ]
-    assert len(counts) == 2
-    assert counts[1] > counts[0]  # the count went on: storage survived the upgrade
-    assert '"success": 5' in out
+        _signs_in_to_the_console(url, token)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # (Ctrl-C first: the demo cleans up after itself)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, rest + err
+    assert "demo finished" in rest
     assert list(tmp.iterdir()) == []
 
 
