@@ -21,6 +21,7 @@ import http.server
 import json
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,8 @@ from agent.device.config import AgentConfig
 
 if TYPE_CHECKING:
     import httpx
+
+    from agent.server.thread import ServerThread
 
 DEVICES = 6
 #: The devices' topic prefix (the demo application's).
@@ -238,18 +241,16 @@ class _Server:
         self.token = ""
         self.email = "ops@example.com"
         self.password = secrets.token_urlsafe(12)
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._http: ServerThread | None = None
         self.ctx: Any = None
 
     def __enter__(self) -> _Server:
-        import uvicorn
-
         from agent.server.api.app import create_app
         from agent.server.context import ServerContext
         from agent.server.db import applications as apps_repo
         from agent.server.db.engine import Database
         from agent.server.service import users
+        from agent.server.thread import ServerThread
 
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         db = Database(self.cfg.db_url)
@@ -263,25 +264,17 @@ class _Server:
             db.close()
         self.ctx = ServerContext(self.cfg)
         self.ctx.start()
-        config = uvicorn.Config(
-            create_app(self.ctx), host="127.0.0.1", port=self.cfg.port, log_level="warning"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="demo-server", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                self.__exit__()
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
+        self._http = ServerThread(create_app(self.ctx), "127.0.0.1", self.cfg.port)
+        try:
+            self._http.start()
+        except RuntimeError:
+            self.ctx.stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
+        if self._http is not None and not self._http.stop():
+            print("  (the server's HTTP thread did not stop; left to the exit)", file=sys.stderr)
         if self.ctx is not None:
             self.ctx.stop()
 
@@ -374,11 +367,7 @@ def main(keep: bool = False, broker: str | None = None) -> int:
             _steps(server, counter)
             took = time.monotonic() - started
             if keep:
-                _console_hint(server)
-                print("\n--keep: everything stays up; press Ctrl-C to stop and clean up.")
-                with contextlib.suppress(KeyboardInterrupt):
-                    threading.Event().wait()
-                print("\nstopping")
+                _stay_up(server)
     except Exception as exc:  # noqa: BLE001 - any failure ends the demo with its reason
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
@@ -389,6 +378,27 @@ def main(keep: bool = False, broker: str | None = None) -> int:
         "answered, the second deployment was aborted; everything it made is removed."
     )
     return 0
+
+
+def _stay_up(server: _Server) -> None:
+    """``--keep``: wait for Ctrl-C (SIGINT) or SIGTERM. Both only set an event, so
+    one arriving at any moment from the first line printed here ends the same way,
+    in the caller's clean-up (a second Ctrl-C then interrupts that, as usual)."""
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _console_hint(server)
+        print("\n--keep: everything stays up; press Ctrl-C to stop and clean up.", flush=True)
+        while not stop.wait(1.0):  # (a bounded wait: the handler runs between waits)
+            pass
+        print("\nstopping", flush=True)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _console_hint(server: _Server) -> None:

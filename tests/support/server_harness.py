@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from broker import free_port
 
 from agent import cli
@@ -22,6 +19,7 @@ from agent.fleet.sim import Simulation
 from agent.server.api.app import create_app
 from agent.server.config import ServerConfig
 from agent.server.context import ServerContext
+from agent.server.thread import ServerThread
 
 
 def admin(*argv: str) -> str:
@@ -62,8 +60,7 @@ class RunningServer:
         self.prefix = prefix
         self.db_url = db_url
         self.ctx = ServerContext(self.cfg)
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._http: ServerThread | None = None
 
     def token_with(self, *scopes: str) -> str:
         args = ["--db", self.db_url, "--state-dir", str(self.cfg.state_dir), "create-token"]
@@ -74,22 +71,12 @@ class RunningServer:
 
     def start(self) -> None:
         self.ctx.start()
-        config = uvicorn.Config(
-            create_app(self.ctx), host="127.0.0.1", port=self.cfg.port, log_level="warning"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 15
-        while not self._server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
+        self._http = ServerThread(create_app(self.ctx), "127.0.0.1", self.cfg.port)
+        self._http.start(15)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
+        if self._http is not None:
+            assert self._http.stop(), "the server's HTTP thread did not stop"
         self.ctx.stop()
 
     def http(self, token: str | None = None) -> httpx.Client:
