@@ -154,6 +154,14 @@ def sign_in(w: Watched, token: str) -> None:
     w.page.wait_for_url(re.compile(r"/console/$"))
 
 
+def sign_in_as_user(w: Watched, setup: Setup) -> None:
+    w.page.goto("/console/login")
+    w.page.fill("form#login input[name=email]", setup.email)
+    w.page.fill("form#login input[name=password]", setup.password)
+    w.page.locator("form#login [type=submit]").last.click()
+    w.page.wait_for_url(re.compile(r"/console/$"))
+
+
 def shot(w: Watched, name: str) -> None:
     if os.environ.get("CONSOLE_SCREENSHOTS") == "1":
         SHOTS.mkdir(parents=True, exist_ok=True)
@@ -408,6 +416,24 @@ def test_send_a_command_from_the_device_page(page: Watched, setup: Setup) -> Non
     shot(page, "device")
 
 
+def test_a_page_left_open_goes_to_the_sign_in_when_the_session_ends(
+    page: Watched, setup: Setup
+) -> None:
+    """The device page's timeline refreshes itself (htmx, every 3 s); once the session
+    has ended (signed out in another tab), the next refresh takes the whole page to
+    the sign-in instead of swapping the sign-in form into the timeline."""
+    sign_in(page, setup.srv.token)
+    p = page.page
+    p.goto("/console/devices/sim-0001")
+    with p.expect_request(lambda r: "/timeline?left=" in r.url, timeout=10_000):
+        pass  # (the refresh runs)
+    csrf = p.locator("form#logout input[name=csrf]").get_attribute("value")
+    assert p.request.post("/console/logout", form={"csrf": csrf or ""}).status == 200
+    p.wait_for_url(re.compile(r"/console/login$"), timeout=10_000)
+    assert p.locator("form#login").is_visible()
+    assert p.locator("#timeline").count() == 0
+
+
 # ------------------------------------------------------------------ security
 def test_markup_in_names_tags_and_logs_is_shown_as_text(page: Watched, setup: Setup) -> None:
     srv = setup.srv
@@ -444,8 +470,7 @@ def logs_of(srv: RunningServer, device_id: str) -> set[str]:
 
 
 def test_a_form_without_its_csrf_token_is_refused(page: Watched, setup: Setup) -> None:
-    srv = setup.srv
-    sign_in(page, srv.token)
+    sign_in_as_user(page, setup)  # (tokens are managed by users)
     p = page.page
     p.goto("/console/tokens")
     before = p.locator("table#tokens tr[data-token-id]").count()

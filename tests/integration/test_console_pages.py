@@ -1,4 +1,4 @@
-"""The web console without a browser: httpx against a real server (uvicorn, SQLite,
+"""The web console without a browser: httpx against a real server (uvicorn, PostgreSQL,
 real Mosquitto). Sign-in (token, user, read-only), every page of a fleet with a
 device, a deployment, an artifact and a deployment log; each application sees only
 its own data; hostile text comes back escaped; forms without their CSRF token are
@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,11 +23,15 @@ import httpx
 import pytest
 import wat
 from broker import MOSQUITTO, Broker, Operator
+from postgres import PostgresCluster
 from server_harness import RunningServer, admin, running_server
 from sqlalchemy import select
 
-from agent.server.console.pages_deployments import STREAMS_PER_SESSION
+from agent.server.api.app import MAX_JSON_BODY
+from agent.server.console.pages_deployments import slots
+from agent.server.console.pages_devices import COMMAND_POLLS
 from agent.server.console.security import CSP
+from agent.server.console.streams import PER_SESSION as STREAMS_PER_SESSION
 from agent.server.db import rollouts as rollouts_repo
 from agent.server.db.models import ConsoleSession
 
@@ -47,9 +52,14 @@ def mqtt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, mqtt: Broker) -> Iterator[RunningServer]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, mqtt: Broker, postgres: PostgresCluster
+) -> Iterator[RunningServer]:
+    """On PostgreSQL, the stricter database (it refuses a NUL in any text), where
+    input that slips past the pages' checks shows first; the browser tests run the
+    same pages on SQLite."""
     root = tmp_path_factory.mktemp("console")
-    url = f"sqlite:///{root / 'server.db'}"
+    url = postgres.create_database(f"console_{uuid.uuid4().hex[:12]}")
     with running_server(root / "server", url, mqtt.url, prefix="plant") as srv:
         yield srv
 
@@ -123,6 +133,23 @@ def browser(server: RunningServer, fleet: dict[str, Any]) -> Iterator[httpx.Clie
         yield c
 
 
+@pytest.fixture(scope="module")
+def as_user(
+    server: RunningServer, fleet: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[httpx.Client]:
+    """A session signed in as a user (who alone manages tokens)."""
+    pw = tmp_path_factory.mktemp("user") / "pw"
+    pw.write_text("a user's long password\n")
+    common = ["--db", server.db_url, "--state-dir", str(server.cfg.state_dir)]
+    app = ["--application", server.app_id, "--email", "admin@example.com"]
+    admin(*common, "create-user", *app, "--password-file", str(pw))
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        form = {"email": "admin@example.com", "password": "a user's long password"}
+        r = c.post("/console/login", data={"csrf": csrf_of(c.get("/console/login").text), **form})
+        assert r.status_code == 303, r.text
+        yield c
+
+
 def test_pages_need_a_session(server: RunningServer) -> None:
     with httpx.Client(base_url=server.url) as c:
         for path in (
@@ -166,7 +193,7 @@ def test_sign_in_refusals(server: RunningServer) -> None:
 
 
 def test_security_headers(browser: httpx.Client) -> None:
-    for path in ("/console/", "/console/login", "/console/static/console.js"):
+    for path in ("/console/", "/console/login", "/console/static/vendor/htmx-ext-sse.min.js"):
         r = browser.get(path)
         assert r.status_code == 200, path
         assert r.headers["content-security-policy"] == CSP
@@ -178,6 +205,15 @@ def test_security_headers(browser: httpx.Client) -> None:
     assert re.search(r"<script(?![^>]*\bsrc=)", html) is None
     assert "<style" not in html
     assert " style=" not in html
+    # errors too: a 404 page, a 500 (sent from outside every middleware), a 413
+    for r in (
+        browser.get("/console/devices/a%00b"),
+        browser.get("/console/devices/" + "d" * 5000),
+        browser.post("/console/devices/gw-1/command", content=b"x" * (MAX_JSON_BODY + 1)),
+    ):
+        assert r.status_code in (404, 413), r.text
+        assert r.headers["content-security-policy"] == CSP
+        assert r.headers["cache-control"] == "no-store"
     # the console is not in the API's document
     doc = browser.get("/openapi.json").json()
     assert not [p for p in doc["paths"] if p.startswith("/console")]
@@ -200,7 +236,7 @@ def test_every_page_renders_escaped(browser: httpx.Client, fleet: dict[str, Any]
             'id="abort"',
         ],
         "/console/artifacts": [f'data-artifact-id="{fleet["artifact"]}"', 'class="delete"'],
-        "/console/tokens": ['id="create-token"', 'class="revoke"'],
+        "/console/tokens": ['id="tokens-note"', 'data-token-id="'],
     }
     for path, wanted in pages.items():
         r = browser.get(path)
@@ -265,8 +301,25 @@ def test_filter(browser: httpx.Client) -> None:
     assert browser.get("/console/", params={"online": "maybe"}).status_code == 400
 
 
-def test_tokens_and_read_only(browser: httpx.Client, server: RunningServer) -> None:
+def test_tokens_and_read_only(
+    browser: httpx.Client, as_user: httpx.Client, server: RunningServer
+) -> None:
+    # a session signed in with a token sees the tokens, and may not make or revoke one
     page = browser.get("/console/tokens")
+    assert 'id="create-token"' not in page.text
+    assert 'class="revoke"' not in page.text
+    token_id = re.findall(r'data-token-id="([0-9a-f]+)"', page.text)[0]
+    for path, form in (
+        ("/console/tokens", {"name": "t", "scope": "all.Application"}),
+        (f"/console/tokens/{token_id}/revoke", {}),
+    ):
+        r = browser.post(path, data={"csrf": csrf_of(page.text), **form})
+        assert r.status_code == 403, r.text
+        assert "sign in with an email" in r.text
+    # a user's session does
+    page = as_user.get("/console/tokens")
+    assert 'id="create-token"' in page.text
+    browser = as_user
     r = browser.post(
         "/console/tokens",
         data={"csrf": csrf_of(page.text), "name": f"ro {XSS}", "scope": ["all.Application.read"]},
@@ -370,11 +423,28 @@ def test_command_is_sent_and_shown(
     assert 'id="command-response"' in page.text
     assert XSS not in page.text
     assert 'data-testid="waiting"' in page.text
-    assert f'data-poll="/console/devices/gw-1/commands/{command_id}"' in page.text
+    # htmx asks again every second, COMMAND_POLLS times at most, then stops
+    poll = f"/console/devices/gw-1/commands/{command_id}?left={COMMAND_POLLS - 1}"
+    assert f'hx-get="{poll}" hx-trigger="every 1s"' in page.text
     fragment = browser.get(f"/console/devices/gw-1/commands/{command_id}")
     assert fragment.status_code == 200
     assert fragment.text.lstrip().startswith('<div id="command-response"')
     assert "data-done" not in fragment.text
+    last = browser.get(f"/console/devices/gw-1/commands/{command_id}", params={"left": 0})
+    assert "hx-get" not in last.text
+    assert "reload the page" in last.text
+    assert browser.get(poll.replace("left=", "left=9")).status_code == 400  # over the bound
+    # the command is this device's: under another device's URL (or page) it is not found
+    with server.http() as http:
+        r = http.post(
+            f"/applications/{server.app_id}/devices", json={"name": "gw-3", "deviceId": "gw-3"}
+        )
+        assert r.status_code == 201, r.text
+    assert browser.get(f"/console/devices/gw-3/commands/{command_id}").status_code == 404
+    assert (
+        'id="command-response"'
+        not in browser.get(f"/console/devices/gw-3?command={command_id}").text
+    )
     # the device's response (published as an agent does) comes into the fragment
     op = Operator(mqtt).connect()
     try:
@@ -392,10 +462,19 @@ def test_command_is_sent_and_shown(
     assert 'data-testid="response"' in fragment.text
     assert "&lt;script&gt;" in fragment.text
     assert XSS not in fragment.text
-    # bad input: no name, a payload that is not JSON, an unknown device
-    for bad in ({"name": ""}, {"name": "x", "payload": "{nope"}):
+    # bad input, refused as the API refuses it: no name, a NUL in it, a payload that
+    # is not JSON, nests too deep (or past the parser's recursion), is not finite
+    for bad in (
+        {"name": ""},
+        {"name": "a\x00b"},
+        {"name": "x", "payload": "{nope"},
+        {"name": "x", "payload": "[" * 5000},
+        {"name": "x", "payload": "[" * 40 + "]" * 40},
+        {"name": "x", "payload": '{"a": NaN}'},
+        {"name": "x", "payload": '"\\u0000"'},
+    ):
         r = browser.post("/console/devices/gw-1/command", data={"csrf": data["csrf"], **bad})
-        assert r.status_code == 400
+        assert r.status_code == 400, (bad, r.text)
     r = browser.post("/console/devices/gw-x/command", data={"csrf": data["csrf"], "name": "x"})
     assert r.status_code == 404
 
@@ -448,3 +527,72 @@ def test_live_streams_are_bounded_per_session(
                 break
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_a_live_stream_ends_with_its_session(server: RunningServer, fleet: dict[str, Any]) -> None:
+    """Signed out (or the token revoked) in another tab: the open stream stops at its
+    next look instead of serving the deployment for up to STREAM_MAX_S."""
+    with server.http() as http:
+        arts = http.get(f"{V1}/artifacts").json()
+        r = http.post(
+            f"/applications/{server.app_id}/devices", json={"name": "gw-4", "deviceId": "gw-4"}
+        )
+        assert r.status_code == 201, r.text
+        r = http.post(
+            f"{V1}/deployments",
+            json={"name": "watched", "artifact_name": arts[0]["name"], "devices": ["gw-4"]},
+        )
+        assert r.status_code == 201, r.text
+        url = f"/console/deployments/{r.headers['location'].rsplit('/', 1)[1]}/stream"
+    with sign_in(server, server.token) as c:
+        before = slots.open()
+        with c.stream("GET", url) as r:
+            lines = r.iter_lines()
+            assert next(lines) == "event: status"
+            assert slots.open() == before + 1
+            page = c.get("/console/")
+            assert c.post("/console/logout", data={"csrf": csrf_of(page.text)}).status_code == 303
+            started = time.monotonic()
+            rest = list(lines)  # (ends: the stream returned)
+            assert time.monotonic() - started < 30
+        assert "event: done" not in rest
+        deadline = time.monotonic() + 10
+        while slots.open() != before:  # the slot is given back
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_htmx_requests_without_a_session_go_to_the_sign_in(server: RunningServer) -> None:
+    """A poll (htmx sends ``HX-Request: true``) after the session ended gets
+    ``HX-Redirect``, so the whole page goes to the sign-in, not a fragment of it."""
+    with httpx.Client(base_url=server.url) as c:
+        r = c.get("/console/devices/gw-1/timeline", headers={"HX-Request": "true"})
+        assert r.status_code == 401
+        assert r.headers["hx-redirect"] == "/console/login"
+        r = c.get("/console/devices/gw-1/timeline")
+        assert r.status_code == 303
+
+
+def test_ids_that_cannot_be_ids_are_not_found(browser: httpx.Client, fleet: dict[str, Any]) -> None:
+    """A NUL or an overlong id in a URL is a 404 page before any query (PostgreSQL
+    refuses a NUL in text: it would be a 500 there), and is not repeated back."""
+    rollout = fleet["rollout"]
+    csrf = csrf_of(browser.get("/console/").text)
+    for bad in ("a%00b", "x" * 200, "...", "a%0Ab"):
+        for r in (
+            browser.get(f"/console/devices/{bad}"),
+            browser.get(f"/console/devices/{bad}/timeline"),
+            browser.get(f"/console/devices/gw-1/commands/{bad}"),
+            browser.get(f"/console/deployments/{bad}"),
+            browser.get(f"/console/deployments/{bad}/stream"),
+            browser.get(f"/console/deployments/{rollout}/devices/{bad}/log"),
+            browser.post(f"/console/devices/{bad}/command", data={"csrf": csrf, "name": "x"}),
+            browser.post(f"/console/tokens/{bad}/revoke", data={"csrf": csrf}),
+            browser.post(f"/console/artifacts/{bad}/delete", data={"csrf": csrf}),
+            browser.post(f"/console/deployments/{bad}/abort", data={"csrf": csrf}),
+        ):
+            assert r.status_code == 404, (r.request.url, r.status_code, r.text[:300])
+            assert "x" * 200 not in r.text
+    r = browser.get("/console/devices/gw-1", params={"command": "a\x00b"})
+    assert r.status_code == 200
+    assert 'id="command-response"' not in r.text

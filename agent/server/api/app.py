@@ -233,6 +233,6 @@ def create_app(ctx: ServerContext) -> FastAPI:
         log.error("internal error", path=request.url.path, error=repr(exc), exc_info=exc)
         return api_error(request, 500, "InternalError", "internal server error (logged)")
 
-    mount_console(app)
     app.add_middleware(BodyLimit, upload_limit=ctx.cfg.max_upload)
+    mount_console(app)  # (after: its headers are on BodyLimit's 413 too)
     return app

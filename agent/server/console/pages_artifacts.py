@@ -15,7 +15,7 @@ from agent.server.errors import Validation
 from agent.server.service import artifacts as service
 from agent.server.service import flow_versions
 
-from .web import Session, checked_form, context, page, see_other, text
+from .web import Session, checked_form, context, known, page, see_other, text
 
 router = APIRouter(prefix="/console")
 
@@ -79,6 +79,7 @@ async def upload_version(request: Request, session: Session) -> Response:
 
 @router.post("/artifacts/{artifact_id}/delete")
 async def delete(request: Request, artifact_id: str, session: Session) -> Response:
+    known(artifact_id, "Artifact")
     await checked_form(request, session)
     ctx = context(request)
     await anyio.to_thread.run_sync(service.delete, ctx, session.app, artifact_id)

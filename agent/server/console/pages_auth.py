@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -40,11 +41,14 @@ async def login(request: Request) -> Response:
     password = raw if isinstance(raw, str) else ""
     try:
         if token.strip():
-            secret = sessions.with_token(ctx, token)
+            secret = await anyio.to_thread.run_sync(sessions.with_token, ctx, token)
         elif email.strip():
             address = request.client.host if request.client else "unknown"
             user_id, app_id = await users.guarded_verify(ctx, email, password, address)
-            secret = sessions.start(ctx, app_id, users.normalize_email(email), user_id=user_id)
+            who = users.normalize_email(email)
+            secret = await anyio.to_thread.run_sync(
+                lambda: sessions.start(ctx, app_id, who, user_id=user_id)
+            )
         else:
             return _login_page(request, "Give an API token, or an email and a password.", 400)
     except ApiError as exc:
@@ -58,7 +62,7 @@ async def login(request: Request) -> Response:
 @router.post("/logout")
 async def logout(request: Request, session: Session) -> Response:
     await checked_form(request, session, write=False)
-    sessions.end(context(request), session)
+    await anyio.to_thread.run_sync(sessions.end, context(request), session)
     response = see_other("/console/login")
     response.delete_cookie(sessions.COOKIE, path=sessions.PATH)
     return response

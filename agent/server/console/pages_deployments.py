@@ -3,25 +3,24 @@ progress (live, through server-sent events), its devices' logs, and the abort.""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response
 
 from agent.server.db import rollouts as repo
 from agent.server.db.rollouts import RolloutQuery
-from agent.server.errors import ApiError, NotFound
+from agent.server.errors import NotFound, Unauthorized
 from agent.server.service import rollout_views as views
 from agent.server.service import rollouts as service
 from agent.server.service.phases import STATUSES
 
-from . import render
+from . import render, sessions, streams
 from .sessions import SignedIn
-from .web import Session, checked_form, context, page, see_other
+from .web import Session, checked_form, context, known, page, see_other
 
 router = APIRouter(prefix="/console")
 #: Deployments the list shows (newest first).
@@ -32,15 +31,8 @@ MAX_DEVICES = 1000
 STREAM_EVERY_S = 1.0
 #: A stream ends after this long (the browser's EventSource opens another).
 STREAM_MAX_S = 600.0
-#: Streams one session may have open at once.
-STREAMS_PER_SESSION = 4
 #: The live parts of the page, each a fragment template.
 LIVE = ("status", "statistics", "phases", "deployment-devices")
-
-
-class TooManyStreams(ApiError):
-    status = 429
-    type = "TooManyRequests"
 
 
 @router.get("/deployments", response_class=HTMLResponse)
@@ -55,6 +47,8 @@ def deployments(request: Request, session: Session) -> Response:
 
 def _detail(request: Request, session: SignedIn, rollout_id: str) -> dict[str, Any]:
     """Everything the live parts of a deployment's page show."""
+    if not repo.is_uuid(rollout_id):
+        raise NotFound("Deployment was not found")
     with context(request).db.transaction() as s:
         r = service.get(s, session.app.id, rollout_id)
         counts = repo.status_counts(s, [r.id])[r.id]
@@ -83,61 +77,57 @@ def _fragments(data: dict[str, Any]) -> dict[str, str]:
     return {name: render.fragment(f"_{name}.html", **data) for name in LIVE}
 
 
-_streams: dict[str, int] = {}
-_streams_lock = threading.Lock()
+#: This process's open streams.
+slots = streams.Slots()
 
 
-def _sse(event: str, html: str) -> str:
-    lines = "".join(f"data: {line}\n" for line in html.splitlines() or [""])
-    return f"event: {event}\n{lines}\n"
+def _look(request: Request, session: SignedIn, rollout_id: str) -> dict[str, Any] | None:
+    """A stream's look: the page's live data, or None once the session has ended
+    (signed out, token revoked, user deleted, expired): the stream stops then."""
+    try:
+        now = sessions.resolve(context(request), request)
+    except Unauthorized:
+        return None
+    return _detail(request, now, rollout_id)
 
 
 @router.get("/deployments/{rollout_id}/stream")
 async def stream(request: Request, rollout_id: str, session: Session) -> Response:
     """``text/event-stream``: an event per live part of the page when it changed
     (looked at every second), ``done`` when the deployment finished; it ends when
-    the browser goes (or after :data:`STREAM_MAX_S`)."""
+    the browser goes, the session ends, or after :data:`STREAM_MAX_S` (the browser
+    then opens another)."""
     await anyio.to_thread.run_sync(_detail, request, session, rollout_id)  # (404 first)
-    with _streams_lock:
-        if _streams.get(session.digest, 0) >= STREAMS_PER_SESSION:
-            raise TooManyStreams(f"at most {STREAMS_PER_SESSION} live pages per session")
-        _streams[session.digest] = _streams.get(session.digest, 0) + 1
+    slots.take(session.digest)
+    deadline = anyio.current_time() + STREAM_MAX_S
 
     async def events() -> AsyncIterator[str]:
         sent: dict[str, str] = {}
-        try:
-            with anyio.move_on_after(STREAM_MAX_S):
-                while not await request.is_disconnected():
-                    data = await anyio.to_thread.run_sync(_detail, request, session, rollout_id)
-                    for name, html in _fragments(data).items():
-                        if sent.get(name) != html:
-                            sent[name] = html
-                            yield _sse(name, html)
-                    if data["finished"]:
-                        yield _sse("done", "finished")
-                        return
-                    yield ": keep-alive\n\n"
-                    await anyio.sleep(STREAM_EVERY_S)
-        finally:
-            with _streams_lock:
-                left = _streams.get(session.digest, 1) - 1
-                if left > 0:
-                    _streams[session.digest] = left
-                else:
-                    _streams.pop(session.digest, None)
+        while anyio.current_time() < deadline and not await request.is_disconnected():
+            data = await anyio.to_thread.run_sync(_look, request, session, rollout_id)
+            if data is None:
+                return
+            for name, html in _fragments(data).items():
+                if sent.get(name) != html:
+                    sent[name] = html
+                    yield streams.event(name, html)
+            if data["finished"]:
+                yield streams.event("done", "finished")
+                return
+            yield ": keep-alive\n\n"
+            await anyio.sleep(STREAM_EVERY_S)
 
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"X-Accel-Buffering": "no"},
-    )
+    return streams.SlotResponse(events(), slots, session.digest)
 
 
 @router.get("/deployments/{rollout_id}/devices/{device_id}/log", response_class=HTMLResponse)
 def device_log(request: Request, rollout_id: str, device_id: str, session: Session) -> Response:
+    if not repo.is_uuid(rollout_id):
+        raise NotFound("Deployment was not found")
+    known(device_id, "Device")
     with context(request).db.transaction() as s:
         r = service.get(s, session.app.id, rollout_id)
-        text = views.log_text(s, session.app.id, r.id, device_id[:128])
+        text = views.log_text(s, session.app.id, r.id, device_id)
         name = r.name
     return page(
         "device_log.html", session, rollout_id=rollout_id, title=name, device_id=device_id, log=text

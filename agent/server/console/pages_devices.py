@@ -10,6 +10,7 @@ from urllib.parse import quote
 import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
+from starlette.datastructures import FormData
 
 from agent.server.db import device_events
 from agent.server.db import devices as devices_repo
@@ -18,10 +19,12 @@ from agent.server.db.devices import DeviceQuery
 from agent.server.db.models import CommandRecord
 from agent.server.errors import NotFound, Validation
 from agent.server.service import commands
+from agent.server.text import text_problem, tree_problem
+from agent.wire.protocol import is_valid_id
 
 from . import render
 from .fleet_views import Filter, flows_of, row, tags_of
-from .web import Session, checked_form, context, page, see_other, text
+from .web import Session, checked_form, context, known, page, see_other, text
 
 router = APIRouter(prefix="/console")
 #: Devices a fleet page lists at most (the count says how many matched).
@@ -32,6 +35,10 @@ MAX_SCAN = 20_000
 TIMELINE = 100
 #: Largest command payload (JSON text).
 MAX_PAYLOAD = 64 * 1024
+#: A page refreshes its timeline (every 3 s) this many times, about 20 minutes.
+TIMELINE_POLLS = 400
+#: A sent command's answer is looked for (every second) this many times.
+COMMAND_POLLS = 120
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -60,10 +67,11 @@ def fleet(
 
 def _device_data(request: Request, session: Session, device_id: str) -> dict[str, Any]:
     app_id = session.app.id
+    known(device_id, "Device")
     with context(request).db.transaction() as s:
-        dev = devices_repo.get(s, app_id, device_id) if len(device_id) <= 128 else None
+        dev = devices_repo.get(s, app_id, device_id)
         if dev is None or dev.decommissioned:
-            raise NotFound(f"Device {device_id[:128]} was not found")
+            raise NotFound(f"Device {device_id} was not found")
         events = device_events.recent(s, app_id, device_id, TIMELINE)
         logs = rollouts_repo.logs_of_device(s, app_id, device_id)
         return {
@@ -93,45 +101,82 @@ def device(
     command: str = Query("", max_length=64),
 ) -> Response:
     data = _device_data(request, session, device_id)
-    sent = _command(request, session, command) if command else None
-    # (_command.html polls /console/devices/{device_id}/commands/{id}: it needs the id)
-    return page("device.html", session, command=sent, device_id=device_id, **data)
+    # (only this device's command: the page polls for it under this device's URL)
+    sent = _command(request, session, device_id, command) if command else None
+    return page(
+        "device.html",
+        session,
+        command=sent,
+        device_id=device_id,
+        polls_left=COMMAND_POLLS,
+        timeline_polls=TIMELINE_POLLS,
+        **data,
+    )
 
 
-def _command(request: Request, session: Session, command_id: str) -> CommandRecord | None:
-    return commands.get(context(request), session.app.id, command_id)
+def _command(
+    request: Request, session: Session, device_id: str, command_id: str
+) -> CommandRecord | None:
+    if not is_valid_id(command_id):
+        return None
+    sent = commands.get(context(request), session.app.id, command_id)
+    return sent if sent is not None and sent.device_id == device_id else None
 
 
 @router.get("/devices/{device_id}/timeline", response_class=HTMLResponse)
-def timeline(request: Request, device_id: str, session: Session) -> Response:
+def timeline(
+    request: Request,
+    device_id: str,
+    session: Session,
+    left: int = Query(TIMELINE_POLLS, ge=0, le=TIMELINE_POLLS),
+) -> Response:
     data = _device_data(request, session, device_id)
     url = f"/console/devices/{quote(device_id, safe='')}/timeline"
-    return HTMLResponse(render.fragment("_timeline.html", events=data["events"], refresh_url=url))
+    return HTMLResponse(
+        render.fragment("_timeline.html", events=data["events"], refresh_url=url, polls_left=left)
+    )
 
 
 @router.get("/devices/{device_id}/commands/{command_id}", response_class=HTMLResponse)
 def command_fragment(
-    request: Request, device_id: str, command_id: str, session: Session
+    request: Request,
+    device_id: str,
+    command_id: str,
+    session: Session,
+    left: int = Query(COMMAND_POLLS, ge=0, le=COMMAND_POLLS),
 ) -> Response:
-    sent = _command(request, session, command_id[:64])
-    if sent is None or sent.device_id != device_id:
+    sent = _command(request, session, known(device_id, "Device"), command_id)
+    if sent is None:
         raise NotFound("Command was not found")
-    return HTMLResponse(render.fragment("_command.html", command=sent, device_id=device_id))
+    fragment = render.fragment("_command.html", command=sent, device_id=device_id, polls_left=left)
+    return HTMLResponse(fragment)
 
 
-@router.post("/devices/{device_id}/command")
-async def send_command(request: Request, device_id: str, session: Session) -> Response:
-    form = await checked_form(request, session)
+def _command_fields(form: FormData) -> tuple[str, Any]:
+    """The form's command name and payload, checked as the API checks its body."""
     name = text(form, "name", 256).strip()
     raw = text(form, "payload", MAX_PAYLOAD + 1).strip()
     if not name:
         raise Validation("name: the command's name is required")
+    if (problem := text_problem(name)) is not None:
+        raise Validation(f"name: {problem}")
     if len(raw) > MAX_PAYLOAD:
         raise Validation(f"payload: over {MAX_PAYLOAD // 1024} KiB")
     try:
         payload = json.loads(raw) if raw else None
-    except ValueError as exc:
-        raise Validation(f"payload: not JSON ({str(exc)[:100]})") from None
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:100]
+        raise Validation(f"payload: not JSON ({reason})") from None
+    if (problem := tree_problem(payload)) is not None:
+        raise Validation(f"payload: {problem}")
+    return name, payload
+
+
+@router.post("/devices/{device_id}/command")
+async def send_command(request: Request, device_id: str, session: Session) -> Response:
+    known(device_id, "Device")
+    form = await checked_form(request, session)
+    name, payload = _command_fields(form)
     ctx = context(request)
     # (commands.send: 404 for a device the application does not have)
     record = await anyio.to_thread.run_sync(

@@ -12,6 +12,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
+from . import security
+
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
 STATIC = HERE / "static"
@@ -48,8 +50,17 @@ def fragment(name: str, **context: Any) -> str:
 
 
 def error_page(request: Request, status: int, message: str) -> Response:
-    """A console error: to the sign-in for a request without a session (a GET), else
-    a page that says what went wrong."""
-    if status == 401 and request.method in ("GET", "HEAD"):
-        return RedirectResponse("/console/login", status_code=303)
-    return html("error.html", status, code=status, message=message, session=None)
+    """A console error: to the sign-in for a request without a session (a GET; for
+    htmx's requests, which would swap the sign-in page into a fragment, an
+    ``HX-Redirect`` that takes the whole page there), else a page that says what went
+    wrong. It carries the console's headers itself: a 500 is sent from outside every
+    middleware."""
+    response: Response
+    if status == 401 and request.headers.get("hx-request") == "true":
+        response = Response(status_code=401, headers={"HX-Redirect": "/console/login"})
+    elif status == 401 and request.method in ("GET", "HEAD"):
+        response = RedirectResponse("/console/login", status_code=303)
+    else:
+        response = html("error.html", status, code=status, message=message, session=None)
+    security.apply(response.headers)
+    return response

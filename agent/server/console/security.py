@@ -4,6 +4,7 @@ referrer leaving the site, no framing, and pages never cached."""
 
 from __future__ import annotations
 
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PREFIX = "/console"
@@ -19,6 +20,13 @@ HEADERS = (
     (b"x-frame-options", b"DENY"),
     (b"cross-origin-opener-policy", b"same-origin"),
 )
+
+
+def apply(headers: MutableHeaders) -> None:
+    """The headers above, and ``no-store``, on a response made outside the middleware."""
+    for name, value in HEADERS:
+        headers[name.decode()] = value.decode()
+    headers["cache-control"] = "no-store"
 
 
 class ConsoleHeaders:

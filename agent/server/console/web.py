@@ -9,6 +9,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.datastructures import FormData
 
 from agent.server.context import ServerContext
+from agent.server.errors import NotFound
+from agent.wire.protocol import is_valid_id
 
 from . import csrf, render, sessions
 from .sessions import SignedIn
@@ -41,6 +43,14 @@ async def checked_form(request: Request, session: SignedIn, *, write: bool = Tru
         await form.close()  # a refused upload leaves no spooled temporary file open
         raise
     return form
+
+
+def known(value: str, what: str) -> str:
+    """``value`` when it can be an id (a device's, a deployment's, a token's...),
+    else a 404 that does not repeat it (it may hold a NUL, or be 10,000 characters)."""
+    if not is_valid_id(value):
+        raise NotFound(f"{what} was not found")
+    return value
 
 
 def text(form: FormData, name: str, limit: int = 1024) -> str:
