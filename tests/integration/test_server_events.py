@@ -1,7 +1,8 @@
 """What the server records from its devices for the console: their events (the
 timeline) and the responses to the commands it sent, from real sim agents through a
 real Mosquitto; malformed and oversized messages bounded or dropped; the newest events
-per device kept; a response matched only to a command of that application and device.
+per device kept; a response matched only to a command of that application and device;
+retained events and responses, and those of unknown or decommissioned devices, dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from server_harness import RunningServer, admin, running_server, sim_fleet
 from agent.server.db import applications as apps_repo
 from agent.server.db import commands as commands_repo
 from agent.server.db import device_events as events_repo
+from agent.server.db import devices as devices_repo
 from agent.server.db.models import Application, CommandRecord, DeviceEvent, utcnow
 from agent.server.errors import NotFound, Validation
 from agent.server.service import commands
@@ -139,6 +141,9 @@ def test_bounds_cap_and_matching(
 ) -> None:
     monkeypatch.setattr(events_repo, "MAX_PER_DEVICE", 5)
     topic = f"{PREFIX}/dev-1/events"
+    # (Events are kept for devices of the inventory only: dev-1 comes online first.)
+    operator.publish(f"{PREFIX}/dev-1/status", {"online": True}, retain=False)
+    settled(server)
     for bad in (b"{not json", b"[1,2]", b'{"flowId": "f1"}', b'{"status": "success"}'):
         operator.publish(topic, bad, retain=False)
     operator.publish(topic, {"flowId": "f1", "status": "fail\u0000ure"}, retain=False)
@@ -179,9 +184,11 @@ def test_bounds_cap_and_matching(
     deadline = time.monotonic() + 10
     while not timeline(server, "dev-1", other):
         assert time.monotonic() < deadline, "the other application's devices not heard"
+        operator.publish("other/dev-1/status", {"online": True}, retain=False)
         operator.publish("other/dev-1/events", {"flowId": "o", "status": "x"}, retain=False)
         settled(server)
-    # ... and drops a response there to a command of this application.
+    # ... and drops a response there to a command of this application; and one of a
+    # device the application does not have (dev-2 never reported).
     answer = {"id": "c1", "name": "x", "ok": True, "result": "wrong"}
     operator.publish("other/dev-1/command/response", answer, retain=False)
     operator.publish(f"{PREFIX}/dev-2/command/response", answer, retain=False)
@@ -227,3 +234,59 @@ def test_commands_sent_are_checked_and_capped(
     with server.ctx.db.transaction() as s:
         kept = commands_repo.recent(s, server.app_id, "dev-1")
     assert [c.id for c in kept] == [c.id for c in reversed(sent[2:])]
+
+
+def test_retained_and_unknown_devices_events_are_dropped(
+    server: RunningServer, operator: Operator
+) -> None:
+    """An agent never retains an event or a response: a retained one (left by someone
+    else) would come again at every subscription, so it is not recorded; nor are
+    those of a device the application does not have, or decommissioned."""
+    common = ["--db", server.db_url, "--state-dir", str(server.cfg.state_dir)]
+    other = admin(*common, "create-application", "--name", "o", "--prefix", "other")
+    # Retained before the server subscribes to the new application: they come to it
+    # flagged retained, with the device's retained status.
+    operator.publish("other/dev-1/status", {"online": True}, retain=True)
+    operator.publish("other/dev-1/events", {"flowId": "old", "status": "failure"}, retain=True)
+    with server.ctx.db.transaction() as s:
+        commands_repo.create(
+            s, id="c-ret", application_id=other, device_id="dev-1", name="x", sent=utcnow()
+        )
+    operator.publish("other/dev-1/command/response", {"id": "c-ret", "ok": True}, retain=True)
+    server.ctx.refresh_applications()
+
+    def known() -> bool:
+        with server.ctx.db.transaction() as s:
+            return devices_repo.get(s, other, "dev-1") is not None
+
+    deadline = time.monotonic() + 10
+    while not known():
+        assert time.monotonic() < deadline, "the retained status was not read"
+        time.sleep(0.05)
+    settled(server)
+    assert timeline(server, "dev-1", other) == []
+    assert commands.get(server.ctx, other, "c-ret").response is None  # type: ignore[union-attr]
+    # The same, live, is recorded.
+    operator.publish("other/dev-1/events", {"flowId": "new", "status": "pending"}, retain=False)
+    operator.publish("other/dev-1/command/response", {"id": "c-ret", "ok": True}, retain=False)
+    settled(server)
+    assert [e.flow_id for e in timeline(server, "dev-1", other)] == ["new"]
+    assert commands.get(server.ctx, other, "c-ret").response == {"ok": True}  # type: ignore[union-attr]
+
+    # A device the application does not have: nothing recorded (and no row made).
+    operator.publish("other/ghost/events", {"flowId": "g", "status": "pending"}, retain=False)
+    settled(server)
+    assert timeline(server, "ghost", other) == []
+    # A decommissioned device: its later events and answers are dropped.
+    with server.ctx.db.transaction() as s:
+        dev = devices_repo.get(s, other, "dev-1")
+        assert dev is not None
+        dev.decommissioned = True
+        commands_repo.create(
+            s, id="c-dec", application_id=other, device_id="dev-1", name="x", sent=utcnow()
+        )
+    operator.publish("other/dev-1/events", {"flowId": "late", "status": "pending"}, retain=False)
+    operator.publish("other/dev-1/command/response", {"id": "c-dec", "ok": True}, retain=False)
+    settled(server)
+    assert [e.flow_id for e in timeline(server, "dev-1", other)] == ["new"]
+    assert commands.get(server.ctx, other, "c-dec").response is None  # type: ignore[union-attr]

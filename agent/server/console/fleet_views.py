@@ -1,12 +1,18 @@
 """Devices as the console shows them: online state, type, tags, and per flow the
 desired and current versions, status and health (from the device's desired
-document, written by the server, and its last state report)."""
+document, written by the server, and its last state report); and the fleet page's
+search (:func:`search`), which filters in SQL and reads those documents of the
+devices it shows only."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from agent.server.db import devices as devices_repo
+from agent.server.db.devices import FleetQuery, FleetSummary
 from agent.server.db.models import Device
 
 
@@ -65,9 +71,11 @@ def flows_of(dev: Device) -> list[FlowRow]:
 
 
 def tags_of(dev: Device) -> list[tuple[str, str]]:
-    return [
-        (_text(t.get("key")), _text(t.get("value"))) for t in dev.tags or [] if isinstance(t, dict)
-    ]
+    return _tag_pairs(dev.tags)
+
+
+def _tag_pairs(tags: Any) -> list[tuple[str, str]]:
+    return [(_text(t.get("key")), _text(t.get("value"))) for t in tags or [] if isinstance(t, dict)]
 
 
 def row(dev: Device) -> DeviceRow:
@@ -103,3 +111,49 @@ class Filter:
             if not any(k == key and (not eq or v == value) for k, v in d.tags):
                 return False
         return True
+
+
+def search(s: Session, app_id: str, want: Filter, limit: int) -> tuple[list[DeviceRow], int]:
+    """The fleet page: the first ``limit`` devices ``want`` matches (by name, then
+    id; decommissioned ones never) and how many it matches in all.
+
+    Exactly :meth:`Filter.matches`, as far as possible in SQL: the online state,
+    the type and an ASCII search text are SQL, and so is the count. A tag (a JSON
+    list, whose operators SQLite and PostgreSQL do not share) or a non-ASCII search
+    text (SQL's case folding is not Python's there) is matched in Python over the
+    few columns the filter reads. Either way a device's state and desired documents
+    are read only for the rows returned."""
+    if limit < 0:
+        raise ValueError("search: limit is 0 or more")
+    q = want.q.strip().lower()
+    query = FleetQuery(
+        text=q if q.isascii() else "",
+        online={"yes": True, "no": False}.get(want.online),
+        device_type=want.device_type.strip() or None,
+    )
+    if q.isascii() and not want.tag.strip():
+        ids = devices_repo.fleet_ids(s, app_id, query, limit)
+        total = devices_repo.fleet_count(s, app_id, query)
+    else:
+        ids, total = [], 0
+        for summary in devices_repo.fleet_summaries(s, app_id, query):
+            if want.matches(_summary_row(summary)):
+                total += 1
+                if len(ids) < limit:
+                    ids.append(summary.id)
+    found = devices_repo.get_many(s, app_id, ids)
+    return [row(found[i]) for i in ids if i in found], total
+
+
+def _summary_row(d: FleetSummary) -> DeviceRow:
+    """What :meth:`Filter.matches` reads of a device (it reads no flows)."""
+    return DeviceRow(
+        id=d.id,
+        name=d.name,
+        online=d.online,
+        device_type=d.device_type or "",
+        tags=_tag_pairs(d.tags),
+        flows=[],
+        last_seen=None,
+        agent_version="",
+    )

@@ -15,22 +15,19 @@ from starlette.datastructures import FormData
 from agent.server.db import device_events
 from agent.server.db import devices as devices_repo
 from agent.server.db import rollouts as rollouts_repo
-from agent.server.db.devices import DeviceQuery
 from agent.server.db.models import CommandRecord
 from agent.server.errors import NotFound, Validation
 from agent.server.service import commands
 from agent.server.text import text_problem, tree_problem
 from agent.wire.protocol import is_valid_id
 
-from . import render
-from .fleet_views import Filter, flows_of, row, tags_of
+from . import fleet_views, render
+from .fleet_views import Filter, flows_of, tags_of
 from .web import Session, checked_form, context, known, page, see_other, text
 
 router = APIRouter(prefix="/console")
 #: Devices a fleet page lists at most (the count says how many matched).
 MAX_ROWS = 500
-#: Devices read for a fleet page at most.
-MAX_SCAN = 20_000
 #: Events on a device's timeline.
 TIMELINE = 100
 #: Largest command payload (JSON text).
@@ -52,17 +49,8 @@ def fleet(
 ) -> Response:
     want = Filter(q, online, device_type, tag)
     with context(request).db.transaction() as s:
-        devices, _ = devices_repo.search(
-            s,
-            session.app.id,
-            DeviceQuery(),
-            sort="name",
-            descending=False,
-            page=0,
-            per_page=MAX_SCAN,
-        )
-        rows = [r for r in map(row, devices) if want.matches(r)]
-    return page("fleet.html", session, devices=rows[:MAX_ROWS], matched=len(rows), filter=want)
+        rows, matched = fleet_views.search(s, session.app.id, want, MAX_ROWS)
+    return page("fleet.html", session, devices=rows, matched=matched, filter=want)
 
 
 def _device_data(request: Request, session: Session, device_id: str) -> dict[str, Any]:
@@ -130,10 +118,14 @@ def timeline(
     session: Session,
     left: int = Query(TIMELINE_POLLS, ge=0, le=TIMELINE_POLLS),
 ) -> Response:
-    data = _device_data(request, session, device_id)
+    known(device_id, "Device")
+    with context(request).db.transaction() as s:
+        events = device_events.timeline(s, session.app.id, device_id, TIMELINE)
+    if events is None:
+        raise NotFound(f"Device {device_id} was not found")
     url = f"/console/devices/{quote(device_id, safe='')}/timeline"
     return HTMLResponse(
-        render.fragment("_timeline.html", events=data["events"], refresh_url=url, polls_left=left)
+        render.fragment("_timeline.html", events=events, refresh_url=url, polls_left=left)
     )
 
 

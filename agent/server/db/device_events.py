@@ -9,7 +9,8 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from agent.server.db.models import DeviceEvent
+from agent.server.db.models import Device, DeviceEvent
+from agent.server.text import text_problem
 
 #: Events kept per device (the newest, by id: the order they were recorded).
 MAX_PER_DEVICE = 500
@@ -59,3 +60,22 @@ def recent(session: Session, app_id: str, device_id: str, limit: int = 200) -> l
             .limit(max(0, limit))
         )
     )
+
+
+def timeline(session: Session, app_id: str, device_id: str, limit: int) -> list[DeviceEvent] | None:
+    """A device's newest ``limit`` events, newest first; None when the application
+    has no such device, or it was decommissioned (the console answers 404).
+
+    The console polls it every few seconds per open device page, so it reads one
+    column of the device's row (not its state and desired documents) and nothing of
+    its deployment logs."""
+    if limit < 0:
+        raise ValueError("timeline: limit is 0 or more")
+    if not device_id or len(device_id) > 128 or text_problem(device_id) is not None:
+        return None  # (no device has such an id; PostgreSQL refuses a NUL even here)
+    decommissioned = session.scalar(
+        select(Device.decommissioned).where(Device.application_id == app_id, Device.id == device_id)
+    )
+    if decommissioned is None or decommissioned:
+        return None
+    return recent(session, app_id, device_id, limit)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy import ColumnElement, Select, String, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
@@ -206,3 +206,114 @@ def ids_with_tags(
     return [
         d.id for d in session.scalars(stmt) if any(_tags_match(d.tags, [pair]) for pair in tags)
     ]
+
+
+def live_ids(session: Session, app_id: str, device_ids: Sequence[str]) -> set[str]:
+    """Which of these devices the application has and did not decommission (what a
+    device says is recorded only for those: a made-up id fills no table)."""
+    ids = sorted(set(device_ids))
+    found: set[str] = set()
+    for i in range(0, len(ids), CHUNK):
+        found.update(
+            session.scalars(
+                select(Device.id).where(
+                    Device.application_id == app_id,
+                    Device.id.in_(ids[i : i + CHUNK]),
+                    Device.decommissioned.is_(False),
+                )
+            )
+        )
+    return found
+
+
+# ---------------------------------------------------------------- the console's fleet page
+
+
+@dataclass(frozen=True)
+class FleetQuery:
+    """What SQL filters of the console's fleet page (the rest, if any, is matched in
+    Python by :mod:`agent.server.console.fleet_views`). Decommissioned devices are
+    never listed.
+
+    ``text``: a substring of the id or the name, compared as Python's ``str.lower``
+    compares. SQL's ``lower()`` differs from it outside ASCII (SQLite folds ASCII
+    only; PostgreSQL folds by its locale), so ``text`` must be ASCII; for an ASCII
+    needle the two agree but for the two characters whose Python lower case holds
+    ASCII letters, which :func:`_folded` spells out first."""
+
+    text: str = ""
+    online: bool | None = None
+    device_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.text.isascii() or self.text != self.text.lower():
+            raise ValueError("FleetQuery.text: ASCII in lower case only")
+
+
+#: Characters whose ``str.lower()`` holds ASCII letters (all of Unicode was checked:
+#: these two), spelled as Python lowers them.
+_ASCII_LOWERS = (("\u0130", "i\u0307"), ("\u212a", "k"))
+
+
+def _folded(column: InstrumentedAttribute[str]) -> ColumnElement[str]:
+    expr: ColumnElement[str] = column.expression
+    for char, lowered in _ASCII_LOWERS:
+        expr = func.replace(expr, char, lowered, type_=String)
+    return func.lower(expr, type_=String)
+
+
+def _fleet_where(app_id: str, q: FleetQuery) -> list[ColumnElement[bool]]:
+    where = [Device.application_id == app_id, Device.decommissioned.is_(False)]
+    if q.text:
+        where.append(
+            or_(
+                _folded(Device.id).contains(q.text, autoescape=True),
+                _folded(Device.name).contains(q.text, autoescape=True),
+            )
+        )
+    if q.online is not None:
+        where.append(Device.online.is_(q.online))
+    if q.device_type is not None:
+        where.append(Device.device_type == q.device_type)
+    return where
+
+
+#: The fleet page's order (the one ``search(sort="name")`` has).
+_FLEET_ORDER = (Device.name.asc(), Device.id.asc())
+
+
+def fleet_count(session: Session, app_id: str, q: FleetQuery) -> int:
+    """How many devices match, however many."""
+    stmt = select(func.count()).select_from(Device).where(*_fleet_where(app_id, q))
+    return int(session.scalar(stmt) or 0)
+
+
+def fleet_ids(session: Session, app_id: str, q: FleetQuery, limit: int) -> list[str]:
+    """The first ``limit`` matching devices' ids, by name (then id)."""
+    stmt = select(Device.id).where(*_fleet_where(app_id, q)).order_by(*_FLEET_ORDER)
+    return list(session.scalars(stmt.limit(max(0, limit))))
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    """The columns of a device the fleet filter reads (not its state or desired
+    documents, which may be tens of kilobytes each)."""
+
+    id: str
+    name: str
+    online: bool
+    device_type: str | None
+    tags: list[Any]
+
+
+def fleet_summaries(session: Session, app_id: str, q: FleetQuery) -> Iterator[FleetSummary]:
+    """Every matching device's :class:`FleetSummary`, by name (then id), read in
+    chunks: for what SQL cannot match (tags, a non-ASCII search text)."""
+    stmt = (
+        select(Device.id, Device.name, Device.online, Device.device_type, Device.tags)
+        .where(*_fleet_where(app_id, q))
+        .order_by(*_FLEET_ORDER)
+        .execution_options(yield_per=CHUNK)
+    )
+    for r in session.execute(stmt):
+        yield FleetSummary(r.id, r.name, r.online, r.device_type, r.tags or [])

@@ -424,7 +424,9 @@ class ConsoleSession(Base):
     """A signed-in browser: the cookie holds a random secret of which only the
     SHA-256 is kept (like API tokens), so a leaked database does not sign anyone in.
     ``user_id`` or ``token_id`` says who signed in (a user, or with an API token);
-    ``csrf`` is the token every form of the session carries."""
+    ``csrf`` is the token every form of the session carries. Indexed by ``expires``
+    (the periodic purge of ended sessions) and by who signed in (each sign-in caps
+    that identity's sessions)."""
 
     __tablename__ = "console_sessions"
 
@@ -432,13 +434,13 @@ class ConsoleSession(Base):
     application_id: Mapped[str] = mapped_column(
         ForeignKey("applications.id", ondelete="CASCADE"), index=True
     )
-    user_id: Mapped[str | None] = mapped_column(String(36))
-    token_id: Mapped[str | None] = mapped_column(String(24))
+    user_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    token_id: Mapped[str | None] = mapped_column(String(24), index=True)
     #: Who it is, as the pages show it (an email, or the token's name).
     who: Mapped[str] = mapped_column(String(255), default="")
     csrf: Mapped[str] = mapped_column(String(64))
     created: Mapped[datetime] = mapped_column(default=utcnow)
-    expires: Mapped[datetime]
+    expires: Mapped[datetime] = mapped_column(index=True)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -13,6 +13,7 @@ from agent.server.db import devices as devices_repo
 from agent.server.db.models import Application, CommandRecord, utcnow
 from agent.server.errors import NotFound, Validation
 from agent.server.service.devices import publish_commands
+from agent.server.text import text_problem, tree_problem
 from agent.wire.protocol import utc_now_iso
 
 #: A command's name, as the agent accepts it (protocol.md § Commands).
@@ -25,9 +26,15 @@ def send(
     """Send ``{"name", "id", "payload", "time"}`` to a device of ``app`` and record it
     (before it is published: the response may come at once). Raises NotFound for a
     device the application does not have, Validation for a bad name, BrokerDown if
-    the broker did not take it (then nothing stays recorded)."""
+    the broker did not take it (then nothing stays recorded). A device keeps its
+    newest :data:`commands_repo.MAX_PER_DEVICE` commands (the older go now)."""
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
         raise Validation(f"a command's name is 1 to {MAX_NAME} characters")
+    # (Checked here too, whoever calls: PostgreSQL would refuse them with a 500.)
+    if (problem := text_problem(name)) is not None:
+        raise Validation(f"name: {problem}")
+    if (problem := tree_problem(payload)) is not None:
+        raise Validation(f"payload: {problem}")
     command_id = secrets.token_hex(12)
     with ctx.db.transaction() as s:
         dev = devices_repo.get(s, app.id, device_id)

@@ -1,11 +1,18 @@
 """The devices' events and command responses, as the inventory records them.
 
+A device chooses every byte of them, so what is stored is checked first: what the
+databases cannot store (a NUL, which PostgreSQL refuses in any text, a lone
+surrogate, a non-finite number) never reaches them, and every field is bounded.
+
 An event (``{prefix}/{id}/events``, protocol.md § Events) becomes a ``DeviceEvent``
 row for the console's timeline: every field bounded, a malformed one (not a JSON
 object, no ``flowId`` or ``status`` string, a NUL or a lone surrogate) dropped. A
 response (``{prefix}/{id}/command/response``) is matched by its ``id`` with a command
 the server sent to that device of that application (``CommandRecord``); a response
-for an id the server did not send there is dropped, and the first answer wins.
+for an id the server did not send there is dropped, and the first answer wins. A
+response with a valid id whose body cannot be stored is recorded as a failed answer
+saying why (the console would otherwise wait for an answer that came). Both are
+recorded only for devices the application has and did not decommission.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from sqlalchemy.orm import Session
 
 from agent.server.db import commands as commands_repo
 from agent.server.db import device_events as events_repo
-from agent.server.text import tree_problem
+from agent.server.db import devices as devices_repo
+from agent.server.text import text_problem, tree_problem
 
 log = structlog.get_logger("agent.server.inventory")
 
@@ -32,6 +40,8 @@ MAX_RESULT = 16 * 1024
 MAX_ERROR = 4096
 #: A command id as the server makes them (:mod:`agent.server.service.commands`).
 MAX_ID = 64
+#: A download's progress (bytes) kept: up to a 64-bit integer, as every driver takes.
+MAX_BYTES = 2**63 - 1
 
 
 def event_row(device_id: str, doc: dict[str, Any], now: datetime) -> dict[str, Any] | None:
@@ -48,7 +58,9 @@ def event_row(device_id: str, doc: dict[str, Any], now: datetime) -> dict[str, A
         detail["progress"] = {
             k: v
             for k in ("bytes", "total")
-            if isinstance(v := progress.get(k), int) and not isinstance(v, bool)
+            if isinstance(v := progress.get(k), int)
+            and not isinstance(v, bool)
+            and 0 <= v <= MAX_BYTES
         }
     reported = _text(doc.get("time"), 64)
     if reported:
@@ -71,8 +83,11 @@ def response_doc(doc: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     command_id = doc.get("id")
     if not isinstance(command_id, str) or not 0 < len(command_id) <= MAX_ID:
         return None
-    if tree_problem(doc) is not None:
+    if text_problem(command_id) is not None:
         return None
+    problem = tree_problem(doc)
+    if problem is not None:
+        return command_id, {"ok": False, "error": f"the answer could not be stored: {problem}"}
     kept: dict[str, Any] = {"ok": doc.get("ok") is True}
     for key, limit in (("name", 255), ("error", MAX_ERROR), ("time", 64)):
         value = _text(doc.get(key), limit)
@@ -91,11 +106,23 @@ def record(
     now: datetime,
 ) -> None:
     """Store ``events`` (by application id) and match ``responses`` (application id,
-    device id, command id, response)."""
+    device id, command id, response), of the devices the application has and did
+    not decommission only (the others are dropped)."""
+    named: dict[str, set[str]] = {}
+    for app_id, rows in events.items():
+        named.setdefault(app_id, set()).update(r["device_id"] for r in rows)
+    for app_id, device_id, _, _ in responses:
+        named.setdefault(app_id, set()).add(device_id)
+    live = {app_id: devices_repo.live_ids(s, app_id, sorted(ids)) for app_id, ids in named.items()}
     for app_id in sorted(events):
-        events_repo.store(s, app_id, events[app_id])
+        kept = [r for r in events[app_id] if r["device_id"] in live[app_id]]
+        if len(kept) < len(events[app_id]):
+            log.debug("events of unknown or decommissioned devices dropped", application=app_id)
+        events_repo.store(s, app_id, kept)
     for app_id, device_id, command_id, response in responses:
-        if not commands_repo.answer(s, app_id, device_id, command_id, response, now):
+        if device_id not in live[app_id]:
+            log.debug("command response of an unknown device dropped", device=device_id)
+        elif not commands_repo.answer(s, app_id, device_id, command_id, response, now):
             log.debug("command response for no command of the device dropped", device=device_id)
 
 

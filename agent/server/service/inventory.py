@@ -27,9 +27,12 @@ when they were stored), each with its newest lines up to :data:`MAX_LOG_LINES` a
 :data:`MAX_LOG_CHARS`, each field of a line cut to its length (:data:`LOG_FIELDS`).
 Once a batch is recorded, ``on_applied`` is called (the rollout engine looks again).
 
-The devices' events and their responses to the server's commands (not retained) are
-recorded in the same batches: events as the console's timeline, responses matched to
-the commands by id (:mod:`agent.server.service.device_events`).
+The devices' events and their responses to the server's commands (never retained by
+an agent: a retained one is dropped) are recorded in the same transaction as the
+batch's reports, so a batch tried again does not record them twice: events as the
+console's timeline, responses matched to the commands by id, both only for devices
+the application has and did not decommission
+(:mod:`agent.server.service.device_events`).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import delete, select
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from agent.server.db import deployments as deployments_repo
@@ -207,12 +210,19 @@ class Inventory:
         self,
         topic: str,
         payload: bytes,
+        retained: bool,
         now: datetime,
         events: dict[str, list[dict[str, Any]]],
         responses: list[tuple[str, str, str, dict[str, Any]]],
     ) -> None:
         """An event or a command response, parsed into ``events`` or ``responses``
-        (a malformed one, or one of no known application, is dropped)."""
+        (a malformed one, or one of no known application, is dropped). A retained
+        one is dropped too: an agent never retains either (protocol.md § Events, §
+        Commands), and a retained one (someone else's) would be recorded again at
+        every subscription."""
+        if retained:
+            log.debug("retained device event or response dropped", topic=topic[:300])
+            return
         response = topic.endswith("/command/response")
         head = topic[: -len("/command/response" if response else "/events")]
         prefix, _, device_id = head.rpartition("/")
@@ -247,7 +257,7 @@ class Inventory:
         heard_at = utcnow()
         for topic, payload, retained in batch:
             if topic.endswith(("/events", "/command/response")):
-                self._take_event(topic, payload, heard_at, events, responses)
+                self._take_event(topic, payload, retained, heard_at, events, responses)
                 continue
             if topic.endswith("/log"):
                 where = self._route_log(topic)
@@ -272,8 +282,8 @@ class Inventory:
             if kind != "state" or "state" not in docs or _newer(doc, docs["state"]):
                 docs[kind] = doc
             prefixes[app_id] = topic.rsplit("/", 2)[0]
-        self._store_messages(logs, events, responses, heard_at)
-        if not work:
+        self._record_logs(logs)
+        if not work and not events and not responses:
             self._applied()
             return
         by_app: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
@@ -281,31 +291,27 @@ class Inventory:
             by_app.setdefault(app_id, {})[device_id] = docs
         self._create_missing(by_app)
         now = utcnow()
+        # The events and responses in the same transaction as the reports: a batch
+        # the database refused and that is tried again does not record them twice.
         with self.db.transaction() as s:
             for app_id, devices in sorted(by_app.items()):
                 live = {d for a, d in heard if a == app_id}
                 done = self._apply_app(s, app_id, devices, live, now)
                 retired += [(prefixes[app_id], d) for d in done]
+            if events or responses:
+                _record_events(s, events, responses, heard_at)
         self.applied += len(work)
         for prefix, device_id in retired:
             if self.on_retired is not None:
                 self.on_retired(prefix, device_id)
         self._applied()
 
-    def _store_messages(
-        self,
-        logs: Logs,
-        events: dict[str, list[dict[str, Any]]],
-        responses: list[tuple[str, str, str, dict[str, Any]]],
-        now: datetime,
-    ) -> None:
-        """The deployment logs, events and command responses of a batch."""
+    def _record_logs(self, logs: Logs) -> None:
+        """The batch's deployment logs, in a transaction of their own (a batch tried
+        again finds them stored, unchanged, and does not write them again)."""
         if logs:
             with self.db.transaction() as s:
                 _store_logs(s, logs)
-        if events or responses:
-            with self.db.transaction() as s:
-                device_events.record(s, events, responses, now)
 
     def _applied(self) -> None:
         if self.on_applied is not None:
@@ -375,6 +381,29 @@ class Inventory:
                 dev.state = state
                 _apply_state(s, dev, deps.setdefault(device_id, {}), state, attempts, now)
         return retired
+
+
+def _record_events(
+    s: Session,
+    events: dict[str, list[dict[str, Any]]],
+    responses: list[tuple[str, str, str, dict[str, Any]]],
+    now: datetime,
+) -> None:
+    """Record the batch's events and command responses in a savepoint: they are
+    checked and bounded before (:mod:`agent.server.service.device_events`), but
+    should the database still refuse one (a check missed), the batch's reports
+    stand and only these are dropped. A deadlock or a lost connection is no refusal
+    of the data: it fails the batch, which is tried again whole."""
+    try:
+        with s.begin_nested():
+            device_events.record(s, events, responses, now)
+    except (DataError, IntegrityError) as exc:
+        log.error(
+            "device events and command responses refused by the database; dropped",
+            events=sum(map(len, events.values())),
+            responses=len(responses),
+            error=str(exc)[:300],
+        )
 
 
 def _store_logs(s: Session, logs: Logs) -> None:

@@ -56,6 +56,11 @@ def upgrade() -> None:
         batch_op.create_index(
             batch_op.f("ix_console_sessions_application_id"), ["application_id"], unique=False
         )
+        batch_op.create_index(batch_op.f("ix_console_sessions_expires"), ["expires"], unique=False)
+        batch_op.create_index(batch_op.f("ix_console_sessions_user_id"), ["user_id"], unique=False)
+        batch_op.create_index(
+            batch_op.f("ix_console_sessions_token_id"), ["token_id"], unique=False
+        )
 
     op.create_table(
         "device_events",
@@ -87,6 +92,9 @@ def downgrade() -> None:
 
     op.drop_table("device_events")
     with op.batch_alter_table("console_sessions", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_console_sessions_token_id"))
+        batch_op.drop_index(batch_op.f("ix_console_sessions_user_id"))
+        batch_op.drop_index(batch_op.f("ix_console_sessions_expires"))
         batch_op.drop_index(batch_op.f("ix_console_sessions_application_id"))
 
     op.drop_table("console_sessions")
