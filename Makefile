@@ -38,10 +38,10 @@ e2e: setup
 	$(PYTEST) tests/e2e
 
 ## A local demonstration: private broker, the server (console URL printed), a simulated
-## fleet, a phased deployment converging, a command, an abort (`edge-agent demo --keep`
+## fleet, a phased deployment converging, a command, an abort (`make demo DEMO_ARGS=--keep`
 ## stays up until Ctrl-C).
 demo: setup
-	$(VENV)/bin/edge-agent demo
+	$(VENV)/bin/edge-agent demo $(DEMO_ARGS)
 
 bench: setup
 	$(PY) bench/convergence.py

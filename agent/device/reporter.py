@@ -89,24 +89,7 @@ class Reporter:
 
     def snapshot(self) -> StateReport:
         flows = {
-            flow_id: FlowState(
-                desiredVersion=rec.desired_version,
-                currentVersion=rec.installed.version if rec.installed else None,
-                status=rec.status,
-                error=rec.error,
-                attempts=rec.attempts,
-                retryAt=_iso(rec.next_retry_at) if rec.status == Status.FAILURE else None,
-                deploymentId=rec.deployment_id,
-                lastUpdated=rec.last_updated,
-                sha256=rec.installed.sha256 if rec.installed else None,
-                previousVersion=rec.previous.version if rec.previous else None,
-                previousSha256=rec.previous.sha256 if rec.previous else None,
-                reverted=rec.reverted,
-                health=_health(rec),
-                deferredUntil=_iso(rec.deferred_until) if rec.status == Status.PENDING else None,
-                runtime=self.runtime_info(flow_id),
-            )
-            for flow_id, rec in sorted(self.state.flows.items())
+            flow_id: self._flow(flow_id, rec) for flow_id, rec in sorted(self.state.flows.items())
         }
         return StateReport(
             deviceId=self.topics.device_id,
@@ -115,6 +98,32 @@ class Reporter:
             rejected=self.state.rejected,
             outbox=OutboxState(**self.outbox.info()) if self.outbox is not None else None,
             time=utc_now_iso(),
+        )
+
+    def _flow(self, flow_id: str, rec: FlowRecord) -> FlowState:
+        """A flow's report. A revert is saved before the previous version starts (a
+        crash then resumes it); until it has started, the version that runs is still
+        the one being left, and the report says so: the verdict (``failure`` or
+        ``aborted``, ``reverted``) at once, the version once it runs."""
+        running, former = rec.installed, rec.previous
+        if rec.inflight == "revert":
+            running, former = former, running
+        return FlowState(
+            desiredVersion=rec.desired_version,
+            currentVersion=running.version if running else None,
+            status=rec.status,
+            error=rec.error,
+            attempts=rec.attempts,
+            retryAt=_iso(rec.next_retry_at) if rec.status == Status.FAILURE else None,
+            deploymentId=rec.deployment_id,
+            lastUpdated=rec.last_updated,
+            sha256=running.sha256 if running else None,
+            previousVersion=former.version if former else None,
+            previousSha256=former.sha256 if former else None,
+            reverted=rec.reverted,
+            health=_health(rec),
+            deferredUntil=_iso(rec.deferred_until) if rec.status == Status.PENDING else None,
+            runtime=self.runtime_info(flow_id),
         )
 
     def mark_dirty(self, *, urgent: bool = False) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -992,7 +993,12 @@ async def test_a_rollout_waits_for_the_health_window_and_stops_on_a_revert(
     )  # fmt: skip
     assert rc == 2, out  # stopped by failures
     assert "phase 2/2" not in out
-    first, second = sorted(by_device(await rows(broker, "--flow", "app"), "app").items())
+    deadline = time.monotonic() + 10  # (the verdict is reported before v1 runs again)
+    while True:
+        first, second = sorted(by_device(await rows(broker, "--flow", "app"), "app").items())
+        if first[1]["currentVersion"] == "v1" or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert (first[1]["status"], first[1]["currentVersion"]) == ("failure", "v1")
     assert "reverted to version v1" in first[1]["error"]
     assert second[1]["currentVersion"] == "v1"  # never released

@@ -110,3 +110,27 @@ def test_birth_message_then_a_fresh_state() -> None:
     assert status["online"] is True
     assert status["deviceType"] == "rpi4"
     assert rep._dirty.is_set()
+
+
+def test_a_revert_in_flight_reports_the_version_that_still_runs() -> None:
+    """The revert is saved (installed = the previous version, in flight ``revert``)
+    before the previous version starts: until it has, the report names the version
+    that runs, and the verdict already."""
+    v1 = Installed(version="v1", sha256="1" * 64)
+    v2 = Installed(version="v2", sha256="2" * 64)
+    rec = FlowRecord(
+        installed=v1,
+        previous=v2,
+        status=Status.FAILURE,
+        reverted=True,
+        inflight="revert",
+        desired_version="v2",
+    )
+    state = PersistedState(generation=1, flows={"f1": rec})
+    rep, _ = reporter(state)
+    f1 = rep.snapshot().flows["f1"]
+    assert (f1.current_version, f1.sha256, f1.previous_version) == ("v2", "2" * 64, "v1")
+    assert (f1.status, f1.reverted) == (Status.FAILURE, True)
+    rec.inflight = None  # the previous version started
+    f1 = rep.snapshot().flows["f1"]
+    assert (f1.current_version, f1.sha256, f1.previous_version) == ("v1", "1" * 64, "v2")
