@@ -964,3 +964,31 @@ def test_bad_input_is_refused_and_nothing_is_stored(server: RunningServer) -> No
         "404",
         "422",
     }
+
+
+def test_concurrent_creations_hold_one_deployment_per_device_and_flow(
+    any_server: RunningServer,
+) -> None:
+    """Twelve deployments of one flow to one device, created at the same instant (the
+    check that a device is in one unfinished deployment per flow reads rows another
+    creation may be writing): exactly one is created, the others are 409."""
+    import threading
+
+    srv = any_server
+    scripted(srv, "race-1")
+    upload(srv, "v1", wat.versioned_flow("v1"), [])
+    body = {"artifact_name": "f1-v1", "devices": ["race-1"], "phases": [{"start_ts": in_(3600)}]}
+    go = threading.Barrier(12)
+    codes: list[int] = []
+
+    def one(n: int) -> None:
+        with mender(srv) as c:
+            go.wait()
+            codes.append(c.post(f"{V1}/deployments", json={**body, "name": f"r{n}"}).status_code)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(codes) == [201] + [409] * 11, codes

@@ -35,6 +35,18 @@ def create_application(session: Session, name: str, prefix: str) -> Application:
     return app
 
 
+def lock(session: Session, app_id: str) -> None:
+    """Serialize a check of an application's other rows with the write it allows,
+    until the transaction ends: its row locked (PostgreSQL's ``FOR NO KEY UPDATE``,
+    which rows that only refer to the application, such as a new device's, do not
+    wait for; SQLite's transactions hold the database's write lock already). Taken
+    by a deployment's creation and a dynamic deployment's enrolment (a device in
+    one unfinished deployment of a flow), before anything else they lock."""
+    session.execute(
+        select(Application.id).where(Application.id == app_id).with_for_update(key_share=True)
+    )
+
+
 def get_application(session: Session, app_id: str) -> Application | None:
     return session.get(Application, app_id)
 

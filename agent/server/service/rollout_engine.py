@@ -286,6 +286,7 @@ class RolloutEngine:
         new = [d for d in matching if d not in present]
         if not new:
             return full
+        apps_repo.lock(s, r.application_id)  # (as a creation: one at a time per application)
         held = _held(s, r, new)
         new = [d for d in new if d not in held]
         if room is not None:

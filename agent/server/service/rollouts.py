@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import select
 
 from agent.server.context import ServerContext
+from agent.server.db import applications as apps_repo
 from agent.server.db import artifacts as artifacts_repo
 from agent.server.db import rollouts as repo
 from agent.server.db.models import (
@@ -77,6 +78,9 @@ def create(ctx: ServerContext, app: Application, new: NewRollout) -> str:
             raise Validation(str(exc)) from None
     now = utcnow()
     with ctx.db.transaction() as s:
+        # (Creations and enrolments of one application one at a time: two at once
+        # could both find a device free and both take it.)
+        apps_repo.lock(s, app.id)
         if not artifacts_repo.by_name(s, app.id, new.artifact_name):
             raise Unprocessable(f"No artifact named {new.artifact_name!r}")
         ids = _targets(s, app.id, new, terms)
