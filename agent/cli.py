@@ -307,9 +307,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "is not installed): pip install 'edge-agent[fleet,server]'\n"
         )
         return EXIT_USAGE
-    from agent.fleet.demo import main as demo_main
+    from agent.fleet import demo
 
-    return demo_main(keep=args.keep, broker=args.broker)
+    rc = demo.main(keep=args.keep, broker=args.broker)
+    demo.watch_exit(rc)  # (this process is the demo's: it ends, whatever a thread does)
+    return rc
 
 
 #: What the operator side needs beyond the device agent (the ``fleet`` extra).

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import functools
 import http.server
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -274,7 +276,7 @@ class _Server:
 
     def __exit__(self, *exc: object) -> None:
         if self._http is not None and not self._http.stop():
-            print("  (the server's HTTP thread did not stop; left to the exit)", file=sys.stderr)
+            print("  (the server's HTTP thread did not stop in time)", file=sys.stderr)
         if self.ctx is not None:
             self.ctx.stop()
 
@@ -378,6 +380,32 @@ def main(keep: bool = False, broker: str | None = None) -> int:
         "answered, the second deployment was aborted; everything it made is removed."
     )
     return 0
+
+
+#: Seconds the interpreter's exit may take once the demo cleaned up.
+EXIT_WAIT_S = 15.0
+
+
+def watch_exit(rc: int, wait: float = EXIT_WAIT_S) -> None:
+    """For the demo's own process, once it has cleaned up and returns ``rc``: should
+    the interpreter's exit then wait longer than ``wait`` for a thread that does not
+    end (it waits for every non-daemon thread and every executor's workers), print
+    every thread's stack to stderr and end the process with ``rc``. (``demo --keep``
+    once did not exit after Ctrl-C in a CI run, cause unknown: this ends it, and says
+    where it was held.)"""
+
+    def watch() -> None:
+        time.sleep(wait)
+        print(
+            f"edge-agent demo: still not exited {wait:g} s after cleaning up; its threads:",
+            file=sys.stderr,
+            flush=True,
+        )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(rc)
+
+    threading.Thread(target=watch, name="demo-exit-watch", daemon=True).start()
 
 
 def _stay_up(server: _Server) -> None:

@@ -2,10 +2,9 @@
 
 ``edge-agent server`` runs uvicorn on its main thread. The demo (and the tests)
 run it beside other work, on a thread, and must be able to stop it however busy
-it is. :meth:`ServerThread.stop` asks uvicorn to exit, gives open responses
-(a console's live stream never ends by itself) ``grace`` seconds, then forces
-the exit. Left running, uvicorn's loop would keep AnyIO's worker threads alive,
-and they are not daemon threads: the process could then never exit.
+it is: uvicorn's shutdown otherwise waits for every open response, and a console's
+live stream only ends when its browser goes. :meth:`ServerThread.stop` asks uvicorn
+to exit, gives open responses ``grace`` seconds, then forces the exit.
 """
 
 from __future__ import annotations

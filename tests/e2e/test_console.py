@@ -422,8 +422,24 @@ def test_a_page_left_open_goes_to_the_sign_in_when_the_session_ends(
     """The device page's timeline refreshes itself (htmx, every 3 s); once the session
     has ended (signed out in another tab), the next refresh takes the whole page to
     the sign-in instead of swapping the sign-in form into the timeline."""
-    sign_in(page, setup.srv.token)
+    srv = setup.srv
+    upload(srv, "f6", "v1", wat.versioned_flow("f6-v1"), [])
+    rid = create(
+        srv,
+        {
+            "name": "watched",
+            "artifact_name": "f6-v1",
+            "devices": ["sim-0001"],
+            "phases": [{"start_ts": in_(3600)}],
+        },
+    )
+    sign_in(page, srv.token)
     p = page.page
+    deployment_tab = p.context.new_page()
+    deployment_tab.goto(f"/console/deployments/{rid}")
+    deployment_tab.locator("#status form#abort").wait_for()
+    asked: list[str] = []
+    deployment_tab.on("request", lambda r: asked.append(r.url) if "/stream" in r.url else None)
     p.goto("/console/devices/sim-0001")
     with p.expect_request(lambda r: "/timeline?left=" in r.url, timeout=10_000):
         pass  # (the refresh runs)
@@ -432,6 +448,13 @@ def test_a_page_left_open_goes_to_the_sign_in_when_the_session_ends(
     p.wait_for_url(re.compile(r"/console/login$"), timeout=10_000)
     assert p.locator("form#login").is_visible()
     assert p.locator("#timeline").count() == 0
+    # The deployment's page (its stream, not a poll) says so, and stops asking.
+    deployment_tab.locator("#session-ended a[href='/console/login']").wait_for(timeout=10_000)
+    seen = len(asked)
+    deployment_tab.wait_for_timeout(2_500)  # (htmx's SSE extension retries after 0.5 s)
+    assert len(asked) == seen, asked
+    with srv.http() as c:
+        assert c.put(f"{V1}/deployments/{rid}/status", json={"status": "aborted"}).is_success
 
 
 # ------------------------------------------------------------------ security

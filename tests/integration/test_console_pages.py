@@ -322,6 +322,11 @@ def test_tokens_and_read_only(
     browser = as_user
     r = browser.post(
         "/console/tokens",
+        data={"csrf": csrf_of(page.text), "name": "t" * 256, "scope": ["all.Application"]},
+    )
+    assert r.status_code == 400  # (past the column: refused, not cut)
+    r = browser.post(
+        "/console/tokens",
         data={"csrf": csrf_of(page.text), "name": f"ro {XSS}", "scope": ["all.Application.read"]},
     )
     assert r.status_code == 200
@@ -555,11 +560,20 @@ def test_a_live_stream_ends_with_its_session(server: RunningServer, fleet: dict[
             started = time.monotonic()
             rest = list(lines)  # (ends: the stream returned)
             assert time.monotonic() - started < 30
-        assert "event: done" not in rest
+        # it says so, and "done" closes the page's EventSource (no reconnecting)
+        assert "event: done" in rest
+        assert any('id="session-ended"' in line for line in rest)
         deadline = time.monotonic() + 10
         while slots.open() != before:  # the slot is given back
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # the browser's reconnection, without a session: the same two events, no data
+        r = c.get(url)
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert "event: done" in r.text
+        assert 'id="session-ended"' in r.text
+        assert "gw-4" not in r.text
 
 
 def test_htmx_requests_without_a_session_go_to_the_sign_in(server: RunningServer) -> None:
@@ -571,6 +585,33 @@ def test_htmx_requests_without_a_session_go_to_the_sign_in(server: RunningServer
         assert r.headers["hx-redirect"] == "/console/login"
         r = c.get("/console/devices/gw-1/timeline")
         assert r.status_code == 303
+
+
+def test_a_poll_whose_subject_is_gone_stops(browser: httpx.Client, server: RunningServer) -> None:
+    """htmx does not swap a 404 and would poll it for ever: a poll of a device that
+    was decommissioned, or of a command no longer kept, gets its element back
+    without ``hx-get``, which ends the polling. Without htmx it is a 404."""
+    with server.http() as http:
+        r = http.post(
+            f"/applications/{server.app_id}/devices", json={"name": "gw-5", "deviceId": "gw-5"}
+        )
+        assert r.status_code == 201, r.text
+    htmx = {"HX-Request": "true"}
+    assert "hx-get" in browser.get("/console/devices/gw-5/timeline", headers=htmx).text
+    with server.http() as http:
+        assert http.delete(f"/applications/{server.app_id}/devices/gw-5").status_code == 200
+    r = browser.get("/console/devices/gw-5/timeline", headers=htmx)
+    assert r.status_code == 200
+    assert 'id="timeline"' in r.text
+    assert 'data-testid="gone"' in r.text
+    assert "hx-get" not in r.text
+    assert browser.get("/console/devices/gw-5/timeline").status_code == 404
+    r = browser.get("/console/devices/gw-1/commands/0123456789abcdef01234567", headers=htmx)
+    assert r.status_code == 200
+    assert 'id="command-response"' in r.text
+    assert "hx-get" not in r.text
+    missing = browser.get("/console/devices/gw-1/commands/0123456789abcdef01234567")
+    assert missing.status_code == 404
 
 
 def test_ids_that_cannot_be_ids_are_not_found(browser: httpx.Client, fleet: dict[str, Any]) -> None:
@@ -596,3 +637,11 @@ def test_ids_that_cannot_be_ids_are_not_found(browser: httpx.Client, fleet: dict
     r = browser.get("/console/devices/gw-1", params={"command": "a\x00b"})
     assert r.status_code == 200
     assert 'id="command-response"' not in r.text
+    # the fleet's filter: a NUL is a 400 (PostgreSQL refuses it in any text)
+    for name in ("q", "device_type", "tag"):
+        r = browser.get("/console/", params={name: "a\x00b"})
+        assert r.status_code == 400, (name, r.text[:300])
+    # names past their columns are refused, not cut
+    csrf = csrf_of(browser.get("/console/").text)
+    r = browser.post("/console/devices/gw-1/command", data={"csrf": csrf, "name": "n" * 256})
+    assert r.status_code == 400

@@ -75,9 +75,9 @@ class RunningServer:
         self._http.start(15)
 
     def stop(self) -> None:
-        if self._http is not None:
-            assert self._http.stop(), "the server's HTTP thread did not stop"
+        stopped = self._http.stop() if self._http is not None else True
         self.ctx.stop()
+        assert stopped, "the server's HTTP thread did not stop"
 
     def http(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token or self.token}"}

@@ -91,14 +91,29 @@ def _look(request: Request, session: SignedIn, rollout_id: str) -> dict[str, Any
     return _detail(request, now, rollout_id)
 
 
+def _ended() -> str:
+    """What a stream says once its session has ended: the status part tells the
+    person to sign in again, and ``done`` closes the page's stream (the browser would
+    otherwise open it again and again, for ever)."""
+    return streams.event("status", render.fragment("_session_ended.html")) + streams.event(
+        "done", "session ended"
+    )
+
+
 @router.get("/deployments/{rollout_id}/stream")
-async def stream(request: Request, rollout_id: str, session: Session) -> Response:
+async def stream(request: Request, rollout_id: str) -> Response:
     """``text/event-stream``: an event per live part of the page when it changed
     (looked at every second), ``done`` when the deployment finished; it ends when
     the browser goes, the session ends, or after :data:`STREAM_MAX_S` (the browser
-    then opens another)."""
+    then opens another). Without a session (it ended before a reconnection) the
+    answer is :func:`_ended`: no data, and no redirect an ``EventSource`` cannot
+    follow."""
+    try:
+        session = await anyio.to_thread.run_sync(sessions.resolve, context(request), request)
+    except Unauthorized:
+        return Response(_ended(), media_type="text/event-stream")
     await anyio.to_thread.run_sync(_detail, request, session, rollout_id)  # (404 first)
-    slots.take(session.digest)
+    slots.take(session.digest, session.app.id)
     deadline = anyio.current_time() + STREAM_MAX_S
 
     async def events() -> AsyncIterator[str]:
@@ -106,6 +121,7 @@ async def stream(request: Request, rollout_id: str, session: Session) -> Respons
         while anyio.current_time() < deadline and not await request.is_disconnected():
             data = await anyio.to_thread.run_sync(_look, request, session, rollout_id)
             if data is None:
+                yield _ended()
                 return
             for name, html in _fragments(data).items():
                 if sent.get(name) != html:
@@ -117,7 +133,7 @@ async def stream(request: Request, rollout_id: str, session: Session) -> Respons
             yield ": keep-alive\n\n"
             await anyio.sleep(STREAM_EVERY_S)
 
-    return streams.SlotResponse(events(), slots, session.digest)
+    return streams.SlotResponse(events(), slots, session.digest, session.app.id)
 
 
 @router.get("/deployments/{rollout_id}/devices/{device_id}/log", response_class=HTMLResponse)

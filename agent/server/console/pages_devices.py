@@ -18,6 +18,7 @@ from agent.server.db import rollouts as rollouts_repo
 from agent.server.db.models import CommandRecord
 from agent.server.errors import NotFound, Validation
 from agent.server.service import commands
+from agent.server.service.commands import MAX_NAME
 from agent.server.text import text_problem, tree_problem
 from agent.wire.protocol import is_valid_id
 
@@ -47,6 +48,9 @@ def fleet(
     device_type: str = Query("", max_length=64),
     tag: str = Query("", max_length=512),
 ) -> Response:
+    for name, value in (("q", q), ("device_type", device_type), ("tag", tag)):
+        if (problem := text_problem(value)) is not None:
+            raise Validation(f"{name}: {problem}")
     want = Filter(q, online, device_type, tag)
     with context(request).db.transaction() as s:
         rows, matched = fleet_views.search(s, session.app.id, want, MAX_ROWS)
@@ -122,7 +126,7 @@ def timeline(
     with context(request).db.transaction() as s:
         events = device_events.timeline(s, session.app.id, device_id, TIMELINE)
     if events is None:
-        raise NotFound(f"Device {device_id} was not found")
+        return _gone(request, "ol", "timeline", f"Device {device_id} was not found")
     url = f"/console/devices/{quote(device_id, safe='')}/timeline"
     return HTMLResponse(
         render.fragment("_timeline.html", events=events, refresh_url=url, polls_left=left)
@@ -139,17 +143,31 @@ def command_fragment(
 ) -> Response:
     sent = _command(request, session, known(device_id, "Device"), command_id)
     if sent is None:
-        raise NotFound("Command was not found")
+        return _gone(request, "div", "command-response", "Command was not found")
     fragment = render.fragment("_command.html", command=sent, device_id=device_id, polls_left=left)
+    return HTMLResponse(fragment)
+
+
+def _gone(request: Request, element: str, element_id: str, message: str) -> Response:
+    """A poll's subject is gone (a device decommissioned, a command pruned): htmx's
+    poll gets its element back without ``hx-get``, which ends the polling (htmx does
+    not swap a 404, and would poll it for ever); anything else gets the 404."""
+    if request.headers.get("hx-request") != "true":
+        raise NotFound(message)
+    fragment = render.fragment(
+        "_gone.html", element=element, element_id=element_id, message=message
+    )
     return HTMLResponse(fragment)
 
 
 def _command_fields(form: FormData) -> tuple[str, Any]:
     """The form's command name and payload, checked as the API checks its body."""
-    name = text(form, "name", 256).strip()
+    name = text(form, "name", MAX_NAME + 1).strip()
     raw = text(form, "payload", MAX_PAYLOAD + 1).strip()
     if not name:
         raise Validation("name: the command's name is required")
+    if len(name) > MAX_NAME:
+        raise Validation(f"name: at most {MAX_NAME} characters")
     if (problem := text_problem(name)) is not None:
         raise Validation(f"name: {problem}")
     if len(raw) > MAX_PAYLOAD:

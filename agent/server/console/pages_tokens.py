@@ -70,10 +70,12 @@ def _create(request: Request, session: SignedIn, name: str, scopes: list[str]) -
 @router.post("/tokens", response_class=HTMLResponse)
 async def create(request: Request, session: Session) -> Response:
     form = await checked_form(request, session)
-    name = text(form, "name", MAX_NAME).strip()
+    name = text(form, "name", MAX_NAME + 1).strip()
     scopes = [v for v in form.getlist("scope") if isinstance(v, str)][:64]
     if not name:
         raise Validation("name: a name for the token is required")
+    if len(name) > MAX_NAME:
+        raise Validation(f"name: at most {MAX_NAME} characters")
     if (problem := text_problem(name)) is not None:
         raise Validation(f"name: {problem}")
     secret = await anyio.to_thread.run_sync(_create, request, session, name, scopes)

@@ -87,7 +87,8 @@ def response_doc(doc: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         return None
     problem = tree_problem(doc)
     if problem is not None:
-        return command_id, {"ok": False, "error": f"the answer could not be stored: {problem}"}
+        error = f"the answer could not be stored: {problem}"
+        return command_id, {"ok": False, "error": error[:MAX_ERROR]}
     kept: dict[str, Any] = {"ok": doc.get("ok") is True}
     for key, limit in (("name", 255), ("error", MAX_ERROR), ("time", 64)):
         value = _text(doc.get(key), limit)
