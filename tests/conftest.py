@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -19,6 +19,9 @@ from postgres import PostgresCluster, postgres_fixture
 
 from agent.device._logging import configure_logging
 from agent.device.config import AgentConfig
+
+if TYPE_CHECKING:
+    from agent.server.db.engine import Database
 
 configure_logging("debug" if os.environ.get("EDGE_AGENT_TEST_DEBUG") else "info")
 
@@ -124,3 +127,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'server.db'}"
     cluster: PostgresCluster = request.getfixturevalue("postgres")
     return cluster.create_database(f"test_{next(_DB_COUNTER)}")
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    """The server's database of each kind, migrated, closed afterwards."""
+    from agent.server.db.engine import Database
+
+    database = Database(db_url)
+    database.migrate()
+    try:
+        yield database
+    finally:
+        database.close()

@@ -12,8 +12,6 @@ Mender's server and the seed have), so its ``get`` is not called on a scheduled 
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +21,7 @@ import httpx
 import pytest
 import wat
 from broker import Broker
+from common import until
 from mender_tools import upload_artifact, write_artifact
 from pymenderio import MenderClient
 from pymenderio.exceptions import NotFoundError, ValidationError
@@ -71,16 +70,6 @@ def known(srv: RunningServer) -> set[str]:
     with srv.http() as c:
         items = c.get(f"/applications/{srv.app_id}/devices").json()["items"]
     return {d["id"] for d in items if d.get("deviceType")}
-
-
-async def until(check: Any, what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await asyncio.to_thread(check)
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 def artifacts(srv: RunningServer, root: Path) -> None:

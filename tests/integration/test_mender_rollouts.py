@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +33,7 @@ import httpx
 import pytest
 import wat
 from broker import Broker, Operator
+from common import until
 from pydantic import TypeAdapter
 from server_harness import RunningServer, running_server
 from sqlalchemy import update
@@ -125,16 +125,6 @@ def started_at(srv: RunningServer, rid: str, phase: int) -> datetime:
     times = [e["time"] for e in found if e["detail"]["phase"] == phase]
     assert len(times) == 1, found
     return datetime.fromisoformat(times[0])
-
-
-async def until(check: Any, what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await asyncio.to_thread(check)
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 def finished(srv: RunningServer, rid: str) -> dict[str, Any] | None:

@@ -10,7 +10,6 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,16 +34,6 @@ from agent.server.service.inventory import Inventory, Report
 
 PREFIX = "edge"
 _NAMES = itertools.count(1)
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(db_url)
-    database.migrate()
-    try:
-        yield database
-    finally:
-        database.close()
 
 
 def make_app(db: Database) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import wat
 from broker import Broker, Operator
+from common import until
 from server_harness import RunningServer, admin, running_server, sim_fleet
 
 from agent.server.db import applications as apps_repo
@@ -61,16 +62,6 @@ def app_of(srv: RunningServer) -> Application:
 def timeline(srv: RunningServer, device_id: str, app_id: str | None = None) -> list[DeviceEvent]:
     with srv.ctx.db.transaction() as s:
         return events_repo.recent(s, app_id or srv.app_id, device_id)
-
-
-async def until(check: Any, what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await asyncio.to_thread(check)
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def settled(srv: RunningServer) -> None:

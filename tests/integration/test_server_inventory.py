@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from broker import Broker
 from server_harness import running_server
 from sqlalchemy import select, update
@@ -27,16 +25,6 @@ from agent.server.service import inventory as inventory_module
 from agent.server.service.inventory import Inventory, Report
 
 PREFIX = "edge"
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(db_url)
-    database.migrate()
-    try:
-        yield database
-    finally:
-        database.close()
 
 
 def make_app(db: Database) -> str:

@@ -5,7 +5,6 @@ produce their files."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import zipfile
 from collections.abc import AsyncIterator, Iterator
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 from broker import Broker, Operator
-from common import COUNTER_WASM
+from common import COUNTER_WASM, until
 from losant_rest import Client, LosantError
 from server_harness import RunningServer, running_server, sim_fleet
 
@@ -46,17 +45,6 @@ async def fleet(tmp_path: Path, broker: Broker) -> AsyncIterator[Simulation]:
 
 def losant(srv: RunningServer, token: str | None = None) -> Client:
     return Client(auth_token=token or srv.token, url=srv.url)
-
-
-async def until(check: Any, what: str, timeout: float = 30) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: Any = None
-    while True:
-        last = await asyncio.to_thread(check)
-        if last:
-            return last
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
 
 
 def deployments(client: Client, app: str, **kw: Any) -> list[dict[str, Any]]:

@@ -20,6 +20,20 @@ def eea_samples() -> Path:
     return SHARED / "eea-samples"
 
 
+async def until(
+    check: Callable[[], Any], what: str, timeout: float = 30.0, every: float = 0.1
+) -> Any:
+    """Poll a blocking ``check`` (an HTTP call, a database read) on a worker thread,
+    every ``every`` seconds, until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await asyncio.to_thread(check)
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        await asyncio.sleep(every)
+
+
 async def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
     """Poll ``check`` on the event loop until it is truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
