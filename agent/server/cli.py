@@ -4,6 +4,7 @@
     edge-agent server admin create-application --name plant-1 [--prefix edge]
     edge-agent server admin create-token --application ID --scope all.Application
     edge-agent server admin create-user --application ID --email E --password-file F
+    edge-agent server admin sweep-artifacts [--dry-run] [--grace SECONDS]
 
 FastAPI, SQLAlchemy and uvicorn are imported only here, on use (the ``server``
 extra); the device install does not need them.
@@ -33,7 +34,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--instance", help="this process's name among several (client id, logs)")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     admin = p.add_subparsers(dest="server_command")
-    a = admin.add_parser("admin", help="create applications, API tokens and users")
+    a = admin.add_parser("admin", help="create applications, API tokens and users; sweep artifacts")
     _common(a)
     asub = a.add_subparsers(dest="admin_command", required=True)
     app = asub.add_parser("create-application", help="print the new application's id")
@@ -66,6 +67,27 @@ def add_parser(sub: Any) -> None:
     gone = asub.add_parser("delete-user", help="delete a user: its login tokens stop working")
     gone.add_argument("--email", required=True, help="the user's email")
     asub.add_parser("migrate", help="bring the database to the newest schema and exit")
+    sweep = asub.add_parser(
+        "sweep-artifacts",
+        help="remove artifact bytes nothing references any more; print what went",
+    )
+    sweep.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    sweep.add_argument(
+        "--grace",
+        type=_seconds,
+        metavar="SECONDS",
+        help="seconds unreferenced bytes are kept first (default: the sweep_grace_s setting)",
+    )
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 <= seconds <= 30 * 86400:
+        raise argparse.ArgumentTypeError("0 to 2592000 seconds")
+    return seconds
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -134,6 +156,8 @@ def _admin(args: argparse.Namespace) -> int:
             return 0
         if args.admin_command in ("create-user", "delete-user"):
             return _users(args, db)
+        if args.admin_command == "sweep-artifacts":
+            return _sweep(args, cfg, db)
         with db.transaction() as s:
             if args.admin_command == "create-application":
                 app = apps_repo.create_application(s, args.name, args.prefix)
@@ -171,6 +195,23 @@ def _users(args: argparse.Namespace, db: Any) -> int:
     if password is None:
         return EXIT_USAGE
     print(users.create_user(db, args.application, args.email, password))
+    return 0
+
+
+def _sweep(args: argparse.Namespace, cfg: Any, db: Any) -> int:
+    from agent.server.artifact_store import ArtifactStore
+    from agent.server.service.artifact_sweep import sweep
+
+    grace = cfg.sweep_grace_s if args.grace is None else args.grace
+    report = sweep(db, ArtifactStore(cfg.artifact_dir), grace_s=grace, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(
+        f"{verb}: {report.files} artifact file{'s' * (report.files != 1)} "
+        f"({report.bytes} bytes), {report.blobs} blob row{'s' * (report.blobs != 1)}, "
+        f"{report.temp_files} temporary file{'s' * (report.temp_files != 1)} "
+        f"({report.temp_bytes} bytes)"
+    )
+    print(f"kept for the grace ({grace:g} s): {report.pending} unreferenced")
     return 0
 
 

@@ -86,6 +86,14 @@ class ServerConfig(BaseModel):
     login_ttl_s: Annotated[int, Field(gt=0, le=366 * 86400)] = 7 * 86400
     #: Seconds a download link (Mender's ``artifacts/{id}/download``) is valid.
     download_link_s: Annotated[int, Field(gt=0, le=7 * 86400)] = 3600
+    #: Seconds between sweeps of artifact bytes nothing references any more (deleted
+    #: artifacts and flow versions, interrupted uploads); 0: no sweep in this process
+    #: (``edge-agent server admin sweep-artifacts`` still runs one).
+    sweep_interval_s: Annotated[float, Field(ge=0, le=7 * 86400)] = 3600.0
+    #: Seconds unreferenced bytes are kept before the sweep removes them: the blob
+    #: row, the file and the sweep's first sighting must all be this old (an upload
+    #: writes its file before its rows, a release reads a version before it writes).
+    sweep_grace_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 3600.0
     #: The key login tokens are signed with, in a file (``read_login_key``), instead
     #: of a random one kept in the database (``server_secrets``).
     login_key_file: Path | None = None

@@ -14,6 +14,7 @@ from agent.server.broker_link import BrokerLink, BrokerUnavailable
 from agent.server.config import ServerConfig
 from agent.server.db import applications as apps_repo
 from agent.server.db.engine import Database
+from agent.server.service.artifact_sweep import sweep
 from agent.server.service.desired import DesiredWriter
 from agent.server.service.inventory import Inventory
 from agent.server.service.rollout_engine import RolloutEngine
@@ -109,6 +110,7 @@ class ServerContext:
             ("publisher", lambda: self.writer.run_sweeper(self._stop, self.cfg.publish_retry_s)),
             ("applications", self._refresh_loop),
             ("rollouts", lambda: self.engine.run(self._stop)),
+            *([("artifact-sweep", self._sweep_loop)] if self.cfg.sweep_interval_s > 0 else []),
         ):
             t = threading.Thread(target=target, name=f"server-{name}", daemon=True)
             t.start()
@@ -131,6 +133,15 @@ class ServerContext:
             if time.monotonic() - last_resync > RESYNC_S:
                 last_resync = time.monotonic()
                 self.resync()
+
+    def _sweep_loop(self) -> None:
+        """Remove unreferenced artifact bytes every ``sweep_interval_s`` (see
+        :mod:`agent.server.service.artifact_sweep`; safe in several processes at once)."""
+        while not self._stop.wait(self.cfg.sweep_interval_s):
+            try:
+                sweep(self.db, self.store, grace_s=self.cfg.sweep_grace_s)
+            except Exception:  # the database or the disk away for a moment
+                log.exception("artifact sweep failed")
 
     def stop(self) -> None:
         gc.unfreeze()  # (a test process starts and stops many)

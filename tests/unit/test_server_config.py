@@ -80,3 +80,16 @@ def test_unknown_scopes_are_refused() -> None:
         validate_scopes(["all.Everything"])
     with pytest.raises(Validation, match="at least one"):
         validate_scopes([])
+
+
+def test_the_artifact_sweep_settings(tmp_path: Path) -> None:
+    cfg = load_server_config(None, {"state_dir": str(tmp_path)})
+    assert (cfg.sweep_interval_s, cfg.sweep_grace_s) == (3600.0, 3600.0)
+    conf = tmp_path / "server.toml"
+    conf.write_text("sweep_interval_s = 0\nsweep_grace_s = 86400\n")
+    cfg = load_server_config(conf, {})
+    assert (cfg.sweep_interval_s, cfg.sweep_grace_s) == (0, 86400)  # 0: no sweep
+    for text in ("sweep_interval_s = -1", "sweep_grace_s = -1", "sweep_grace_s = 1e9"):
+        conf.write_text(text)
+        with pytest.raises(ConfigError, match=text.split()[0]):
+            load_server_config(conf, {})
