@@ -76,7 +76,14 @@ def add_parser(sub: Any) -> None:
         "--grace",
         type=_seconds,
         metavar="SECONDS",
-        help="seconds unreferenced bytes are kept first (default: the sweep_grace_s setting)",
+        help="seconds unreferenced bytes are kept first (default: the sweep_grace_s setting; "
+        "under 600 only with --force)",
+    )
+    sweep.add_argument(
+        "--force",
+        action="store_true",
+        help="allow a grace under 600 s: only while nothing is being uploaded or released "
+        "(an upload's file is written before its rows)",
     )
 
 
@@ -200,9 +207,16 @@ def _users(args: argparse.Namespace, db: Any) -> int:
 
 def _sweep(args: argparse.Namespace, cfg: Any, db: Any) -> int:
     from agent.server.artifact_store import ArtifactStore
+    from agent.server.config import MIN_SWEEP_GRACE_S
     from agent.server.service.artifact_sweep import sweep
 
     grace = cfg.sweep_grace_s if args.grace is None else args.grace
+    if grace < MIN_SWEEP_GRACE_S and not args.force:
+        sys.stderr.write(
+            f"--grace {grace:g}: under {MIN_SWEEP_GRACE_S:g} s a sweep can remove the bytes "
+            "of an upload or a release in progress; add --force if nothing is running\n"
+        )
+        return EXIT_USAGE
     report = sweep(db, ArtifactStore(cfg.artifact_dir), grace_s=grace, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(

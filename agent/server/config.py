@@ -50,6 +50,15 @@ def read_login_key(path: Path) -> bytes:
     return key
 
 
+#: The shortest grace the artifact sweep may be set to: an upload writes its file
+#: before its rows, a release reads a version before it writes the documents, and
+#: neither may find its bytes gone (``admin sweep-artifacts --grace --force`` may go
+#: lower, by hand, on a quiet server).
+MIN_SWEEP_GRACE_S = 600.0
+#: The shortest interval between two sweeps (0 turns them off).
+MIN_SWEEP_INTERVAL_S = 60.0
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -93,7 +102,7 @@ class ServerConfig(BaseModel):
     #: Seconds unreferenced bytes are kept before the sweep removes them: the blob
     #: row, the file and the sweep's first sighting must all be this old (an upload
     #: writes its file before its rows, a release reads a version before it writes).
-    sweep_grace_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 3600.0
+    sweep_grace_s: Annotated[float, Field(ge=MIN_SWEEP_GRACE_S, le=30 * 86400)] = 3600.0
     #: The key login tokens are signed with, in a file (``read_login_key``), instead
     #: of a random one kept in the database (``server_secrets``).
     login_key_file: Path | None = None
@@ -103,6 +112,13 @@ class ServerConfig(BaseModel):
     def _login_key(cls, value: Path | None) -> Path | None:
         if value is not None:
             read_login_key(value)
+        return value
+
+    @field_validator("sweep_interval_s")
+    @classmethod
+    def _sweep_interval(cls, value: float) -> float:
+        if 0 < value < MIN_SWEEP_INTERVAL_S:
+            raise ValueError(f"0 (no sweep) or at least {MIN_SWEEP_INTERVAL_S:g} seconds")
         return value
 
     @field_validator("listen")

@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 from agent import cli
 from agent.server import mender_artifact
 from agent.server.artifact_store import ArtifactStore, artifact_url
-from agent.server.config import ServerConfig
+from agent.server.config import MIN_SWEEP_GRACE_S, ServerConfig
 from agent.server.context import ServerContext
 from agent.server.db import applications as apps_repo
 from agent.server.db import devices as devices_repo
@@ -465,7 +465,7 @@ def admin(ctx: ServerContext, *argv: str) -> str:
     common = ["--db", ctx.cfg.db_url, "--state-dir", str(ctx.cfg.state_dir)]
     with contextlib.redirect_stdout(out):
         rc = cli.main(["server", "admin", *common, "sweep-artifacts", *argv])
-    assert rc == 0
+    assert rc == 0, f"exited {rc}"
     return out.getvalue()
 
 
@@ -477,23 +477,30 @@ def test_the_admin_command(ctx: ServerContext, app: Application) -> None:
         "removed: 0 artifact files (0 bytes), 0 blob rows, 0 temporary files (0 bytes)",
         "kept for the grace (3600 s): 1 unreferenced",
     ]
-    assert admin(ctx, "--dry-run", "--grace", "0").splitlines()[0] == (
+    # Under 600 s only with --force (an upload in progress could lose its bytes).
+    with pytest.raises(AssertionError, match="exited 2"):
+        admin(ctx, "--grace", "0")
+    assert sha(data) in on_disk(ctx)
+    assert admin(ctx, "--dry-run", "--grace", "0", "--force").splitlines()[0] == (
         f"would remove: 1 artifact file ({n} bytes), 1 blob row, 0 temporary files (0 bytes)"
     )
     assert sha(data) in on_disk(ctx)
-    assert admin(ctx, "--grace", "0").splitlines()[0] == (
+    assert admin(ctx, "--grace", "0", "--force").splitlines()[0] == (
         f"removed: 1 artifact file ({n} bytes), 1 blob row, 0 temporary files (0 bytes)"
     )
     assert on_disk(ctx) == set()
 
 
 def test_the_server_sweeps_in_the_background(db_url: str, tmp_path: Path) -> None:
-    settings = {"sweep_interval_s": 0.1, "sweep_grace_s": 0}
-    cfg = ServerConfig.model_validate({"db": db_url, "state_dir": str(tmp_path / "bg"), **settings})
-    ctx = ServerContext(cfg, with_broker=False)
+    cfg = ServerConfig.model_validate({"db": db_url, "state_dir": str(tmp_path / "bg")})
+    # (a sweep every 0.1 s: under the settings' minute, which the model refuses)
+    ctx = ServerContext(cfg.model_copy(update={"sweep_interval_s": 0.1}), with_broker=False)
     with ctx.db.transaction() as s:
         app = apps_repo.create_application(s, "bg", "edge")
     (data,) = _orphans(ctx, app, 1)
+    backdate(ctx, sha(data))  # (row and file two hours old: past the setting's hour)
+    run(ctx, grace=HOUR)  # (seen unreferenced: marked now)
+    backdate(ctx, sha(data))  # (and the mark two hours old)
     ctx.start()
     try:
         deadline = time.monotonic() + 20
@@ -503,3 +510,87 @@ def test_the_server_sweeps_in_the_background(db_url: str, tmp_path: Path) -> Non
         assert rows(ctx) == set()
     finally:
         ctx.stop()
+
+
+# ---------------------------------------------------------------- races and references
+
+
+def test_a_sweep_in_the_middle_of_an_upload_leaves_its_bytes(
+    ctx: ServerContext, app: Application, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload writes its file, then commits its rows: a sweep in between (with the
+    smallest grace the settings allow) sees a fresh file without a row, and keeps it."""
+    data = wasm("in-flight")
+    real = ArtifactStore.put_bytes
+    swept: list[SweepReport] = []
+
+    def put_then_sweep(self: ArtifactStore, payload: bytes, limit: int) -> object:
+        stored = real(self, payload, limit)
+        swept.append(run(ctx, grace=MIN_SWEEP_GRACE_S))
+        return stored
+
+    monkeypatch.setattr(ArtifactStore, "put_bytes", put_then_sweep)
+    upload(ctx, app, "racing", "v1", data)
+    monkeypatch.undo()
+    assert swept
+    assert swept[0].files == 0
+    assert swept[0].pending >= 1
+    assert sha(data) in on_disk(ctx)
+    assert sha(data) in rows(ctx)
+    # and later, with its version alive, no sweep ever takes it
+    for _ in range(3):
+        backdate(ctx, sha(data))
+        assert run(ctx, grace=MIN_SWEEP_GRACE_S).files == 0
+    assert sha(data) in on_disk(ctx)
+
+
+def test_the_version_a_device_would_revert_to_stays(ctx: ServerContext, app: Application) -> None:
+    """A device reports the version it runs and the one a revert starts again
+    (``previousSha256``): the previous version's bytes stay after its artifact is
+    deleted, so an export after the revert still finds them."""
+    old, new = wasm("previous"), wasm("current")
+    upload(ctx, app, "counter", "v1", old)
+    upload(ctx, app, "counter", "v2", new)
+    add_device(ctx, app, "d9", "pi")
+    with ctx.db.transaction() as s:
+        s.execute(
+            update(Device)
+            .where(Device.application_id == app.id, Device.id == "d9")
+            .values(
+                state={
+                    "flows": {
+                        "counter": {
+                            "currentVersion": "v2",
+                            "sha256": sha(new),
+                            "previousVersion": "v1",
+                            "previousSha256": sha(old),
+                        }
+                    }
+                }
+            )
+        )
+    assert delete_named(ctx, app, "counter-v1") == ["deleted"]
+    for _ in range(3):  # (old enough, and marked long ago, were it unreferenced)
+        backdate(ctx, sha(old))
+        assert run(ctx, grace=HOUR).files == 0
+    assert sha(old) in on_disk(ctx)
+
+
+def test_the_first_look_does_not_hold_sqlite_s_write_lock(ctx: ServerContext) -> None:
+    """The sweep's first look reads every device's documents: in a reading
+    transaction, which on SQLite takes no write lock (others write meanwhile)."""
+    if ctx.db.is_postgres:
+        pytest.skip("PostgreSQL's reads never take a write lock; this is SQLite's case")
+    wrote = threading.Event()
+
+    def write() -> None:
+        with ctx.db.transaction() as s:
+            apps_repo.create_application(s, "meanwhile", "meanwhile")
+        wrote.set()
+
+    with ctx.db.reading() as s:
+        s.execute(select(Blob.sha256)).all()
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert wrote.wait(10), "a write waited for a reading transaction"
+    writer.join()

@@ -89,7 +89,14 @@ def test_the_artifact_sweep_settings(tmp_path: Path) -> None:
     conf.write_text("sweep_interval_s = 0\nsweep_grace_s = 86400\n")
     cfg = load_server_config(conf, {})
     assert (cfg.sweep_interval_s, cfg.sweep_grace_s) == (0, 86400)  # 0: no sweep
-    for text in ("sweep_interval_s = -1", "sweep_grace_s = -1", "sweep_grace_s = 1e9"):
+    for text in (
+        "sweep_interval_s = -1",
+        "sweep_interval_s = 0.01",  # (0 or a minute at least: not a busy loop)
+        "sweep_grace_s = -1",
+        "sweep_grace_s = 0",  # (under 600 s an upload in progress could lose its bytes)
+        "sweep_grace_s = 599",
+        "sweep_grace_s = 1e9",
+    ):
         conf.write_text(text)
         with pytest.raises(ConfigError, match=text.split()[0]):
             load_server_config(conf, {})

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from agent.server.db.models import Application, Artifact, Blob, FlowVersion, Rollout, utcnow
+from agent.server.db.models import Application, Artifact, FlowVersion, Rollout, utcnow
 
 
 def create(session: Session, **fields: Any) -> Artifact:
@@ -164,9 +164,3 @@ def lock_application(session: Session, app_id: str) -> None:
     session.execute(
         select(Application.id).where(Application.id == app_id).with_for_update(key_share=True)
     )
-
-
-def ensure_blob(session: Session, sha256: str, size: int) -> None:
-    """The blob row of bytes stored in the artifact store (once per digest)."""
-    if session.get(Blob, sha256) is None:
-        session.add(Blob(sha256=sha256, size=size))

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,16 +39,28 @@ def normalize_url(url: str) -> str:
     raise ConfigError(f"unsupported database {backend!r}: use sqlite:/// or postgresql://")
 
 
+#: The execution option of a connection whose transactions only read (SQLite: a
+#: deferred BEGIN, see :meth:`Database.reading`).
+READING = "edge_reading"
+
+
 def make_engine(url: str, **kw: Any) -> Engine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30}, **kw)
         event.listen(engine, "connect", _sqlite_pragmas)
         # SQLite's own BEGIN is deferred: a read then a write in one transaction can
-        # fail with "database is locked". BEGIN IMMEDIATE takes the write lock first.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        # fail with "database is locked". BEGIN IMMEDIATE takes the write lock first;
+        # a reading transaction (Database.reading) takes none (WAL: it reads a
+        # snapshot while others write).
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, **kw)
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    reading = conn.get_execution_options().get(READING, False)
+    conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -92,6 +104,18 @@ class Database:
         """A session in one transaction: committed at the end, rolled back on error."""
         with self.sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session in one transaction that only reads: on SQLite it does not take the
+        write lock (the other transactions' writes go on meanwhile), on PostgreSQL it
+        is ``READ ONLY``. A write in it fails."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{READING: True})
+            if self.is_postgres:
+                conn.execution_options(postgresql_readonly=True)
+            with Session(bind=conn) as session, session.begin():
+                yield session
 
     def close(self) -> None:
         self.engine.dispose()

@@ -8,7 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from agent.server.db.models import Blob, Deployment, FlowVersion
+from agent.server.db.blobs import ensure_blob
+from agent.server.db.models import Deployment, FlowVersion
 from agent.server.errors import Conflict
 
 
@@ -23,8 +24,7 @@ def create(
     notes: str,
 ) -> FlowVersion:
     for item in artifacts:
-        if session.get(Blob, item["sha256"]) is None:
-            session.add(Blob(sha256=item["sha256"], size=item["size"]))
+        ensure_blob(session, item["sha256"], item["size"])
     row = FlowVersion(
         application_id=app_id,
         flow_id=flow_id,
@@ -72,8 +72,7 @@ def set_artifacts(session: Session, fv: FlowVersion, artifacts: list[dict[str, A
     """Replace the version's artifact items (a new list, so that SQLAlchemy sees the
     JSON column change)."""
     for item in artifacts:
-        if session.get(Blob, item["sha256"]) is None:
-            session.add(Blob(sha256=item["sha256"], size=item["size"]))
+        ensure_blob(session, item["sha256"], item["size"])
     fv.artifacts = [dict(item) for item in artifacts]
     session.flush()
 

@@ -12,8 +12,9 @@ the column, as a value or inside a URL:
   retry, an abort's copy of the entry) after the version or the item of its device
   type was deleted; entries carry ``sha256`` and a URL naming it (``/artifacts/…``
   or ``mqtt:…/artifacts/…``);
-- ``deployments.current_sha256``: what a device reports it runs, which the
-  embedded export (a job, later) zips from the store.
+- ``deployments.current_sha256`` and ``devices.state`` (a device's last report: the
+  ``sha256`` it runs and the ``previousSha256`` a revert starts again, which the
+  embedded export, a job, zips from the store once reported as running).
 
 Rollouts name artifacts (by name, by id), not bytes: while such a row exists its
 digests are kept, and a device they released to keeps its desired entry. Export
@@ -88,7 +89,7 @@ def referenced(s: Session) -> set[str]:
     refs: set[str] = set()
     for column in (Artifact.payload_sha256, Artifact.mender_sha256, Deployment.current_sha256):
         refs.update(v.lower() for v in s.scalars(select(column).distinct()) if v)
-    for doc in (FlowVersion.artifacts, Artifact.updates, Device.desired):
+    for doc in (FlowVersion.artifacts, Artifact.updates, Device.desired, Device.state):
         texts = s.scalars(select(cast(doc, Text)), execution_options={"yield_per": YIELD_PER})
         for text in texts:
             if text:
@@ -106,7 +107,7 @@ def sweep(
     cutoff = start - grace_s
     cutoff_dt = datetime.fromtimestamp(cutoff, UTC)
     files = dict(store.stored())
-    with db.transaction() as s:
+    with db.reading() as s:  # (the first look takes no lock: writers go on meanwhile)
         refs = referenced(s)
         rows: dict[str, datetime] = dict(s.execute(select(Blob.sha256, Blob.created)).all())
     candidates: set[str] = set()

@@ -31,6 +31,7 @@ from agent.server import mender_artifact
 from agent.server.artifact_store import artifact_url
 from agent.server.context import ServerContext
 from agent.server.db import artifacts as repo
+from agent.server.db import blobs
 from agent.server.db import flow_versions as fv_repo
 from agent.server.db.models import Application, Artifact, utcnow
 from agent.server.errors import Conflict, NotFound, TooLarge, Unprocessable, Validation
@@ -187,7 +188,7 @@ def _write(s: Session, app: Application, plan: _Plan) -> Artifact:
         s, app.id, plan.flow_id, plan.version, plan.kind, plan.item, plan.description
     )
     mender_sha = hashlib.sha256(plan.data).hexdigest()
-    repo.ensure_blob(s, mender_sha, len(plan.data))
+    blobs.ensure_blob(s, mender_sha, len(plan.data))
     now = utcnow()
     return repo.create(
         s,
