@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, func, insert, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from agent.server.db.models import Deployment, DeploymentAttempt, new_id, utcnow
@@ -157,80 +158,88 @@ class Release:
     generation: int
 
 
+@dataclass
+class NewAttempt:
+    """An attempt :func:`record_releases` made, stored by :func:`insert_attempts`
+    (until then its fields may still change: an abort's entries end at once)."""
+
+    id: str
+    deployment_id: str
+    version: str | None
+    generation: int
+    created: datetime
+    status: str = "pending"
+    error: str | None = None
+    finished: datetime | None = None
+
+
 def record_releases(
     session: Session,
     app_id: str,
     kind: str,
     releases: list[Release],
     now: datetime | None = None,
-) -> dict[tuple[str, str], DeploymentAttempt]:
+) -> dict[tuple[str, str], NewAttempt]:
     """Each deployment's new desired version and a new attempt (the open ones before
-    it end ``superseded``); returns the attempts by (device id, flow id).
+    it end ``superseded``); returns the attempts by (device id, flow id), which the
+    caller stores with :func:`insert_attempts` before its transaction ends.
 
     In bulk: the deployments and their open attempts are read with a few statements,
-    the new rows are inserted in batches (a release to a thousand devices is a
-    handful of round trips, not several thousand)."""
+    new deployments are inserted with one statement per :data:`CHUNK` rows, and the
+    attempts are plain rows until :func:`insert_attempts` (a phase of 5,000 devices
+    is a handful of round trips, and no ORM object per new row)."""
     now = now or utcnow()
     existing = for_devices(session, app_id, [r.device_id for r in releases])
     opened = open_attempts_of(session, [d.id for d in existing.values()])
-    deps: dict[tuple[str, str], Deployment] = {}
-    created = False
+    ids: dict[tuple[str, str], str] = {}
+    new_rows: dict[tuple[str, str], dict[str, Any]] = {}
     for r in releases:
         key = (r.device_id, r.flow_id)
-        dep = existing.get(key) or deps.get(key)
+        dep = existing.get(key)
         if dep is None:
-            dep = Deployment(
-                id=new_id(),
-                application_id=app_id,
-                device_id=r.device_id,
-                flow_id=r.flow_id,
-                kind=kind,
-                creation_date=now,
+            row = new_rows.setdefault(
+                key,
+                {
+                    "id": new_id(),
+                    "application_id": app_id,
+                    "device_id": r.device_id,
+                    "flow_id": r.flow_id,
+                    "kind": kind,
+                    "creation_date": now,
+                    "last_updated": now,
+                },
             )
-            session.add(dep)
-            created = True
-        else:
-            for attempt in opened.pop(dep.id, ()):
-                attempt.status = "superseded"
-                attempt.finished = now
+            row.update(desired_version=r.version, status="pending", error=None)
+            ids[key] = row["id"]
+            continue
+        for attempt in opened.pop(dep.id, ()):
+            attempt.status = "superseded"
+            attempt.finished = now
         dep.desired_version = r.version
         dep.status = "pending"
         dep.error = None
         dep.last_updated = now
-        deps[key] = dep
-    if created:
-        session.flush()  # the deployments before the attempts that refer to them
-    made: dict[tuple[str, str], DeploymentAttempt] = {}
-    for r in releases:
-        key = (r.device_id, r.flow_id)
-        attempt = DeploymentAttempt(
+        ids[key] = dep.id
+    rows = list(new_rows.values())
+    for i in range(0, len(rows), CHUNK):
+        session.execute(insert(Deployment), rows[i : i + CHUNK])
+    return {
+        (r.device_id, r.flow_id): NewAttempt(
             id=new_id(),
-            deployment_id=deps[key].id,
+            deployment_id=ids[(r.device_id, r.flow_id)],
             version=r.version,
             generation=r.generation,
-            status="pending",
             created=now,
         )
-        session.add(attempt)
-        made[key] = attempt
-    return made
+        for r in releases
+    }
 
 
-def record_release(
-    session: Session,
-    app_id: str,
-    device_id: str,
-    flow_id: str,
-    kind: str,
-    version: str | None,
-    generation: int,
-    now: datetime | None = None,
-) -> DeploymentAttempt:
-    """:func:`record_releases` for one flow of one device."""
-    made = record_releases(
-        session, app_id, kind, [Release(device_id, flow_id, version, generation)], now
-    )
-    return made[(device_id, flow_id)]
+def insert_attempts(session: Session, attempts: Iterable[NewAttempt]) -> None:
+    """Store the attempts :func:`record_releases` made (in bulk)."""
+    rows = [asdict(a) for a in attempts]
+    for i in range(0, len(rows), CHUNK):
+        session.execute(insert(DeploymentAttempt), rows[i : i + CHUNK])
 
 
 def open_attempts(session: Session, deployment_id: str) -> list[DeploymentAttempt]:

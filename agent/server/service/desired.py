@@ -27,8 +27,9 @@ from agent.server.artifact_store import ArtifactStore, artifact_url
 from agent.server.broker_link import BrokerLink, BrokerUnavailable
 from agent.server.db import deployments as deployments_repo
 from agent.server.db import devices as devices_repo
+from agent.server.db.deployments import NewAttempt
 from agent.server.db.engine import Database
-from agent.server.db.models import Application, DeploymentAttempt, Device, FlowVersion
+from agent.server.db.models import Application, Device, FlowVersion
 from agent.server.errors import ServerError
 from agent.wire.topics import Topics
 
@@ -46,7 +47,7 @@ EntryFor = Callable[[str], dict[str, Any]]
 #: Runs inside a change's transaction, after its attempts were recorded (by device id
 #: and flow id): what must commit with the documents or not at all (a rollout's
 #: devices get their attempt ids). Raising rolls the whole change back.
-OnRecorded = Callable[["Session", dict[tuple[str, str], DeploymentAttempt]], None]
+OnRecorded = Callable[["Session", dict[tuple[str, str], NewAttempt]], None]
 #: Asked under a device's lock whether a planned (device, flow id) is still to be
 #: written (a rollout's abort entry: only over the entry it aborts).
 Keep = Callable[[Device, str], bool]
@@ -176,6 +177,7 @@ class DesiredWriter:
                 changed.append(device_id)
             if on_recorded is not None:
                 on_recorded(s, attempts)
+            deployments_repo.insert_attempts(s, attempts.values())
         self.publish(app, changed)
         return changed
 

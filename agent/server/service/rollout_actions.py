@@ -41,7 +41,8 @@ from sqlalchemy.orm import Session
 from agent.server.db import artifacts as artifacts_repo
 from agent.server.db import flow_versions as versions_repo
 from agent.server.db import rollouts as repo
-from agent.server.db.models import Application, DeploymentAttempt, Device, Rollout, utcnow
+from agent.server.db.deployments import NewAttempt
+from agent.server.db.models import Application, Device, Rollout, utcnow
 from agent.server.errors import ServerError
 from agent.server.service.desired import EntryFor, version_entry
 from agent.server.service.phases import FINAL, Observed, device_status
@@ -54,7 +55,7 @@ log = structlog.get_logger("agent.server.rollouts")
 #: The Losant resource a rollout's records are listed under.
 KIND = "edge"
 Plan = dict[str, dict[str, tuple[str | None, EntryFor]]]
-Attempts = dict[tuple[str, str], DeploymentAttempt]
+Attempts = dict[tuple[str, str], NewAttempt]
 
 
 class Stale(ServerError):
