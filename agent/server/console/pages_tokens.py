@@ -13,7 +13,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from agent.server.db import applications as repo
-from agent.server.db import sessions as sessions_repo
 from agent.server.errors import Forbidden, NotFound, Validation
 from agent.server.scopes import known_scopes
 from agent.server.text import text_problem
@@ -27,16 +26,10 @@ router = APIRouter(prefix="/console")
 MAX_NAME = 255
 
 
-def _by_user(request: Request, session: SignedIn) -> bool:
-    with context(request).db.transaction() as s:
-        row = sessions_repo.get(s, session.digest)
-        return row is not None and row.user_id is not None
-
-
 def _page(request: Request, session: SignedIn, new_secret: str | None = None) -> Response:
     with context(request).db.transaction() as s:
         rows = repo.tokens(s, session.app.id)
-    manage = not session.read_only and _by_user(request, session)
+    manage = not session.read_only and session.by_user
     return page(
         "tokens.html",
         session,
@@ -47,9 +40,9 @@ def _page(request: Request, session: SignedIn, new_secret: str | None = None) ->
     )
 
 
-def _require_user(request: Request, session: SignedIn) -> None:
+def _require_user(session: SignedIn) -> None:
     session.require_write()
-    if not _by_user(request, session):
+    if not session.by_user:
         raise Forbidden("tokens are managed by a user: sign in with an email and a password")
 
 
@@ -59,7 +52,7 @@ def tokens(request: Request, session: Session) -> Response:
 
 
 def _create(request: Request, session: SignedIn, name: str, scopes: list[str]) -> str:
-    _require_user(request, session)
+    _require_user(session)
     with context(request).db.transaction() as s:
         row, secret = repo.create_token(s, session.app.id, scopes, name)
         token_id = row.id
@@ -85,7 +78,7 @@ async def create(request: Request, session: Session) -> Response:
 
 
 def _revoke(request: Request, session: SignedIn, token_id: str) -> None:
-    _require_user(request, session)
+    _require_user(session)
     with context(request).db.transaction() as s:
         if not repo.revoke_token(s, session.app.id, token_id):
             raise NotFound("Token was not found")

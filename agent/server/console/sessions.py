@@ -70,6 +70,8 @@ class SignedIn:
     who: str
     csrf: str
     read_only: bool
+    #: Signed in as a user (not with a token): only such a session manages tokens.
+    by_user: bool = False
 
     def require_write(self) -> None:
         if self.read_only:
@@ -202,7 +204,7 @@ def _check(s: OrmSession, key: str, now: datetime) -> SignedIn | str:
     if (now - row.last_seen).total_seconds() > TOUCH_S:
         row.last_seen = now
         row.expires = min(now + timedelta(seconds=IDLE_S), _cap(row.created))
-    return SignedIn(row.id, app, row.who, row.csrf, read_only)
+    return SignedIn(row.id, app, row.who, row.csrf, read_only, row.user_id is not None)
 
 
 def _purge_if_due(ctx: ServerContext) -> None:

@@ -40,8 +40,9 @@ def lock(session: Session, app_id: str) -> None:
     until the transaction ends: its row locked (PostgreSQL's ``FOR NO KEY UPDATE``,
     which rows that only refer to the application, such as a new device's, do not
     wait for; SQLite's transactions hold the database's write lock already). Taken
-    by a deployment's creation and a dynamic deployment's enrolment (a device in
-    one unfinished deployment of a flow), before anything else they lock."""
+    by an artifact upload (the name rule, the storage limit), a deployment's
+    creation and a dynamic deployment's enrolment (a device in one unfinished
+    deployment of a flow), before anything else they lock."""
     session.execute(
         select(Application.id).where(Application.id == app_id).with_for_update(key_share=True)
     )

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from agent.server.db.models import Application, Artifact, FlowVersion, Rollout, utcnow
+from agent.server.db.models import Artifact, FlowVersion, Rollout, utcnow
 
 
 def create(session: Session, **fields: Any) -> Artifact:
@@ -153,14 +153,3 @@ def rollouts_naming(session: Session, app_id: str, name: str, *, active_only: bo
     if active_only:
         query = query.where(Rollout.status != "finished")
     return int(session.scalar(query) or 0)
-
-
-def lock_application(session: Session, app_id: str) -> None:
-    """Serialize the application's artifact uploads: its row locked until the
-    transaction ends (PostgreSQL's ``FOR NO KEY UPDATE``, which rows that only refer to
-    the application, such as a new device's, do not wait for; SQLite's transactions
-    hold the database's write lock already). What an upload checks then (the name rule,
-    the storage limit) stays true until it commits."""
-    session.execute(
-        select(Application.id).where(Application.id == app_id).with_for_update(key_share=True)
-    )

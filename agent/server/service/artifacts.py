@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from agent.server import mender_artifact
 from agent.server.artifact_store import artifact_url
 from agent.server.context import ServerContext
+from agent.server.db import applications as apps_repo
 from agent.server.db import artifacts as repo
 from agent.server.db import blobs
 from agent.server.db import flow_versions as fv_repo
@@ -150,7 +151,7 @@ def store(ctx: ServerContext, app: Application, data: bytes, description: str) -
                 # Checked again, and written, with the application's uploads
                 # serialized (the name rule and the storage limit are checks of
                 # other rows, which a concurrent upload could add in between).
-                repo.lock_application(s, app.id)
+                apps_repo.lock(s, app.id)
                 _check(ctx, s, app, plan, lock=True)
                 return _write(s, app, plan).id
         except Conflict:
