@@ -576,21 +576,23 @@ def test_the_version_a_device_would_revert_to_stays(ctx: ServerContext, app: App
     assert sha(old) in on_disk(ctx)
 
 
-def test_the_first_look_does_not_hold_sqlite_s_write_lock(ctx: ServerContext) -> None:
+def test_the_first_look_does_not_hold_sqlite_s_write_lock(tmp_path: Path) -> None:
     """The sweep's first look reads every device's documents: in a reading
-    transaction, which on SQLite takes no write lock (others write meanwhile)."""
-    if ctx.db.is_postgres:
-        pytest.skip("PostgreSQL's reads never take a write lock; this is SQLite's case")
+    transaction, which on SQLite takes no write lock (others write meanwhile).
+    (SQLite only: PostgreSQL's reads never take one.)"""
+    db = Database(f"sqlite:///{tmp_path / 'lock.db'}")
+    db.migrate()
     wrote = threading.Event()
 
     def write() -> None:
-        with ctx.db.transaction() as s:
+        with db.transaction() as s:
             apps_repo.create_application(s, "meanwhile", "meanwhile")
         wrote.set()
 
-    with ctx.db.reading() as s:
+    with db.reading() as s:
         s.execute(select(Blob.sha256)).all()
         writer = threading.Thread(target=write)
         writer.start()
         assert wrote.wait(10), "a write waited for a reading transaction"
     writer.join()
+    db.close()
